@@ -1,0 +1,252 @@
+"""ETHICS (Hendrycks et al., ICLR 2021): five subsets, each its own config with its own schema.
+
+Configs:
+- ``commonsense``: id, text, label (1 = wrong), is_short, edited; splits train/test/test_hard, plus
+  ``ambig`` (cm_ambig.csv: texts with no label, label is null).
+- ``deontology``: id, scenario, excuse, label (1 = the excuse is reasonable).
+- ``justice``: id, scenario, label (1 = reasonable).
+- ``utilitarianism``: id, baseline, less_pleasant (a pair ranking: the first is always the more pleasant).
+- ``virtue``: id, scenario, trait, label (1 = the trait fits); upstream joins them with ``[SEP]``.
+- ``text_label``: the common view where it makes sense (every subset but utilitarianism):
+  subset, id, text, label, split.
+
+Missing files (the shared copy lacks ``cm_train.csv``) are reported, recorded in the manifest and the
+card, and the build continues with what exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from rich.progress import Progress
+
+from builders.base import BuildResult
+from curate.csvfile import iter_csv_rows
+from curate.errors import CurateError, InputError
+from curate.sources import fetch_tree, is_url, resolve_files, source_record
+from curate.store import DatasetStore
+
+BUILDER_VERSION = "1.0.0"
+UPSTREAM_TARBALL = "https://people.eecs.berkeley.edu/~hendrycks/ethics.tar"
+SPLITS = ("train", "test", "test_hard")
+FILES: dict[str, dict[str, str]] = {
+    "commonsense": {s: f"commonsense/cm_{s}.csv" for s in SPLITS} | {"ambig": "commonsense/cm_ambig.csv"},
+    "deontology": {s: f"deontology/deontology_{s}.csv" for s in SPLITS},
+    "justice": {s: f"justice/justice_{s}.csv" for s in SPLITS},
+    "utilitarianism": {s: f"utilitarianism/util_{s}.csv" for s in SPLITS},
+    "virtue": {s: f"virtue/virtue_{s}.csv" for s in SPLITS},
+}
+LABEL_MEANING = {
+    "commonsense": "1 = the narrator's action is clearly wrong, 0 = not wrong",
+    "deontology": "1 = the excuse / request is reasonable, 0 = unreasonable",
+    "justice": "1 = the justification is reasonable, 0 = unreasonable",
+    "virtue": "1 = the trait describes the character in the scenario, 0 = it does not",
+    "utilitarianism": "no label: the first scenario is always the more pleasant one",
+}
+
+
+@dataclass
+class EthicsParams:
+    subsets: tuple[str, ...] = tuple(FILES)
+    limit: int | None = None  # first N rows per file, for quick runs
+
+
+def _id(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
+
+
+def _label(path: Path, row_no: int, value: str) -> int:
+    v = value.strip()
+    if v not in ("0", "1"):
+        raise InputError(path, f"label {value!r} is not 0 or 1", row=row_no)
+    return int(v)
+
+
+def _bool(path: Path, row_no: int, field: str, value: str) -> bool:
+    v = value.strip().lower()
+    if v not in ("true", "false"):
+        raise InputError(path, f"{field} {value!r} is not True or False", row=row_no)
+    return v == "true"
+
+
+def _commonsense(path: Path, split: str) -> list[dict[str, Any]]:
+    if split == "ambig":
+        return [
+            {"id": _id(rec["text"]), "text": rec["text"], "label": None, "is_short": None, "edited": None}
+            for _, rec in iter_csv_rows(path, header=False, columns=["text"])
+        ]
+    return [
+        {
+            "id": _id(rec["input"]),
+            "text": rec["input"],
+            "label": _label(path, n, rec["label"]),
+            "is_short": _bool(path, n, "is_short", rec["is_short"]),
+            "edited": _bool(path, n, "edited", rec["edited"]),
+        }
+        for n, rec in iter_csv_rows(path, ["label", "input", "is_short", "edited"])
+    ]
+
+
+def _deontology(path: Path, split: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": _id(rec["scenario"], rec["excuse"]),
+            "scenario": rec["scenario"],
+            "excuse": rec["excuse"],
+            "label": _label(path, n, rec["label"]),
+        }
+        for n, rec in iter_csv_rows(path, ["label", "scenario", "excuse"])
+    ]
+
+
+def _justice(path: Path, split: str) -> list[dict[str, Any]]:
+    return [
+        {"id": _id(rec["scenario"]), "scenario": rec["scenario"], "label": _label(path, n, rec["label"])}
+        for n, rec in iter_csv_rows(path, ["label", "scenario"])
+    ]
+
+
+def _utilitarianism(path: Path, split: str) -> list[dict[str, Any]]:
+    rows = []
+    for n, rec in iter_csv_rows(path, header=False, columns=["baseline", "less_pleasant"]):
+        if not rec["baseline"].strip() or not rec["less_pleasant"].strip():
+            raise InputError(path, "empty scenario in a pair", row=n)
+        rows.append({"id": _id(rec["baseline"], rec["less_pleasant"]), **rec})
+    return rows
+
+
+def _virtue(path: Path, split: str) -> list[dict[str, Any]]:
+    rows = []
+    for n, rec in iter_csv_rows(path, ["label", "scenario"]):
+        scenario, sep, trait = rec["scenario"].rpartition("[SEP]")
+        if not sep:
+            raise InputError(path, "scenario has no '[SEP] trait' suffix", row=n)
+        rows.append(
+            {
+                "id": _id(rec["scenario"]),
+                "scenario": scenario.strip(),
+                "trait": trait.strip(),
+                "label": _label(path, n, rec["label"]),
+            }
+        )
+    return rows
+
+
+READERS: dict[str, Callable[[Path, str], list[dict[str, Any]]]] = {
+    "commonsense": _commonsense,
+    "deontology": _deontology,
+    "justice": _justice,
+    "utilitarianism": _utilitarianism,
+    "virtue": _virtue,
+}
+SCHEMAS: dict[str, pa.Schema] = {
+    "commonsense": pa.schema(
+        [("id", pa.string()), ("text", pa.string()), ("label", pa.int8()),
+         ("is_short", pa.bool_()), ("edited", pa.bool_())]
+    ),
+    "deontology": pa.schema(
+        [("id", pa.string()), ("scenario", pa.string()), ("excuse", pa.string()), ("label", pa.int8())]
+    ),
+    "justice": pa.schema([("id", pa.string()), ("scenario", pa.string()), ("label", pa.int8())]),
+    "utilitarianism": pa.schema(
+        [("id", pa.string()), ("baseline", pa.string()), ("less_pleasant", pa.string())]
+    ),
+    "virtue": pa.schema(
+        [("id", pa.string()), ("scenario", pa.string()), ("trait", pa.string()), ("label", pa.int8())]
+    ),
+}
+TEXT_LABEL_SCHEMA = pa.schema(
+    [("subset", pa.string()), ("id", pa.string()), ("text", pa.string()), ("label", pa.int8()),
+     ("split", pa.string())]
+)
+
+
+def _as_text(subset: str, r: dict[str, Any]) -> str:
+    if subset == "commonsense":
+        return r["text"]
+    if subset == "deontology":
+        return f"{r['scenario']} {r['excuse']}"
+    if subset == "virtue":
+        return f"{r['scenario']} [SEP] {r['trait']}"
+    return r["scenario"]
+
+
+def _resolve_source(source: str | Path) -> str | Path:
+    if is_url(source):
+        return fetch_tree(str(source))
+    if str(source) == "upstream":
+        return fetch_tree(UPSTREAM_TARBALL)
+    return source
+
+
+def _find_root(folder: Path) -> Path:
+    """Accept the ethics folder itself or a parent holding `ethics/` (as the tarball unpacks)."""
+    if (folder / "ethics").is_dir() and not (folder / "justice").is_dir():
+        return folder / "ethics"
+    return folder
+
+
+def build_ethics(store: DatasetStore, source: str | Path, params: EthicsParams | None = None,
+                 name: str = "ethics") -> BuildResult:
+    params = params or EthicsParams()
+    unknown = [s for s in params.subsets if s not in FILES]
+    if unknown:
+        raise CurateError(f"unknown ETHICS subset(s) {', '.join(unknown)}; choose from {', '.join(FILES)}")
+    folder = Path(_resolve_source(source))
+    if not folder.is_dir():
+        raise CurateError(f"--source {folder} is not a folder")
+    folder = _find_root(folder)
+    wanted = [FILES[s][sp] for s in params.subsets for sp in FILES[s]]
+    found = resolve_files(folder, wanted, {})
+    if not found:
+        raise CurateError(f"no ETHICS files under {folder} (expected e.g. {wanted[0]})")
+    missing = [f for f in wanted if f not in found]
+    notes = [f"missing source file {m}: that split is absent from this version" for m in missing]
+
+    tables: dict[str, dict[str, pa.Table]] = {}
+    text_label: dict[str, list[dict[str, Any]]] = {}
+    with Progress(transient=True) as bar:
+        task = bar.add_task("reading ETHICS", total=len(found))
+        for subset in params.subsets:
+            for split, rel in FILES[subset].items():
+                if rel not in found:
+                    continue
+                rows = READERS[subset](found[rel][0], split)
+                if params.limit:
+                    rows = rows[: params.limit]
+                tables.setdefault(subset, {})[split] = pa.Table.from_pylist(rows, schema=SCHEMAS[subset])
+                if subset != "utilitarianism" and split != "ambig":
+                    text_label.setdefault(split, []).extend(
+                        {"subset": subset, "id": r["id"], "text": _as_text(subset, r), "label": r["label"],
+                         "split": split}
+                        for r in rows
+                    )
+                bar.advance(task)
+
+    card = {
+        "pretty_name": "ETHICS benchmark",
+        "description": "The ETHICS benchmark (Hendrycks et al., ICLR 2021), normalised: one config per "
+        "subset with its own schema, plus `text_label`, a common text + label view of the labelled subsets.",
+        "license": "mit",
+        "task_categories": ["text-classification"],
+        "tags": ["ethics", "alignment", "benchmark"],
+        "default_config": "text_label" if text_label else next(iter(tables)),
+        "label_mapping": {s: LABEL_MEANING[s] for s in params.subsets},
+        "license_notes": "ETHICS is MIT licensed (hendrycks/ethics).",
+        "build_notes": "\n".join(f"- {n}" for n in notes) if notes else "All source files were present.",
+    }
+    run_params = asdict(params) | {"missing_files": missing}
+    sources = [source_record(*found[f]) for f in wanted if f in found]
+    with store.new_version(name, builder="ethics", builder_version=BUILDER_VERSION, params=run_params,
+                           sources=sources, card=card) as w:
+        for subset, splits in tables.items():
+            for split, table in splits.items():
+                w.write_table(subset, split, table)
+        for split, rows in text_label.items():
+            w.write_table("text_label", split, pa.Table.from_pylist(rows, schema=TEXT_LABEL_SCHEMA))
+    return BuildResult(w.result.version, w.result.created, notes)
