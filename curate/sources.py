@@ -66,7 +66,9 @@ def fetch_tree(url: str) -> Path:
     return out
 
 
-def resolve_files(source: str | os.PathLike[str], names: list[str], upstream: dict[str, str]) -> dict[str, tuple[Path, str]]:
+def resolve_files(
+    source: str | os.PathLike[str], names: list[str], upstream: dict[str, str]
+) -> dict[str, tuple[Path, str]]:
     """Map each wanted file name to (local path, recorded location).
 
     ``source`` is a folder, or ``"upstream"`` to use the ``upstream`` name → URL map.

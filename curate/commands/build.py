@@ -1,0 +1,79 @@
+"""`curate build dfar|ethics`: run a builder and report the version it wrote (or found)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from builders.base import BuildResult
+from curate.cli import StoreOpt, build_app, console, friendly_errors
+from curate.store import DatasetStore
+
+SourceOpt = Annotated[
+    str,
+    typer.Option("--source", help="Folder holding the upstream files, or 'upstream' to download them."),
+]
+LimitOpt = Annotated[
+    int | None, typer.Option("--limit", help="Keep only the first N rows of each split (quick runs).")
+]
+
+
+def report(result: BuildResult) -> None:
+    for note in result.notes[:20]:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    if len(result.notes) > 20:
+        console.print(f"[yellow]note:[/] … {len(result.notes) - 20} more in the card")
+    style = "green" if result.created else "cyan"
+    console.print(f"[{style}]{result.summary()}[/]")
+    console.print(f"  {result.version.path}")
+
+
+@build_app.command("dfar")
+@friendly_errors
+def build_dfar_cmd(
+    source: SourceOpt = "upstream",
+    store: StoreOpt = None,
+    name: Annotated[str, typer.Option(help="Dataset name in the store.")] = "dfar",
+    dedupe: Annotated[
+        str, typer.Option(help="none (report only), within-split (drop repeats), train-test (also drop "
+                               "train statements that appear in test).")
+    ] = "none",
+    prompt_template: Annotated[
+        str | None, typer.Option(help="Prompt for the l/lr configs; fields: {statement}.")
+    ] = None,
+    l_template: Annotated[str | None, typer.Option(help="Completion of the l config; {label_text}.")] = None,
+    lr_template: Annotated[
+        str | None, typer.Option(help="Completion of the lr config; {label_text}, {reason}.")
+    ] = None,
+    limit: LimitOpt = None,
+) -> None:
+    """Build DFAR (label + reason): configs default, l (label only) and lr (label + reason)."""
+    from builders.dfar import DfarParams, build_dfar
+
+    params = DfarParams(dedupe=dedupe, limit=limit)
+    if prompt_template:
+        params.prompt_template = prompt_template
+    if l_template:
+        params.l_completion_template = l_template
+    if lr_template:
+        params.lr_completion_template = lr_template
+    report(build_dfar(DatasetStore(store), source, params, name=name))
+
+
+@build_app.command("ethics")
+@friendly_errors
+def build_ethics_cmd(
+    source: SourceOpt = "upstream",
+    store: StoreOpt = None,
+    name: Annotated[str, typer.Option(help="Dataset name in the store.")] = "ethics",
+    subsets: Annotated[
+        str, typer.Option(help="Comma-separated subsets.")
+    ] = "commonsense,deontology,justice,utilitarianism,virtue",
+    limit: LimitOpt = None,
+) -> None:
+    """Build ETHICS: one config per subset plus a common text_label view."""
+    from builders.ethics import EthicsParams, build_ethics
+
+    params = EthicsParams(subsets=tuple(s.strip() for s in subsets.split(",") if s.strip()), limit=limit)
+    report(build_ethics(DatasetStore(store), source, params, name=name))
