@@ -12,3 +12,19 @@ def query(sql: str, store: Any = None, hub: str | None = None) -> Any:
     from curate.sql_views import query as _query
 
     return _query(sql, store, hub)
+
+
+def push(ref: str, repo_id: str, store: Any = None, **kwargs: Any) -> Any:
+    """Push a store version to a Hub dataset repo (see `curate.hub.push`)."""
+    from curate.hub import push as _push
+    from curate.store import DatasetStore
+
+    return _push(store if isinstance(store, DatasetStore) else DatasetStore(store), ref, repo_id, **kwargs)
+
+
+def pull(repo_spec: str, store: Any = None, **kwargs: Any) -> Any:
+    """Pull a Hub dataset revision into the store (see `curate.hub.pull`)."""
+    from curate.hub import pull as _pull
+    from curate.store import DatasetStore
+
+    return _pull(store if isinstance(store, DatasetStore) else DatasetStore(store), repo_spec, **kwargs)

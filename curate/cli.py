@@ -64,3 +64,4 @@ def main() -> None:
 from curate.commands import build as _build  # noqa: E402,F401
 from curate.commands import datasets as _datasets  # noqa: E402,F401
 from curate.commands import query as _query  # noqa: E402,F401
+from curate.commands import hub as _hub  # noqa: E402,F401

@@ -346,7 +346,7 @@ class DatasetStore:
             if existing is not None:
                 return CommitResult(existing, created=False)
             tmp = ds_dir / f".tmp-{uuid.uuid4().hex}"
-            shutil.copytree(folder, tmp)
+            shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns(".cache", ".gitattributes"))
             tags = self._read_tags(name)
             wanted = json.loads((tmp / MANIFEST).read_text()).get("tag")
             tag = wanted if wanted and wanted not in tags else (
