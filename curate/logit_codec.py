@@ -1,0 +1,245 @@
+"""Schema, quantisation and reader of teacher-logit caches (the contract between the cacher and KD training).
+
+One parquet row per example. Per completion token ``t`` (``T = len(input_ids) - prompt_len``) the cache keeps
+the teacher's top-k token ids and log-probs of the distribution that predicts ``input_ids[prompt_len + t]``
+(logits at position ``prompt_len + t - 1``), the probability mass outside the top-k (``residual``) and the
+full-vocabulary entropy. Target ids are not duplicated: they are ``input_ids[prompt_len:]``.
+
+Columns::
+
+    id              string
+    split           string
+    label           int8, null when the parent has no label
+    input_ids       list<uint16|uint32>              teacher tokenization of prompt + completion
+    prompt_len      int32
+    topk_ids        list<list<uint16|uint32>> [T][k]  sorted by descending teacher probability
+    topk_logprobs   list<list<float16|uint8>> [T][k]  encoded by the scheme below
+    residual        list<float16> [T]                 1 - sum(top-k probs), computed exactly at cache time
+    entropy         list<float16> [T]                 entropy (nats) of the full teacher distribution
+    label_logprobs  list<float32> [num_labels]        log-softmax over the full vocab of each label's 1st token
+
+Quantisation schemes (log-probs are raw, temperature 1; apply any temperature in the loss):
+
+- ``fp16``: IEEE half floats.
+- ``u8``: ``code = min(round(-logprob / step), 255)`` with ``step = 1/16`` nat (error <= 1/32 nat, floor -15.94
+  nat: a clipped entry had p < 1.2e-7). DuckDB reads it as ``-code / 16``.
+- ``u8-delta`` (default): the ``u8`` codes, stored as differences along the sorted order (first code, then
+  non-negative gaps). Decodes to exactly the ``u8`` values; the small gaps compress far better.
+- ``u8-delta-coarse``: ``step = 1/4`` nat (floor -63.75), delta-coded: the smallest, at some fidelity cost.
+
+Ids use the smallest unsigned type that holds the vocabulary (uint16 up to 65,536 tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate.errors import CurateError
+
+if TYPE_CHECKING:
+    from curate.store import Version
+
+CACHE_CONFIG = "default"  # the config a cache version writes its rows under
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How top-k log-probs are stored: half floats, or uint8 codes of a uniform step (optionally delta-coded)."""
+
+    name: str
+    step: float | None  # nats per code; None for fp16
+    delta: bool = False
+
+    @property
+    def max_error(self) -> float:
+        """Worst-case absolute error (nats) on an unclipped log-prob."""
+        return 0.0 if self.step is None else self.step / 2
+
+    @property
+    def floor(self) -> float | None:
+        """Lowest representable log-prob; smaller ones are clipped to it."""
+        return None if self.step is None else -255 * self.step
+
+    def arrow_type(self) -> pa.DataType:
+        return pa.float16() if self.step is None else pa.uint8()
+
+    def describe(self) -> dict[str, object]:
+        return {"scheme": self.name, "step": self.step, "delta": self.delta, "floor": self.floor}
+
+
+SCHEMES: dict[str, Scheme] = {
+    "fp16": Scheme("fp16", None),
+    "u8": Scheme("u8", 1 / 16),
+    "u8-delta": Scheme("u8-delta", 1 / 16, delta=True),
+    "u8-delta-coarse": Scheme("u8-delta-coarse", 1 / 4, delta=True),
+}
+DEFAULT_SCHEME = "u8-delta"
+
+
+def get_scheme(name: str) -> Scheme:
+    try:
+        return SCHEMES[name]
+    except KeyError:
+        raise CurateError(f"--quantization must be one of {', '.join(SCHEMES)}, not {name!r}") from None
+
+
+def encode_logprobs(logprobs: np.ndarray, scheme: Scheme) -> np.ndarray:
+    """[T, k] log-probs sorted descending along k -> the stored array (float16 or uint8 codes)."""
+    lp = np.asarray(logprobs, dtype=np.float32)
+    if scheme.step is None:
+        return lp.astype(np.float16)
+    codes = np.clip(np.rint(-lp / scheme.step), 0, 255).astype(np.uint8)
+    if scheme.delta:
+        # Codes are non-decreasing along k (log-probs sorted descending), so every gap is in [0, 255].
+        codes = np.diff(codes, axis=-1, prepend=np.zeros(codes.shape[:-1] + (1,), np.uint8)).astype(np.uint8)
+    return codes
+
+
+def decode_logprobs(stored: np.ndarray, scheme: Scheme) -> np.ndarray:
+    """The inverse of `encode_logprobs` (up to quantisation): float32 log-probs [T, k]."""
+    if scheme.step is None:
+        return np.asarray(stored).astype(np.float32)
+    codes = np.asarray(stored).astype(np.int32)
+    if scheme.delta:
+        codes = np.cumsum(codes, axis=-1)
+    return (-codes * scheme.step).astype(np.float32)
+
+
+def id_type(vocab_size: int) -> pa.DataType:
+    """The smallest unsigned Arrow integer type that holds every token id."""
+    if vocab_size <= 1 << 16:
+        return pa.uint16()
+    if vocab_size <= 1 << 32:
+        return pa.uint32()
+    return pa.uint64()
+
+
+def cache_schema(vocab_size: int, scheme: Scheme) -> pa.Schema:
+    ids = id_type(vocab_size)
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("split", pa.string()),
+            ("label", pa.int8()),
+            ("input_ids", pa.list_(ids)),
+            ("prompt_len", pa.int32()),
+            ("topk_ids", pa.list_(pa.list_(ids))),
+            ("topk_logprobs", pa.list_(pa.list_(scheme.arrow_type()))),
+            ("residual", pa.list_(pa.float16())),
+            ("entropy", pa.list_(pa.float16())),
+            ("label_logprobs", pa.list_(pa.float32())),
+        ]
+    )
+
+
+@dataclass
+class CachedExample:
+    """One example as KD training consumes it (dequantised, numpy)."""
+
+    id: str
+    input_ids: np.ndarray  # int64 [L]: teacher tokenization of prompt + completion
+    prompt_len: int  # completion tokens are input_ids[prompt_len:]
+    topk_ids: np.ndarray  # int64 [T, k]; row t predicts input_ids[prompt_len + t]
+    topk_logprobs: np.ndarray  # float32 [T, k], raw log-probs, sorted descending
+    residual: np.ndarray  # float32 [T], mass outside the top-k (>= 0)
+    label: int | None
+    label_logprobs: np.ndarray | None  # float32 [num_labels]
+    entropy: np.ndarray | None = None  # float32 [T], full-distribution entropy (nats)
+    split: str | None = None
+
+    @property
+    def target_ids(self) -> np.ndarray:
+        return self.input_ids[self.prompt_len:]
+
+
+def _nested(col: pa.Array, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(row offsets, flat values) of a list<...> column; for list<list<>> the values are reshaped to [-1, k]."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    offsets = col.offsets.to_numpy(zero_copy_only=False)
+    values = col.flatten()
+    if k is not None:
+        values = values.flatten()
+        return offsets, values.to_numpy(zero_copy_only=False).reshape(-1, k) if len(values) else np.zeros((0, k))
+    return offsets, values.to_numpy(zero_copy_only=False)
+
+
+def decode_batch(batch: pa.RecordBatch | pa.Table, scheme: Scheme, k: int) -> list[CachedExample]:
+    """Arrow rows -> CachedExample objects (vectorised per column, then sliced per row)."""
+    if isinstance(batch, pa.Table):
+        batch = batch.combine_chunks()
+    n = batch.num_rows
+    names = batch.schema.names
+    ids = batch.column("id").to_pylist()
+    splits = batch.column("split").to_pylist() if "split" in names else [None] * n
+    labels = batch.column("label").to_pylist()
+    prompt_lens = batch.column("prompt_len").to_pylist()
+    in_off, in_vals = _nested(batch.column("input_ids"))
+    tk_off, tk_ids = _nested(batch.column("topk_ids"), k)
+    _, tk_lp = _nested(batch.column("topk_logprobs"), k)
+    tk_lp = decode_logprobs(tk_lp, scheme)
+    _, resid = _nested(batch.column("residual"))
+    _, ent = _nested(batch.column("entropy"))
+    lab_col = batch.column("label_logprobs")
+    lab_off, lab_vals = _nested(lab_col)
+    lab_valid = lab_col.is_valid().to_pylist()
+    out = []
+    for i in range(n):
+        a, b = tk_off[i], tk_off[i + 1]
+        out.append(
+            CachedExample(
+                id=ids[i],
+                input_ids=in_vals[in_off[i]:in_off[i + 1]].astype(np.int64),
+                prompt_len=int(prompt_lens[i]),
+                topk_ids=tk_ids[a:b].astype(np.int64),
+                topk_logprobs=tk_lp[a:b],
+                residual=np.maximum(resid[a:b].astype(np.float32), 0.0),
+                label=labels[i],
+                label_logprobs=lab_vals[lab_off[i]:lab_off[i + 1]].astype(np.float32) if lab_valid[i] else None,
+                entropy=ent[a:b].astype(np.float32),
+                split=splits[i],
+            )
+        )
+    return out
+
+
+def cache_params(version: Version) -> dict:
+    params = version.manifest.get("params", {})
+    if "k" not in params or "quantization" not in params:
+        raise CurateError(f"{version.ref} is not a teacher-logit cache (its manifest has no k / quantization)")
+    return params
+
+
+def iter_cache(version: Version, split: str | None = None, batch_rows: int = 256) -> Iterator[CachedExample]:
+    """Stream a cache version's examples (all splits, or one), in the parent's row order."""
+    params = cache_params(version)
+    scheme = get_scheme(params["quantization"])
+    k = int(params["k"])
+    for path in version.files(CACHE_CONFIG, split):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+            yield from decode_batch(batch, scheme, k)
+
+
+def load_cache(version: Version, split: str | None = None) -> list[CachedExample]:
+    return list(iter_cache(version, split))
+
+
+def reconstruct_logprobs(topk_ids: np.ndarray, topk_logprobs: np.ndarray, residual: np.ndarray,
+                         vocab_size: int) -> np.ndarray:
+    """Dense [T, V] log-distribution from a cache row: the top-k renormalised to 1 - residual, the residual
+    spread evenly over the other V - k tokens. What the benchmark compares with the full teacher."""
+    t, k = topk_ids.shape
+    p_top = np.exp(topk_logprobs.astype(np.float64))
+    resid = np.clip(residual.astype(np.float64), 0.0, 1.0)
+    p_top *= ((1.0 - resid) / p_top.sum(axis=1))[:, None]
+    rest = vocab_size - k
+    fill = np.where(rest > 0, resid / max(rest, 1), 0.0)
+    dense = np.repeat(fill[:, None], vocab_size, axis=1)
+    np.put_along_axis(dense, topk_ids.astype(np.int64), p_top, axis=1)
+    with np.errstate(divide="ignore"):
+        return np.log(dense)
