@@ -77,11 +77,26 @@ def _explain(e: Exception, repo_id: str, revision: str | None = None) -> CurateE
     return CurateError(f"Hub request for {repo_id} failed: {type(e).__name__}: {str(e).splitlines()[0]}")
 
 
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection-level error classes of whichever HTTP client huggingface_hub uses (httpx, or httpx2 in 2.x)."""
+    import importlib
+
+    classes: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module in ("httpx", "httpx2", "requests"):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        cls = getattr(mod, "TransportError", None) or getattr(getattr(mod, "exceptions", None), "ConnectionError", None)
+        if isinstance(cls, type):
+            classes.append(cls)
+    return tuple(classes)
+
+
 def _is_transient(e: Exception) -> bool:
-    import httpx
     from huggingface_hub.errors import HfHubHTTPError
 
-    if isinstance(e, (httpx.TransportError, ConnectionError, TimeoutError)):
+    if isinstance(e, _transport_errors()):
         return True
     if isinstance(e, HfHubHTTPError) and e.response is not None:
         return e.response.status_code >= 500 or e.response.status_code == 429
