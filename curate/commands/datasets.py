@@ -60,4 +60,7 @@ def show_cmd(
     for p in m["parents"]:
         console.print(f"parent {p.get('name')}@{p.get('tag')} {str(p.get('content_hash'))[:16]} "
                       f"{p.get('origin', '')}")
+    if origin := m.get("origin"):
+        console.print(f"pulled from {origin['hub']}@{origin['revision']} (commit {origin['commit'][:12]}, "
+                      f"{origin.get('endpoint', '')})")
     console.print(f"card: {v.card_path}")
