@@ -99,16 +99,21 @@ def test_interrupted_push_then_retry(hub_server: HubServer, dfar_small, tmp_path
     st, v = dfar_small
     kw = {"endpoint": hub_server.endpoint, "token": hub_server.token}
     before = _files(v)
-    # every attempt of this push loses its connection midway through an upload
-    hub_server.fail_next_upload(times=TRANSIENT_ATTEMPTS * 10)
+    # every attempt of this push loses its connection midway: the LFS objects are uploaded, then the server
+    # drops the commit request (uploads dropped mid-object are retried inside huggingface_hub itself, with
+    # ~23 s of sleeps, which test_hub_server covers)
+    fault = hub_server.fail_next_commit(times=TRANSIENT_ATTEMPTS)
     with pytest.raises(CurateError, match="org/dfar"):
         push(st, "dfar", "org/dfar", **kw)
-    hub_server.clear_faults()
+    assert fault.fired == TRANSIENT_ATTEMPTS
+    uploads = len(hub_server.requests_to("PUT", r"^/__lfs/"))
+    assert uploads == 6
     assert _files(st.get("dfar")) == before  # the local version is intact
     refs = hub_server.api().list_repo_refs("org/dfar", repo_type="dataset")
     assert refs.tags == []
     r = push(st, "dfar", "org/dfar", **kw)
     assert r.tag == "v1" and r.commit
+    assert len(hub_server.requests_to("PUT", r"^/__lfs/")) == uploads  # the retry re-sent no object
     assert pull(DatasetStore(tmp_path / "fresh"), "org/dfar@v1", **kw).version.hash == v.hash
 
 
