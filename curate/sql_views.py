@@ -104,7 +104,7 @@ def hf_path(repo_id: str, revision: str | None, rel: str) -> str:
     return f"hf://datasets/{repo_id}{rev}/{rel}"
 
 
-def hub_views(repo_spec: str, manifest: dict[str, Any] | None = None) -> list[ViewSpec]:
+def hub_views(repo_spec: str, manifest: dict[str, Any] | None = None, endpoint: str | None = None) -> list[ViewSpec]:
     """Views over a Hub repo, from its `manifest.json` (downloaded with huggingface_hub if not given).
 
     The views use split globs (``lr/train-*.parquet``) like the card's `configs`, so they also cover a
@@ -112,7 +112,7 @@ def hub_views(repo_spec: str, manifest: dict[str, Any] | None = None) -> list[Vi
     """
     repo_id, revision = parse_hub_ref(repo_spec)
     if manifest is None:
-        manifest = fetch_hub_manifest(repo_id, revision)
+        manifest = fetch_hub_manifest(repo_id, revision, endpoint)
     default = default_config(manifest)
     specs = []
     for config, splits in manifest["configs"].items():
@@ -123,12 +123,12 @@ def hub_views(repo_spec: str, manifest: dict[str, Any] | None = None) -> list[Vi
     return specs
 
 
-def fetch_hub_manifest(repo_id: str, revision: str | None) -> dict[str, Any]:
+def fetch_hub_manifest(repo_id: str, revision: str | None, endpoint: str | None = None) -> dict[str, Any]:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError
 
     try:
-        path = hf_hub_download(repo_id, MANIFEST, repo_type="dataset", revision=revision)
+        path = hf_hub_download(repo_id, MANIFEST, repo_type="dataset", revision=revision, endpoint=endpoint)
     except HfHubHTTPError as e:
         raise CurateError(f"could not read {MANIFEST} of dataset repo {repo_id}@{revision or 'main'}: {e}") from None
     return json.loads(Path(path).read_text())

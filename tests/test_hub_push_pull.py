@@ -188,3 +188,17 @@ def test_real_hub_smoke(dfar_small, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     push(st, "dfar", repo, private=True, endpoint="https://huggingface.co")
     got = pull(DatasetStore(tmp_path / "fresh"), f"{repo}@{v.tag}", endpoint="https://huggingface.co")
     assert got.version.hash == v.hash
+
+
+def test_hub_query_views_from_pushed_manifest(hub_server: HubServer, dfar_small) -> None:  # noqa: F811
+    """`curate query --hub` reads the pushed manifest from the server and builds `hf://` views from it
+    (DuckDB's hf:// itself always goes to huggingface.co, so the SQL is checked, not executed)."""
+    from curate.sql_views import hub_views
+
+    st, _ = dfar_small
+    push(st, "dfar", "org/dfar", endpoint=hub_server.endpoint, token=hub_server.token)
+    specs = {s.name: s.sql() for s in hub_views("org/dfar@v1", endpoint=hub_server.endpoint)}
+    assert set(specs) == {"dfar", "dfar__l", "dfar__lr"}
+    assert "'hf://datasets/org/dfar@v1/lr/train-*.parquet'" in specs["dfar__lr"]
+    with pytest.raises(CurateError, match="could not read manifest.json"):
+        hub_views("org/dfar@v7", endpoint=hub_server.endpoint)
