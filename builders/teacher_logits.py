@@ -1,0 +1,544 @@
+"""Teacher-logit cache for offline KD: run a teacher once over a dataset version, keep a compact sparse
+view of its distributions (top-k log-probs + residual mass + label-verbalizer log-probs) as a new version.
+
+How the work is organised, so that runs are resumable, shardable and byte-reproducible:
+
+1. Every example of the chosen splits is tokenized (prompt, then completion, concatenated) and the whole set
+   is sorted by length (longest first) and cut into fixed *work units* of ``chunk_size`` examples, each run
+   as ``batch_size`` padded batches. The plan depends only on the inputs, never on the number of shards.
+2. Unit ``i`` belongs to shard ``i % num_shards``. A finished unit is one parquet file in the store's work
+   dir, written to a temp name and renamed, so a killed run leaves only whole units; rerunning skips them.
+3. When every unit exists, the merge puts rows back in the parent's order and writes one atomic version.
+   Because units (and their batches) are the same whatever the sharding, sharded + merge == unsharded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from builders.base import BuildResult
+from curate.errors import CurateError
+from curate.logit_codec import CACHE_CONFIG, DEFAULT_SCHEME, cache_schema, encode_logprobs, get_scheme
+from curate.models import ModelRef, decide_quantization, load_causal_lm, load_tokenizer, tokenizer_fingerprint
+from curate.store import DatasetStore, SourceFile, Version, sha256_file
+
+BUILDER_VERSION = "1.0.0"
+REQUIRED_COLUMNS = ("id", "prompt", "completion")
+TEMPLATES = ("plain", "chat")
+ANSWER_POSITION = (
+    "logits at position prompt_len - 1 (the distribution over the first completion token); each label word is "
+    "scored by the first token of label_prefix + word"
+)
+TEMPLATE_RULES = {
+    "plain": "input_ids = tokenizer(prompt) + tokenizer(completion, add_special_tokens=False): plain "
+    "concatenation of prompt and completion, each tokenized on its own",
+    "chat": "input_ids = tokenizer.apply_chat_template([{role: user, content: prompt}], "
+    "add_generation_prompt=True) + tokenizer(completion, add_special_tokens=False)",
+}
+
+
+@dataclass
+class LogitCacheParams:
+    """Everything that changes the cache's content (the work-dir key and the manifest are built from it)."""
+
+    dataset: str = "dfar"  # name or name@tag of the parent version
+    config: str = "lr"
+    splits: list[str] | None = None  # None: all splits of the config
+    teacher: str = "smollm2"  # hub id, folder, .gguf path or the `smollm2` alias
+    gguf_file: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
+    k: int = 64
+    quantization: str = DEFAULT_SCHEME
+    template: str = "plain"
+    label_words: dict[int, str] | None = None  # None: from the rows' (label, label_text) pairs
+    label_prefix: str = " "  # text before the label word in the completion (dfar: " {label_text}")
+    max_length: int | None = 1024  # longer examples lose completion tokens from the end (reported)
+    batch_size: int = 8
+    chunk_size: int = 64  # examples per resumable work unit
+    limit: int | None = None  # first N rows of each split (quick runs)
+    rows_per_file: int = 2000  # rows per parquet file of the final version
+    name: str | None = None  # default: <parent>-<config>-logits
+
+
+@dataclass
+class Example:
+    split: str
+    row: int  # index within the split (after --limit)
+    id: str
+    label: int | None
+    input_ids: list[int]
+    prompt_len: int
+
+
+@dataclass
+class Plan:
+    """The tokenized examples and their work units; identical for every shard of the same inputs."""
+
+    parent: Version
+    params: LogitCacheParams
+    examples: list[Example]
+    units: list[list[int]]  # example indices per unit, batches are consecutive runs of batch_size
+    label_words: dict[int, str]
+    label_token_ids: list[int]
+    fingerprint: str
+    vocab_size: int
+    teacher_revision: str | None
+    key: str
+    pad_id: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.params.name or f"{self.parent.name}-{self.params.config}-logits"
+
+    def unit_path(self, work: Path, i: int) -> Path:
+        return work / f"unit-{i:05d}.parquet"
+
+
+@dataclass
+class ShardReport:
+    """What one `--shard i --num-shards n` run did (no version yet unless every unit is done)."""
+
+    shard: int
+    num_shards: int
+    computed: int
+    skipped: int
+    done_units: int
+    total_units: int
+    work_dir: Path
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        rate = f", {self.tokens / self.seconds:,.0f} tokens/s" if self.seconds > 0 and self.tokens else ""
+        return (f"shard {self.shard}/{self.num_shards}: computed {self.computed} units, {self.skipped} already "
+                f"done{rate}; {self.done_units}/{self.total_units} units complete in {self.work_dir}")
+
+
+# ---- planning ------------------------------------------------------------------------------------------
+def read_parent(store: DatasetStore, params: LogitCacheParams) -> tuple[Version, dict[str, pa.Table]]:
+    parent = store.get(params.dataset)
+    splits = params.splits or parent.splits(params.config)
+    tables = {}
+    for split in splits:
+        t = parent.read(params.config, split)
+        missing = [c for c in REQUIRED_COLUMNS if c not in t.column_names]
+        if missing:
+            raise CurateError(
+                f"{parent.ref} config {params.config!r} lacks column(s) {', '.join(missing)} "
+                f"(a logit cache needs {', '.join(REQUIRED_COLUMNS)}; has {', '.join(t.column_names)})"
+            )
+        tables[split] = t.slice(0, params.limit) if params.limit else t
+    return parent, tables
+
+
+def resolve_label_words(tables: dict[str, pa.Table], params: LogitCacheParams) -> dict[int, str]:
+    """Explicit words win; otherwise the (label, label_text) pairs of the rows. Empty: not a classification set."""
+    if params.label_words:
+        return dict(sorted(params.label_words.items()))
+    words: dict[int, str] = {}
+    for split, t in tables.items():
+        if "label" not in t.column_names or "label_text" not in t.column_names:
+            return {}
+        for i, (lab, text) in enumerate(zip(t["label"].to_pylist(), t["label_text"].to_pylist(), strict=True)):
+            if lab is None:
+                continue
+            if words.setdefault(int(lab), text) != text:
+                raise CurateError(f"{split} row {i + 1}: label {lab} is {text!r} here but {words[int(lab)]!r} "
+                                  "elsewhere; pass --label-words")
+    return dict(sorted(words.items()))
+
+
+def label_token_ids(tok: Any, words: dict[int, str], prefix: str, teacher: str) -> list[int]:
+    """First token of prefix + word per label; refuse words the vocab cannot spell or that share a token."""
+    out: dict[int, int] = {}
+    for label, word in words.items():
+        ids = tok(prefix + word, add_special_tokens=False).input_ids
+        if not ids or (tok.unk_token_id is not None and tok.unk_token_id in ids):
+            raise CurateError(f"label word {word!r} (label {label}) is not covered by the vocabulary of {teacher}: "
+                              f"it tokenizes to {tok.convert_ids_to_tokens(ids)}")
+        first = ids[0]
+        for other, tid in out.items():
+            if tid == first:
+                raise CurateError(
+                    f"label words {words[other]!r} and {word!r} share their first token "
+                    f"{tok.convert_ids_to_tokens(first)!r} (id {first}): scoring by first token cannot tell them "
+                    "apart; choose other --label-words or --label-prefix"
+                )
+        out[label] = first
+    return [out[lab] for lab in words]
+
+
+def prompt_ids(tok: Any, prompt: str, template: str) -> list[int]:
+    if template == "plain":
+        return list(tok(prompt).input_ids)
+    if not getattr(tok, "chat_template", None):
+        raise CurateError("--template chat needs a tokenizer with a chat template; this one has none")
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def tokenize_examples(tok: Any, tables: dict[str, pa.Table], params: LogitCacheParams,
+                      notes: list[str]) -> list[Example]:
+    out = []
+    truncated = 0
+    for split, t in tables.items():
+        labels = t["label"].to_pylist() if "label" in t.column_names else [None] * t.num_rows
+        for i, (ex_id, prompt, completion, label) in enumerate(
+            zip(t["id"].to_pylist(), t["prompt"].to_pylist(), t["completion"].to_pylist(), labels, strict=True)
+        ):
+            where = f"{split} row {i + 1} (id {ex_id})"
+            if completion is None or not completion.strip():
+                raise CurateError(f"{where}: empty completion; the cache scores completion tokens")
+            if prompt is None:
+                raise CurateError(f"{where}: prompt is null")
+            p = prompt_ids(tok, prompt, params.template)
+            c = list(tok(completion, add_special_tokens=False).input_ids)
+            if not p:
+                raise CurateError(f"{where}: the prompt tokenizes to nothing; the first completion token needs "
+                                  "a preceding position")
+            if params.max_length and len(p) + len(c) > params.max_length:
+                if len(p) >= params.max_length:
+                    raise CurateError(f"{where}: prompt alone is {len(p)} tokens >= --max-length {params.max_length}")
+                c = c[: params.max_length - len(p)]
+                truncated += 1
+            out.append(Example(split, i, ex_id, None if label is None else int(label), p + c, len(p)))
+    if truncated:
+        notes.append(f"{truncated} completions truncated to --max-length {params.max_length}")
+    return out
+
+
+def make_units(examples: list[Example], chunk_size: int) -> list[list[int]]:
+    """Longest first (ties in input order), cut into fixed units: padding stays small, the plan is stable."""
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
+    return [order[a: a + chunk_size] for a in range(0, len(order), chunk_size)]
+
+
+def teacher_identity(ref: ModelRef) -> str | None:
+    """A revision for the manifest: the GGUF file's sha256 for local files, else the hub commit when known."""
+    if ref.gguf_file and (Path(ref.location) / ref.gguf_file).is_file():
+        return "sha256:" + sha256_file(Path(ref.location) / ref.gguf_file)
+    return None
+
+
+def plan_cache(store: DatasetStore, params: LogitCacheParams, tok: Any | None = None) -> Plan:
+    """Validate everything that can be checked without the model, tokenize, and cut the work into units."""
+    if params.k < 1:
+        raise CurateError(f"--k must be >= 1, got {params.k}")
+    if params.template not in TEMPLATES:
+        raise CurateError(f"--template must be one of {', '.join(TEMPLATES)}, not {params.template!r}")
+    if params.batch_size < 1 or params.chunk_size < 1:
+        raise CurateError("--batch-size and --chunk-size must be >= 1")
+    scheme = get_scheme(params.quantization)
+    parent, tables = read_parent(store, params)
+    ref = ModelRef.parse(params.teacher, params.gguf_file)
+    tok = tok if tok is not None else load_tokenizer(ref)
+    vocab = len(tok)
+    if params.k > vocab:
+        raise CurateError(f"--k {params.k} is larger than the teacher's vocabulary ({vocab:,} tokens)")
+    words = resolve_label_words(tables, params)
+    label_ids = label_token_ids(tok, words, params.label_prefix, ref.describe()) if words else []
+    notes: list[str] = []
+    examples = tokenize_examples(tok, tables, params, notes)
+    if not examples:
+        raise CurateError(f"{parent.ref} config {params.config!r} has no rows to cache")
+    fingerprint = tokenizer_fingerprint(tok)
+    revision = teacher_identity(ref)
+    key_src = {
+        "parent": parent.hash, "builder": BUILDER_VERSION, "teacher": ref.describe(), "revision": revision,
+        "fingerprint": fingerprint, "scheme": scheme.name,
+        **{k: v for k, v in asdict(params).items() if k not in ("dataset", "device", "rows_per_file", "name")},
+    }
+    key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    plan = Plan(parent, params, examples, make_units(examples, params.chunk_size), words, label_ids, fingerprint,
+                vocab, revision, key, int(pad_id), notes)
+    labelled = [e for e in examples if e.label in words]
+    agree = sum(e.input_ids[e.prompt_len] == label_ids[list(words).index(e.label)] for e in labelled)
+    if agree < len(labelled):
+        notes.append(f"first completion token is the gold label's token in {agree}/{len(labelled)} rows "
+                     f"(check --label-prefix {params.label_prefix!r})")
+    return plan
+
+
+# ---- computing units ------------------------------------------------------------------------------------
+def unit_table(plan: Plan, unit: list[int], scored: list[Any]) -> pa.Table:
+    scheme = get_scheme(plan.params.quantization)
+    schema = cache_schema(plan.vocab_size, scheme)
+    exs = [plan.examples[i] for i in unit]
+    lab_type = schema.field("label_logprobs").type
+    cols: dict[str, pa.Array] = {
+        "id": pa.array([e.id for e in exs], pa.string()),
+        "split": pa.array([e.split for e in exs], pa.string()),
+        "label": pa.array([e.label for e in exs], pa.int8()),
+        "input_ids": pa.array([e.input_ids for e in exs], schema.field("input_ids").type),
+        "prompt_len": pa.array([e.prompt_len for e in exs], pa.int32()),
+        "topk_ids": _list_of_lists([s.topk_ids for s in scored], schema.field("topk_ids").type),
+        "topk_logprobs": _list_of_lists([encode_logprobs(s.topk_logprobs, scheme) for s in scored],
+                                        schema.field("topk_logprobs").type),
+        "residual": _lists([s.residual.astype(np.float16) for s in scored], pa.float16()),
+        "entropy": _lists([s.entropy.astype(np.float16) for s in scored], pa.float16()),
+        "label_logprobs": pa.array(
+            [s.label_logprobs.tolist() if (s.label_logprobs is not None and e.label is not None) else None
+             for s, e in zip(scored, exs, strict=True)], lab_type),
+    }
+    table = pa.table(cols, schema=schema)
+    return table.append_column("_row", pa.array([e.row for e in exs], pa.int32()))
+
+
+def _lists(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
+    offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int32)
+    values = pa.array(np.concatenate(arrays) if arrays else np.zeros(0), value_type)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
+
+
+def _list_of_lists(arrays: list[np.ndarray], typ: pa.ListType) -> pa.Array:
+    """[T_i, k] arrays -> list<list<v>> without going through Python objects."""
+    inner_type = typ.value_type.value_type
+    k = arrays[0].shape[1] if arrays else 0
+    flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0)
+    rows = sum(a.shape[0] for a in arrays)
+    inner = pa.ListArray.from_arrays(pa.array(np.arange(rows + 1, dtype=np.int32) * k, pa.int32()),
+                                     pa.array(flat.astype(inner_type.to_pandas_dtype()), inner_type))
+    outer = np.concatenate([[0], np.cumsum([a.shape[0] for a in arrays])]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(outer, pa.int32()), inner)
+
+
+def write_atomic(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def compute_units(plan: Plan, work: Path, model: Any, *, shard: int = 0, num_shards: int = 1,
+                  max_units: int | None = None, progress: bool = True) -> ShardReport:
+    """Compute this shard's missing units; `model` is a teacher or a zero-argument loader (called only if needed)."""
+    from curate.teacher_scoring import score_batch
+
+    mine = [i for i in range(len(plan.units)) if i % num_shards == shard]
+    for stale in work.glob(".unit-*.tmp-*"):
+        if int(stale.name[len(".unit-"):].split(".")[0]) in mine:
+            stale.unlink(missing_ok=True)  # half-written by a killed run of this shard
+    todo = [i for i in mine if not plan.unit_path(work, i).is_file()]
+    report = ShardReport(shard, num_shards, 0, len(mine) - len(todo), 0, len(plan.units), work)
+    if max_units is not None:
+        todo = todo[:max_units]
+    if todo and callable(model) and not isinstance(model, _torch_module()):
+        model = model()
+    bs = plan.params.batch_size
+    t0 = time.perf_counter()
+    with _progress(progress) as bar:
+        total_tokens = sum(len(plan.examples[j].input_ids) for i in todo for j in plan.units[i])
+        task = bar.add_task(f"{plan.name} shard {shard}/{num_shards}", total=total_tokens, rate="")
+        for i in todo:
+            unit = plan.units[i]
+            scored = []
+            for a in range(0, len(unit), bs):
+                batch = [plan.examples[j] for j in unit[a: a + bs]]
+                scored += score_batch(model, [e.input_ids for e in batch], [e.prompt_len for e in batch],
+                                      k=plan.params.k, pad_id=plan.pad_id,
+                                      label_token_ids=plan.label_token_ids or None)
+                n = sum(len(e.input_ids) for e in batch)
+                report.tokens += n
+                rate = report.tokens / max(time.perf_counter() - t0, 1e-9)
+                bar.update(task, advance=n, rate=f"{rate:,.0f} tok/s")
+            write_atomic(unit_table(plan, unit, scored), plan.unit_path(work, i))
+            report.computed += 1
+    report.seconds = time.perf_counter() - t0
+    report.done_units = sum(plan.unit_path(work, i).is_file() for i in range(len(plan.units)))
+    return report
+
+
+def _torch_module() -> type:
+    import torch
+
+    return torch.nn.Module
+
+
+class _NoBar:
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(self, *a: Any, **kw: Any) -> int:
+        return 0
+
+    def update(self, *a: Any, **kw: Any) -> None:
+        return None
+
+
+def _progress(enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn())
+
+
+# ---- merging ---------------------------------------------------------------------------------------------
+def merge_units(store: DatasetStore, plan: Plan, work: Path, *, dtype: str, quant_mode: str) -> BuildResult:
+    """Every unit present: rows back in parent order, one version, scratch removed."""
+    missing = [i for i in range(len(plan.units)) if not plan.unit_path(work, i).is_file()]
+    if missing:
+        raise CurateError(f"cannot merge: {len(missing)} of {len(plan.units)} units missing in {work} "
+                          f"(first: unit {missing[0]}); run the remaining shards first")
+    table = pa.concat_tables([pq.read_table(plan.unit_path(work, i)) for i in range(len(plan.units))])
+    p = plan.params
+    scheme = get_scheme(p.quantization)
+    split_order = list(dict.fromkeys(e.split for e in plan.examples))
+    ref = ModelRef.parse(p.teacher, p.gguf_file)
+    params: dict[str, Any] = {
+        "teacher": p.teacher,
+        "teacher_location": ref.describe(),
+        "teacher_revision": plan.teacher_revision,
+        "tokenizer_fingerprint": plan.fingerprint,
+        "vocab_size": plan.vocab_size,
+        "k": p.k,
+        "quantization": scheme.name,
+        "quantization_detail": scheme.describe(),
+        "id_type": str(cache_schema(plan.vocab_size, scheme).field("input_ids").type.value_type),
+        "dtype": dtype,
+        "load_in": quant_mode,
+        "template": p.template,
+        "template_rule": TEMPLATE_RULES[p.template],
+        "label_words": {str(k): v for k, v in plan.label_words.items()},
+        "label_token_ids": plan.label_token_ids,
+        "label_prefix": p.label_prefix,
+        "label_scoring": "first token of label_prefix + word; labels sharing a first token are refused",
+        "answer_position": ANSWER_POSITION,
+        "temperature": 1.0,
+        "stored_values": "raw log-probs (temperature 1); apply any KD temperature in the loss",
+        "parent_config": p.config,
+        "splits": split_order,
+        "max_length": p.max_length,
+        "limit": p.limit,
+        "batch_size": p.batch_size,
+        "chunk_size": p.chunk_size,
+    }
+    parents = [{"name": plan.parent.name, "tag": plan.parent.tag, "content_hash": plan.parent.hash,
+                "config": p.config}]
+    gguf = Path(ref.location) / ref.gguf_file if ref.gguf_file else None
+    sources = [SourceFile.from_path(gguf)] if gguf and gguf.is_file() else []
+    card: dict[str, Any] = {
+        "pretty_name": f"Teacher logits of {ref.describe().rsplit('/', 1)[-1]} on {plan.parent.ref} "
+                       f"[{p.config}]",
+        "description": (
+            f"Sparse teacher distributions for offline knowledge distillation: per completion token the top-{p.k} "
+            f"token ids and log-probs ({scheme.name}), the residual probability mass outside the top-k and the "
+            "entropy; per example the teacher's log-probs of the label words at the answer position. Read it "
+            "with `curate.logit_codec.iter_cache`."
+        ),
+        "license": plan.parent.manifest.get("card", {}).get("license"),
+        "task_categories": ["text-generation"],
+        "tags": ["knowledge-distillation", "teacher-logits", plan.parent.name],
+        "default_config": CACHE_CONFIG,
+        "label_mapping": {str(k): v for k, v in plan.label_words.items()} or None,
+        "config_notes": {CACHE_CONFIG: "one row per example; see curate/logit_codec.py for the columns"},
+    }
+    with store.new_version(plan.name, builder="teacher-logits", builder_version=BUILDER_VERSION, params=params,
+                           sources=sources, parents=parents, card=card) as w:
+        tokens = 0
+        for split in split_order:
+            rows = table.filter(pa.compute.equal(table["split"], split))
+            rows = rows.take(pa.compute.sort_indices(rows["_row"])).drop_columns(["_row"])
+            tokens += sum(len(e.input_ids) - e.prompt_len for e in plan.examples if e.split == split)
+            w.write_table(CACHE_CONFIG, split, rows, rows_per_shard=p.rows_per_file)
+        size = sum(f.stat().st_size for f in w.tmp.rglob("*.parquet"))
+        # Filled in before the commit writes the manifest (these dicts are the ones it serialises).
+        params["completion_tokens"] = tokens
+        params["bytes"] = size
+        params["bytes_per_token"] = round(size / max(tokens, 1), 2)
+        card["build_notes"] = "\n".join(
+            [f"- {tokens:,} completion tokens, {size:,} bytes: {size / max(tokens, 1):.1f} bytes/token "
+             "(all columns, parquet + zstd)"] + [f"- {n}" for n in plan.notes]
+        )
+    result = BuildResult(w.result.version, w.result.created, list(plan.notes))
+    _remove_work(work)
+    return result
+
+
+def _remove_work(work: Path) -> None:
+    for f in work.iterdir():
+        f.unlink(missing_ok=True)
+    work.rmdir()
+
+
+# ---- entry point -----------------------------------------------------------------------------------------
+def cache_teacher_logits(store: DatasetStore, params: LogitCacheParams, *, shard: int = 0, num_shards: int = 1,
+                         merge: bool = True, merge_only: bool = False, max_units: int | None = None,
+                         progress: bool = True, model: Any = None, tokenizer: Any = None) -> BuildResult | ShardReport:
+    """Plan, compute this shard's missing units, and (when every unit exists and `merge`) write the version.
+
+    Returns the `BuildResult` of the merged version, or a `ShardReport` while units are still missing.
+    ``model`` / ``tokenizer`` let a caller that already holds the teacher (tests, benchmarks) skip loading.
+    """
+    if not 0 <= shard < num_shards:
+        raise CurateError(f"--shard must be in [0, {num_shards}), got {shard}")
+    quant = decide_quantization(params.load_in_8bit, params.load_in_4bit, strict=True)
+    ref = ModelRef.parse(params.teacher, params.gguf_file)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(ref)
+    plan = plan_cache(store, params, tok)
+    work = store.work_dir(plan.name, plan.key)
+    _write_plan_file(work, plan)
+
+    def load() -> Any:
+        m = load_causal_lm(ref, dtype=params.dtype, device=params.device, quant=quant)
+        m.eval()
+        head = m.get_output_embeddings()
+        if head is not None and params.k > head.weight.shape[0]:
+            raise CurateError(f"--k {params.k} is larger than the teacher's output vocabulary "
+                              f"({head.weight.shape[0]:,})")
+        _record_dtype(work, m)
+        return m
+
+    if model is not None:
+        _record_dtype(work, model)
+    report = None
+    if not merge_only:
+        report = compute_units(plan, work, model if model is not None else load, shard=shard,
+                               num_shards=num_shards, max_units=max_units, progress=progress)
+    complete = all(plan.unit_path(work, i).is_file() for i in range(len(plan.units)))
+    if merge_only or (merge and complete):
+        return merge_units(store, plan, work, dtype=_recorded_dtype(work, params.dtype), quant_mode=quant.mode)
+    assert report is not None
+    return report
+
+
+def _record_dtype(work: Path, model: Any) -> None:
+    """The dtype the teacher actually ran in (``auto`` resolves per checkpoint); read back at merge time."""
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    (work / "dtype.txt").write_text(dtype + "\n")
+
+
+def _recorded_dtype(work: Path, requested: str) -> str:
+    path = work / "dtype.txt"
+    return path.read_text().strip() if path.is_file() else requested
+
+
+def _write_plan_file(work: Path, plan: Plan) -> None:
+    """Human-readable record of what the units in this folder are."""
+    path = work / "plan.json"
+    if path.is_file():
+        return
+    info = {"name": plan.name, "parent": plan.parent.ref, "units": len(plan.units),
+            "examples": len(plan.examples), "params": asdict(plan.params)}
+    tmp = work / f".plan.json.tmp-{uuid.uuid4().hex}"
+    tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
