@@ -65,3 +65,4 @@ from curate.commands import build as _build  # noqa: E402,F401
 from curate.commands import datasets as _datasets  # noqa: E402,F401
 from curate.commands import query as _query  # noqa: E402,F401
 from curate.commands import hub as _hub  # noqa: E402,F401
+from curate.commands import cache_logits as _cache_logits  # noqa: E402,F401
