@@ -1,0 +1,90 @@
+"""The distillation-loss interface and the sparse (top-k + residual) view of teacher and student.
+
+Every loss is a divergence between two distributions over the same outcomes; what differs between KD
+recipes is only that divergence, so a new one (ADPA, DCKD, ...) is a new file implementing `divergence`.
+
+Sparse rule (token-level KD from a top-k cache, never a dense [batch, seq, vocab] teacher tensor):
+
+* Both distributions are coarse-grained onto k + 1 outcomes at temperature 1: the teacher's top-k ids S,
+  plus one bucket R for everything else. Teacher: p_i (cached log-probs) and its residual r = 1 - sum p_S.
+  Student: s_i = softmax(z)_i gathered at S, and s_R = 1 - sum s_S (its mass outside the teacher's top-k).
+  Both buckets are floored at ``RESIDUAL_FLOOR`` (fp16 residuals underflow, float32 sums round).
+* Temperature is applied to the coarse distributions: q^T_j = p_j^(1/T) / Z over j in S ∪ {R}, same for s.
+  Within S this is exactly softmax(logits / T) restricted to S; the bucket is treated as one outcome.
+* KD = T² · D(q^T ‖ s^T), D = the loss's divergence (forward KL, reverse KL, JSD).
+
+With k = V there is no bucket (it is dropped) and the result is exactly the dense T² · D(softmax(t/T) ‖
+softmax(z/T)). With k < V, for forward KL the sparse value never exceeds the dense one at T = 1 (merging
+outcomes cannot increase a KL), and it is zero when the student matches the teacher.
+
+Label KD (``--kd-target labels``) uses the label-verbalizer log-probs at the answer position, renormalised
+over the labels (a C-way classifier, no bucket), tempered the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+RESIDUAL_FLOOR = 1e-8  # smallest bucket mass: below fp16 resolution of the cached residual (6e-8)
+LOG_RESIDUAL_FLOOR = math.log(RESIDUAL_FLOOR)
+
+
+def sparse_log_distributions(student_logprobs: Tensor, topk_ids: Tensor, topk_logprobs: Tensor,
+                             residual: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Tempered (teacher, student) log-distributions over the k (+1 bucket) outcomes.
+
+    student_logprobs: [N, V] log-softmax of the student at the positions the cache rows describe;
+    topk_ids / topk_logprobs: [N, k] teacher ids and raw log-probs; residual: [N] teacher mass outside.
+    Returns two [N, k + 1] tensors (or [N, k] when k equals the vocabulary size).
+    """
+    s_top = student_logprobs.gather(-1, topk_ids)
+    t_top = topk_logprobs.to(s_top.dtype)
+    if topk_ids.shape[-1] < student_logprobs.shape[-1]:
+        # log(1 - sum s_S) from the gathered log-probs: -expm1(logsumexp) is accurate for small and large mass.
+        s_mass = torch.logsumexp(s_top, dim=-1)
+        s_rest = torch.log(torch.clamp(-torch.expm1(s_mass), min=RESIDUAL_FLOOR))
+        t_rest = torch.log(torch.clamp(residual.to(s_top.dtype), min=RESIDUAL_FLOOR))
+        s_top = torch.cat([s_top, s_rest.unsqueeze(-1)], dim=-1)
+        t_top = torch.cat([t_top, t_rest.unsqueeze(-1)], dim=-1)
+    return (torch.log_softmax(t_top / temperature, dim=-1), torch.log_softmax(s_top / temperature, dim=-1))
+
+
+def label_log_distributions(student_label_logprobs: Tensor, teacher_label_logprobs: Tensor,
+                            temperature: float) -> tuple[Tensor, Tensor]:
+    """Tempered (teacher, student) distributions over the C label words, renormalised over the labels."""
+    t = teacher_label_logprobs.to(student_label_logprobs.dtype)
+    return (torch.log_softmax(t / temperature, dim=-1),
+            torch.log_softmax(student_label_logprobs / temperature, dim=-1))
+
+
+class DistillationLoss(ABC):
+    """A divergence D(teacher ‖ student) between log-distributions; the T² scaling and sparsity live here."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def divergence(self, teacher_logp: Tensor, student_logp: Tensor) -> Tensor:
+        """[..., K] log-distributions over the same K outcomes -> [...] divergence (nats)."""
+
+    def token_loss(self, student_logprobs: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, residual: Tensor,
+                   temperature: float) -> Tensor:
+        """Per-position T² · D on the sparse view: [N, V] student log-probs + cache rows -> [N]."""
+        t, s = sparse_log_distributions(student_logprobs, topk_ids, topk_logprobs, residual, temperature)
+        return temperature**2 * self.divergence(t, s)
+
+    def label_loss(self, student_label_logprobs: Tensor, teacher_label_logprobs: Tensor,
+                   temperature: float) -> Tensor:
+        """Per-example T² · D over the label verbalizers: [N, C] and [N, C] -> [N]."""
+        t, s = label_log_distributions(student_label_logprobs, teacher_label_logprobs, temperature)
+        return temperature**2 * self.divergence(t, s)
+
+
+def kl(p_logp: Tensor, q_logp: Tensor) -> Tensor:
+    """KL(p ‖ q) over the last dim; outcomes with p = 0 contribute 0 (inputs are finite log-probs)."""
+    p = p_logp.exp()
+    return torch.where(p > 0, p * (p_logp - q_logp), torch.zeros_like(p)).sum(-1)
