@@ -66,3 +66,6 @@ from curate.commands import datasets as _datasets  # noqa: E402,F401
 from curate.commands import query as _query  # noqa: E402,F401
 from curate.commands import hub as _hub  # noqa: E402,F401
 from curate.commands import cache_logits as _cache_logits  # noqa: E402,F401
+from curate.commands import sage as _sage  # noqa: E402,F401
+from curate.commands import train as _train  # noqa: E402,F401
+from curate.commands import evaluate as _evaluate  # noqa: E402,F401

@@ -1,0 +1,122 @@
+"""`curate build sage-responses` and `curate sage score`: SaGE moral-consistency data and scores."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from curate.cli import StoreOpt, app, build_app, console, friendly_errors
+from curate.commands.build import report
+from curate.errors import CurateError
+from curate.store import DatasetStore
+
+sage_app = typer.Typer(help="SaGE (semantic graph entropy): moral consistency across paraphrases.",
+                       no_args_is_help=True)
+app.add_typer(sage_app, name="sage")
+
+
+@build_app.command("sage-responses")
+@friendly_errors
+def build_sage_responses_cmd(
+    questions: Annotated[Path, typer.Option(help="CSV with question_id, question[, paraphrased] (MCC layout).")],
+    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint (default $OPENAI_BASE_URL, "
+                                                      "else api.openai.com). Key from $OPENAI_API_KEY.")] = None,
+    model: Annotated[str, typer.Option(help="Aligned model whose answers are collected.")] = "gpt-3.5-turbo",
+    temperature: float = 0.8,
+    rot_model: Annotated[str | None, typer.Option(help="Model that writes the Rules of Thumb (default: --model).")]
+    = None,
+    target_model: Annotated[str | None, typer.Option(help="Small model being aligned: enables the feedback set.")]
+    = None,
+    target_base_url: Annotated[str | None, typer.Option(help="Endpoint of --target-model (default --base-url).")]
+    = None,
+    batch: Annotated[bool, typer.Option("--batch", help="Use the Batch API (half price, slower).")] = False,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 16,
+    paraphrases: Annotated[int, typer.Option(help="Generate N paraphrases per question (plain lists).")] = 0,
+    min_paraphrase_similarity: Annotated[float, typer.Option(help="Keep generated paraphrases at least this "
+                                                                  "similar to the question.")] = 0.75,
+    embedding_model: Annotated[str, typer.Option(help="sentence-transformers id or path.")]
+    = "sentence-transformers/all-MiniLM-L6-v2",
+    initial_threshold: float = 0.9,
+    decay_rate: float = 0.99,
+    min_threshold: float = 0.6,
+    limit_questions: Annotated[int | None, typer.Option(help="Only the first N questions (quick runs).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds before a request counts as stalled and is retried.")]
+    = 60.0,
+    max_retries: Annotated[int, typer.Option(help="Retries per request (429 / 5xx / timeouts).")] = 6,
+    name: Annotated[str, typer.Option(help="Dataset name in the store.")] = "sage-responses",
+    store: StoreOpt = None,
+) -> None:
+    """Collect answers + Rules of Thumb, score SaGE per question, select with a decaying threshold.
+
+    Every reply is cached under <store>/llm_cache: a rerun or a resumed run never pays for a call twice.
+    """
+    from builders.sage_responses import SageResponsesParams, build_sage_responses
+
+    params = SageResponsesParams(
+        questions=str(questions), model=model, base_url=base_url, temperature=temperature, rot_model=rot_model,
+        target_model=target_model, target_base_url=target_base_url, batch=batch, concurrency=concurrency,
+        paraphrases=paraphrases, min_paraphrase_similarity=min_paraphrase_similarity,
+        embedding_model=embedding_model, initial_threshold=initial_threshold, decay_rate=decay_rate,
+        min_threshold=min_threshold, limit_questions=limit_questions,
+    )
+    result = build_sage_responses(DatasetStore(store), params, name=name,
+                                  execution={"timeout": timeout, "max_retries": max_retries})
+    report(result)
+    usage = result.version.manifest["card"].get("usage", {})
+    for step, u in usage.items():
+        cost = u.get("estimated_cost_usd")
+        console.print(f"  {step}: {u['completed'] + u.get('batch_completed', 0)} calls, {u['cache_hits']} cached, "
+                      f"{u['retries']} retries, {u['prompt_tokens'] + u.get('batch_prompt_tokens', 0):,} prompt + "
+                      f"{u['completion_tokens'] + u.get('batch_completion_tokens', 0):,} completion tokens, "
+                      f"cost {'unknown' if cost is None else f'${cost:.4f}'}")
+
+
+@sage_app.command("score")
+@friendly_errors
+def score_cmd(
+    source: Annotated[str, typer.Argument(help="CSV/parquet file, or a store dataset NAME[@VERSION] "
+                                               "(its `responses` config).")],
+    model: Annotated[str, typer.Option("--model", help="Embedding model id or path.")]
+    = "sentence-transformers/all-MiniLM-L6-v2",
+    fmt: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
+    config: Annotated[str, typer.Option(help="Config to read when SOURCE is a dataset.")] = "responses",
+    w_answer: float = 0.8,
+    w_rot: float = 0.2,
+    store: StoreOpt = None,
+) -> None:
+    """SaGE per question_id (rows need question_id and model_output, optionally rot), then the mean."""
+    import polars as pl
+
+    from curate.sage import mean_sage, sage_scores
+
+    if fmt not in ("table", "csv", "json"):
+        raise CurateError("--format must be table, csv or json")
+    path = Path(source)
+    if path.is_file():
+        df = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path, infer_schema=False)
+        origin = str(path)
+    else:
+        v = DatasetStore(store).get(source)
+        df, origin = v.read_polars(config), f"{v.ref} [{config}]"
+    try:
+        scores = sage_scores(df, model=model, w_answer=w_answer, w_rot=w_rot, source=origin)
+    except ValueError as e:
+        raise CurateError(str(e)) from None
+    mean = mean_sage(scores)
+    out = scores.select(pl.col("question_id").cast(pl.String), "sage")
+    if fmt == "csv":
+        sys.stdout.write(out.write_csv())
+        sys.stdout.write(f"mean,{mean}\n")
+    elif fmt == "json":
+        sys.stdout.write(json.dumps({"scores": out.to_dicts(), "mean": mean}) + "\n")
+    else:
+        t = Table("question_id", "sage", "paraphrases", "nodes", title=f"SaGE of {origin}")
+        for r in scores.iter_rows(named=True):
+            t.add_row(str(r["question_id"]), f"{r['sage']:.4f}", str(r["n_paraphrases"]), str(r["n_nodes"]))
+        t.add_row("[bold]mean[/]", f"[bold]{mean:.4f}[/]", "", "")
+        console.print(t)
