@@ -44,9 +44,10 @@ query *args: install
 datasets: install
     .venv/bin/curate datasets
 
-# Cache teacher logits for offline KD (not yet available).
-cache-teacher-logits *args:
-    @echo "cache-teacher-logits: not yet available (see the teacher-logit cache issue)"
+# Cache teacher logits for offline KD: dfar lr + SmolLM2 GGUF, a quick --limit 64 rows per split by default;
+# later options win, e.g. `just cache-teacher-logits --limit 0 --k 32` (0 = all rows).
+cache-teacher-logits *args: build-dfar
+    .venv/bin/curate cache-logits --dataset dfar --config lr --teacher smollm2 --limit 64 "$@"
 
 # Offline KD from cached teacher logits (not yet available).
 train-kd *args:

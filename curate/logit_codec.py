@@ -229,17 +229,25 @@ def load_cache(version: Version, split: str | None = None) -> list[CachedExample
     return list(iter_cache(version, split))
 
 
+RESIDUAL_FLOOR = 2.0 ** -25  # half float16's smallest subnormal: a stored 0 means "below what fp16 holds"
+
+
+def reconstruct_topk(topk_logprobs: np.ndarray, residual: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The distribution a cache row stands for, in closed form: (log q of the top-k [T, k], log q of each of
+    the other V - k tokens [T]). The top-k are renormalised to 1 - residual; the residual (floored at
+    `RESIDUAL_FLOOR`) is spread evenly over the rest. KD losses and the benchmark's KL use this."""
+    lp = topk_logprobs.astype(np.float64)
+    resid = np.clip(residual.astype(np.float64), RESIDUAL_FLOOR, 1.0)
+    lse = np.logaddexp.reduce(lp, axis=1)
+    log_top = lp - lse[:, None] + np.log1p(-np.minimum(resid, 1 - 1e-12))[:, None]
+    rest = max(vocab_size - topk_logprobs.shape[1], 1)
+    return log_top, np.log(resid / rest)
+
+
 def reconstruct_logprobs(topk_ids: np.ndarray, topk_logprobs: np.ndarray, residual: np.ndarray,
                          vocab_size: int) -> np.ndarray:
-    """Dense [T, V] log-distribution from a cache row: the top-k renormalised to 1 - residual, the residual
-    spread evenly over the other V - k tokens. What the benchmark compares with the full teacher."""
-    t, k = topk_ids.shape
-    p_top = np.exp(topk_logprobs.astype(np.float64))
-    resid = np.clip(residual.astype(np.float64), 0.0, 1.0)
-    p_top *= ((1.0 - resid) / p_top.sum(axis=1))[:, None]
-    rest = vocab_size - k
-    fill = np.where(rest > 0, resid / max(rest, 1), 0.0)
-    dense = np.repeat(fill[:, None], vocab_size, axis=1)
-    np.put_along_axis(dense, topk_ids.astype(np.int64), p_top, axis=1)
-    with np.errstate(divide="ignore"):
-        return np.log(dense)
+    """Dense [T, V] log-distribution of `reconstruct_topk` (tests, small inspections)."""
+    log_top, log_other = reconstruct_topk(topk_logprobs, residual, vocab_size)
+    dense = np.repeat(log_other[:, None], vocab_size, axis=1)
+    np.put_along_axis(dense, topk_ids.astype(np.int64), log_top, axis=1)
+    return dense

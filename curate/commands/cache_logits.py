@@ -59,7 +59,7 @@ def cache_logits_cmd(
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
     chunk_size: Annotated[int, typer.Option(help="Examples per resumable work unit.")] = 64,
     max_length: Annotated[int, typer.Option(help="Longer examples lose completion tokens (reported).")] = 1024,
-    limit: Annotated[int | None, typer.Option(help="Only the first N rows of each split (quick runs).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N rows of each split (0: all).")] = None,
     shard: Annotated[int | None, typer.Option(help="This process's shard (with --num-shards).")] = None,
     num_shards: Annotated[int, typer.Option(help="Split the work units across this many processes.")] = 1,
     merge: Annotated[bool, typer.Option("--merge", help="Only merge finished shards into one version.")] = False,
@@ -77,7 +77,7 @@ def cache_logits_cmd(
         teacher=teacher, gguf_file=gguf_file, dtype=dtype, device=device, load_in_8bit=load_in_8bit,
         load_in_4bit=load_in_4bit, k=k, quantization=quantization, template=template,
         label_words=_label_words(label_words), label_prefix=label_prefix, max_length=max_length,
-        batch_size=batch_size, chunk_size=chunk_size, limit=limit, name=name,
+        batch_size=batch_size, chunk_size=chunk_size, limit=limit or None, name=name,
     )
     dist = _distributed()
     if dist is not None and shard is None and not merge:
