@@ -236,7 +236,8 @@ def embed_texts(
 ) -> np.ndarray:
     """Unit-normalised float32 embeddings, one row per text, so cosines are plain dot products."""
     if not texts:
-        dim = model.get_sentence_embedding_dimension() or 0
+        get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        dim = get_dim() or 0
         return np.zeros((0, dim), dtype=np.float32)
     emb = model.encode(
         list(texts),
