@@ -1,0 +1,51 @@
+"""`curate eval`: accuracy / precision / recall / F1 (verbalizer and generation readings), gold-reason
+perplexity and the misalignment rate of generated reasons, for a run folder or any model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from curate.cli import StoreOpt, app, console, friendly_errors
+
+
+@app.command("eval")
+@friendly_errors
+def eval_cmd(
+    model: Annotated[str, typer.Option(help="A run folder, smollm2, hub id, folder or .gguf file.")] = "smollm2",
+    dataset: Annotated[str, typer.Option(help="Dataset (name or name@tag).")] = "dfar",
+    dataset_config: Annotated[str, typer.Option(help="Config with prompt, completion, label, label_text.")] = "lr",
+    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
+    limit: Annotated[int | None, typer.Option(help="First N rows only (0: all).")] = 200,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward / generate call.")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy generation length.")] = 48,
+    template: Annotated[str | None, typer.Option(help="plain or chat (default: the run's, else plain).")] = None,
+    judge: Annotated[str, typer.Option(help="Misalignment judge: none, self, local:<model>, openai:<model>.")] = (
+        "local:smollm2"),
+    judge_base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint for openai:<model>.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default <run>/eval/… or runs/eval/…).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda …")] = "auto",
+    store: StoreOpt = None,
+) -> None:
+    """Evaluate a model on a labelled split; writes metrics.json, predictions.jsonl, confusion_matrix.png."""
+    from train.evaluate import EvalConfig, run_eval
+
+    cfg = EvalConfig(model=model, dataset=dataset, dataset_config=dataset_config, split=split,
+                     limit=limit or None, batch_size=batch_size, max_new_tokens=max_new_tokens, template=template,
+                     judge=judge, judge_base_url=judge_base_url, out_dir=str(out) if out else None,
+                     store=str(store) if store else None, device=device)
+    metrics, folder = run_eval(cfg)
+    for reading in ("verbalizer", "generation"):
+        r = metrics[reading]
+        console.print(f"{reading:<11} acc {r['accuracy']:.3f}  P {r['precision']:.3f}  R {r['recall']:.3f}  "
+                      f"F1 {r['f1']:.3f}  (n={r['n']})", highlight=False)
+    console.print(f"generation parse rate {metrics['generation']['parse_rate']:.3f}; gold-reason perplexity "
+                  f"{metrics['reason_perplexity']:.2f}", highlight=False)
+    mis = metrics.get("misalignment")
+    if mis:
+        rate = "n/a" if mis["rate"] is None else f"{mis['rate']:.3f}"
+        console.print(f"misalignment rate {rate} ({mis['judged']} reasons judged by {mis['judge']})",
+                      highlight=False)
+    console.print(f"[green]wrote[/] {folder}/metrics.json, confusion_matrix.png", highlight=False)

@@ -1,0 +1,147 @@
+"""Offline KD from a real teacher-logit cache (built by the cache builder from a tiny random teacher):
+loss going down in both targets, the refusals that must happen before any step, and SFT/cache id parity."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from curate.errors import CurateError
+from curate.store import DatasetStore
+from train.config import KDConfig, load_config
+from train.tiny import save_tiny, smollm2_tokenizer, tiny_llama, write_tiny_dfar
+
+QUICK = dict(max_steps=20, batch_size=4, learning_rate=1e-2, logging_steps=1, save_steps=50, max_length=64,
+             eval_limit=4, gen_max_new_tokens=4, lora_r=8, lora_alpha=16, lora_dropout=0.0, evaluate=False)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return smollm2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, tok) -> dict[str, Path]:
+    """A tiny DFAR version, a tiny student folder and a k=16 cache from a different tiny teacher."""
+    from builders.dfar import build_dfar
+    from builders.teacher_logits import LogitCacheParams, cache_teacher_logits
+
+    root = tmp_path_factory.mktemp("kd")
+    store = DatasetStore(root / "store")
+    build_dfar(store, write_tiny_dfar(root / "src", 32, 8))
+    student = save_tiny(root / "student", tok, hidden=32, seed=0)
+    teacher = tiny_llama(len(tok), hidden=32, seed=1, pad_token_id=tok.pad_token_id).eval()
+    with torch.no_grad():  # a random model is near-uniform over 49k tokens; sharpen it into a real "opinion"
+        teacher.model.norm.weight.mul_(40.0)
+    params = LogitCacheParams(dataset="dfar", config="lr", teacher=str(student), k=16, max_length=64,
+                              batch_size=8, chunk_size=16)
+    cache_teacher_logits(store, params, model=teacher, tokenizer=tok, progress=False)
+    return {"root": root, "store": store.root, "student": student}
+
+
+def _cfg(world: dict[str, Path], run_dir: Path, **kw) -> KDConfig:
+    values = {**QUICK, "model": str(world["student"]), "store": str(world["store"]), "run_dir": str(run_dir), **kw}
+    return load_config(KDConfig, None, values)
+
+
+def _losses(metrics: dict, key: str = "loss") -> list[float]:
+    return [r[key] for r in metrics["log_history"] if key in r and "eval_loss" not in r and "train_loss" not in r]
+
+
+def test_twenty_steps_of_token_kd_reduce_training_loss(world: dict[str, Path], tmp_path: Path, tok) -> None:
+    from train.kd import run_kd
+
+    result = run_kd(_cfg(world, tmp_path / "run", evaluate=True, eval_limit=4), tokenizer=tok)
+    losses = _losses(result.metrics)
+    assert len(losses) == 20
+    assert all(x > 0 for x in _losses(result.metrics, "kd"))
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
+    used = json.loads((result.run.path / "datasets.json").read_text())
+    assert [d["name"] for d in used] == ["dfar-lr-logits", "dfar"]
+    info = json.loads((result.run.path / "run.json").read_text())
+    assert info["cache_k"] == 16 and info["template"] == "plain"
+    assert result.metrics["eval"]["n"] == 4  # evaluated on the parent's test split
+    assert (result.run.path / "plots" / "loss.png").is_file()
+    assert "knowledge-distillation" in (result.run.path / "README.md").read_text()
+
+
+def test_pure_distillation_moves_the_student_towards_the_teacher(world: dict[str, Path], tmp_path: Path,
+                                                                 tok) -> None:
+    """alpha = 0: only T²·KL on the sparse cache rows; the KD term itself must fall."""
+    from train.kd import run_kd
+
+    result = run_kd(_cfg(world, tmp_path / "run", alpha=0.0, use_lora=False, learning_rate=3e-3), tokenizer=tok)
+    kd = _losses(result.metrics, "kd")
+    assert len(kd) == 20
+    assert sum(kd[-3:]) / 3 < 0.9 * sum(kd[:3]) / 3, kd
+    assert (result.run.path / "merged" / "model.safetensors").is_file()  # full fine-tuning saves whole weights
+
+
+def test_label_kd_and_the_no_teacher_baseline_run(world: dict[str, Path], tmp_path: Path, tok) -> None:
+    from train.kd import run_kd
+
+    labels = run_kd(_cfg(world, tmp_path / "labels", kd_target="labels", loss="jsd", max_steps=6), tokenizer=tok)
+    kd = _losses(labels.metrics, "kd")
+    assert len(kd) == 6 and all(x > 0 for x in kd)
+    baseline = run_kd(_cfg(world, tmp_path / "ce", alpha=1.0, max_steps=3), tokenizer=tok)
+    assert all(x == 0 for x in _losses(baseline.metrics, "kd"))
+    assert _losses(baseline.metrics) == pytest.approx(_losses(baseline.metrics, "ce"))
+
+
+def test_student_with_another_tokenizer_is_refused_before_any_step(world: dict[str, Path], tmp_path: Path,
+                                                                   tok) -> None:
+    from train.kd import run_kd
+
+    other = tmp_path / "other"
+    shutil.copytree(world["student"], other)
+    from transformers import AutoTokenizer
+
+    t2 = AutoTokenizer.from_pretrained(other)
+    t2.add_tokens(["<|ethics|>"])
+    t2.save_pretrained(other)
+    with pytest.raises(CurateError, match="fingerprint"):
+        run_kd(_cfg(world, tmp_path / "run", model=str(other)))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_cache_whose_parent_is_missing_gives_a_clear_error(world: dict[str, Path], tmp_path: Path, tok) -> None:
+    from train.kd import run_kd
+
+    lonely = tmp_path / "lonely"
+    shutil.copytree(Path(world["store"]) / "datasets" / "dfar-lr-logits", lonely / "datasets" / "dfar-lr-logits")
+    with pytest.raises(CurateError, match=r"computed from dfar@v1 .*not in store"):
+        run_kd(_cfg(world, tmp_path / "run", store=str(lonely)), tokenizer=tok)
+
+
+def test_sft_tokenization_matches_the_cache(world: dict[str, Path], tok) -> None:
+    """The same row gives the same ids to an SFT run and to the cache the KD student reads."""
+    from curate.logit_codec import load_cache
+    from train.data import tokenize_rows
+
+    store = DatasetStore(world["store"])
+    rows = store.get("dfar").read("lr", "train").slice(0, 5).to_pydict()
+    cached = load_cache(store.get("dfar-lr-logits"), "train")[:5]
+    sft = tokenize_rows(tok, rows["prompt"], rows["completion"], template="plain", max_length=64,
+                        append_eos=False)
+    for ex, c in zip(sft.examples, cached, strict=True):
+        assert ex["input_ids"] == c.input_ids.tolist()
+        assert ex["labels"].count(-100) == c.prompt_len
+
+
+def test_cli_kd_and_bad_options(world: dict[str, Path], tmp_path: Path) -> None:
+    from curate.cli import app
+
+    runner = CliRunner()
+    ok = runner.invoke(app, ["train", "kd", "--model", str(world["student"]), "--store", str(world["store"]),
+                             "--max-steps", "2", "--batch-size", "2", "--limit", "4", "--no-eval", "--loss",
+                             "reverse_kl", "--run-dir", str(tmp_path / "r")])
+    assert ok.exit_code == 0, ok.output
+    bad = runner.invoke(app, ["train", "kd", "--store", str(world["store"]), "--alpha", "1.5"])
+    assert bad.exit_code == 1 and "alpha must be in [0, 1]" in bad.output
+    bad = runner.invoke(app, ["train", "kd", "--store", str(world["store"]), "--kd-target", "logits"])
+    assert bad.exit_code == 1 and "kd_target must be one of" in bad.output

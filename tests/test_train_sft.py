@@ -1,0 +1,170 @@
+"""SFT (L) and L+R training on a tiny random Llama with the real SmolLM2 tokenizer: masking, packing, loss
+going down, resume continuing the same curve, the run folder, YAML configs and the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from curate.errors import CurateError
+from train.config import SFTConfig, load_config
+from train.data import IGNORE, pack, tokenize_rows
+from train.tiny import save_tiny, smollm2_tokenizer, write_tiny_dfar
+
+QUICK = dict(max_steps=20, batch_size=4, learning_rate=1e-2, logging_steps=1, save_steps=10, max_length=64,
+             eval_limit=6, gen_max_new_tokens=6, lora_r=8, lora_alpha=16, lora_dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return smollm2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory, tok) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", tok, hidden=32)
+
+
+@pytest.fixture(scope="module")
+def dfar_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from builders.dfar import build_dfar
+    from curate.store import DatasetStore
+
+    root = tmp_path_factory.mktemp("sft-store")
+    build_dfar(DatasetStore(root / "store"), write_tiny_dfar(root / "src", 48, 16))
+    return root / "store"
+
+
+def _cfg(tiny_dir: Path, store: Path, run_dir: Path, **kw) -> SFTConfig:
+    values = {**QUICK, "model": str(tiny_dir), "store": str(store), "run_dir": str(run_dir), **kw}
+    return load_config(SFTConfig, None, values)
+
+
+def _losses(metrics: dict) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics["log_history"] if "loss" in r}
+
+
+def test_prompt_is_masked_and_ids_match_the_cache_rule(tok) -> None:
+    """labels ignore the prompt; ids are tok(prompt) + tok(completion) as the teacher-logit cache builds them."""
+    prompts = ["Is it ethical?\nAnswer:", "Statement: I lied.\nAnswer:"]
+    completions = [" ethical. Reason: kind.", " unethical"]
+    rows = tokenize_rows(tok, prompts, completions, template="plain", max_length=64, append_eos=False)
+    for ex, p, c in zip(rows.examples, prompts, completions, strict=True):
+        p_ids = tok(p).input_ids
+        assert ex["input_ids"] == p_ids + tok(c, add_special_tokens=False).input_ids
+        assert ex["labels"][: len(p_ids)] == [IGNORE] * len(p_ids)
+        assert ex["labels"][len(p_ids):] == ex["input_ids"][len(p_ids):]
+    eos = tokenize_rows(tok, prompts, completions, template="plain", max_length=64, append_eos=True)
+    assert all(ex["input_ids"][-1] == tok.eos_token_id for ex in eos.examples)
+    cut = tokenize_rows(tok, prompts, completions, template="plain", max_length=len(tok(prompts[0]).input_ids) + 2,
+                        append_eos=False)
+    assert cut.truncated >= 1 and cut.notes
+    with pytest.raises(CurateError, match="max_length"):
+        tokenize_rows(tok, prompts[:1], completions[:1], template="plain", max_length=3, append_eos=False)
+
+
+def test_packing_keeps_masks_and_respects_max_length(tok) -> None:
+    rows = tokenize_rows(tok, ["a b c\nAnswer:"] * 5, [" ethical"] * 5, template="plain", max_length=64,
+                         append_eos=True)
+    n = len(rows.examples[0]["input_ids"])
+    blocks = pack(rows.examples, 3 * n)
+    assert [len(b["input_ids"]) for b in blocks] == [3 * n, 2 * n]
+    assert sum(x != IGNORE for b in blocks for x in b["labels"]) == sum(
+        x != IGNORE for e in rows.examples for x in e["labels"])
+
+
+@pytest.fixture(scope="module")
+def lr_run(tiny_dir: Path, dfar_store: Path, tmp_path_factory: pytest.TempPathFactory, tok):
+    """One 20-step L+R run (checkpoints at 10 and 20, evaluated), shared by the checks below."""
+    from train.sft import run_sft
+
+    return run_sft(_cfg(tiny_dir, dfar_store, tmp_path_factory.mktemp("lr") / "run", dataset_config="lr",
+                        judge="self"), tokenizer=tok)
+
+
+def _decreasing(losses: list[float]) -> None:
+    assert len(losses) == 20
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
+
+
+def test_twenty_steps_of_label_only_sft_reduce_training_loss(tiny_dir: Path, dfar_store: Path, tmp_path: Path,
+                                                             tok) -> None:
+    from train.sft import run_sft
+
+    result = run_sft(_cfg(tiny_dir, dfar_store, tmp_path / "run", dataset_config="l", evaluate=False),
+                     tokenizer=tok)
+    _decreasing(list(_losses(result.metrics).values()))
+    assert (result.run.path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_twenty_steps_of_lr_reduce_training_loss_and_fill_the_run_folder(lr_run) -> None:
+    _decreasing(list(_losses(lr_run.metrics).values()))
+    run = lr_run.run.path
+    for rel in ("config.yaml", "datasets.json", "run.json", "metrics.json", "README.md", "plots/loss.png",
+                "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "eval/metrics.json",
+                "eval/confusion_matrix.png", "eval/predictions.jsonl"):
+        assert (run / rel).is_file(), rel
+    used = json.loads((run / "datasets.json").read_text())
+    assert used[0]["name"] == "dfar" and len(used[0]["content_hash"]) == 64 and used[0]["config"] == "lr"
+    assert yaml.safe_load((run / "config.yaml").read_text())["dataset_config"] == "lr"
+    ev = lr_run.metrics["eval"]
+    assert ev["n"] == 6 and 0.0 <= ev["verbalizer"]["accuracy"] <= 1.0 and ev["reason_perplexity"] > 1
+    assert ev["reason_span"] == "reason" and ev["misalignment"]["judge"] == "self"
+    card = (run / "README.md").read_text()
+    assert "library_name: peft" in card and used[0]["content_hash"][:16] in card
+
+
+def test_resume_continues_the_same_loss_curve(lr_run, tiny_dir: Path, dfar_store: Path, tmp_path: Path,
+                                              tok) -> None:
+    from train.sft import run_sft
+
+    # A run that stopped after its step-10 checkpoint: only that checkpoint survives.
+    part = tmp_path / "part"
+    shutil.copytree(lr_run.run.path / "checkpoints" / "checkpoint-10", part / "checkpoints" / "checkpoint-10")
+    resumed = run_sft(_cfg(tiny_dir, dfar_store, part, dataset_config="lr", evaluate=False, resume=True),
+                      tokenizer=tok)
+    a, b = _losses(lr_run.metrics), _losses(resumed.metrics)
+    assert sorted(b) == list(range(1, 21))  # history before the checkpoint comes back from trainer_state
+    for step in range(11, 21):
+        assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-4), step
+    with pytest.raises(CurateError, match="already exists"):
+        run_sft(_cfg(tiny_dir, dfar_store, part, dataset_config="lr"), tokenizer=tok)
+
+
+def test_config_file_flags_and_refusals(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("dataset_config: lr\nlora_r: 4\nlearning_rate: 1\nlora_target_modules: [q_proj, v_proj]\n")
+    cfg = load_config(SFTConfig, path, {"lora_r": 2})
+    assert (cfg.dataset_config, cfg.lora_r, cfg.learning_rate) == ("lr", 2, 1.0)
+    assert cfg.lora_target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(CurateError, match="unknown SFTConfig option"):
+        load_config(SFTConfig, None, {"lora_rank": 4})
+    with pytest.raises(CurateError, match="must be a number"):
+        load_config(SFTConfig, None, {"lora_r": "big"})
+    with pytest.raises(CurateError, match="method"):
+        load_config(SFTConfig, None, {"method": "kd"})
+    with pytest.raises(CurateError, match="does not exist"):
+        load_config(SFTConfig, tmp_path / "missing.yaml")
+
+
+def test_cli_trains_lr_and_refuses_bad_input(tiny_dir: Path, dfar_store: Path, tmp_path: Path) -> None:
+    from curate.cli import app
+
+    runner = CliRunner()
+    args = ["train", "lr", "--model", str(tiny_dir), "--store", str(dfar_store), "--max-steps", "2",
+            "--batch-size", "2", "--max-length", "48", "--limit", "8", "--no-eval", "--run-dir", str(tmp_path / "r"),
+            "--set", "logging_steps=1", "--lora-target-modules", "q_proj,v_proj"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "run finished" in res.output
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["config"]["lora_target_modules"] == ["q_proj",
+                                                                                                      "v_proj"]
+    bad = runner.invoke(app, ["train", "sft", "--store", str(dfar_store), "--set", "nonsense=1"])
+    assert bad.exit_code == 1 and "unknown SFTConfig option" in bad.output
+    missing = runner.invoke(app, ["train", "sft", "--store", str(dfar_store), "--dataset", "nope"])
+    assert missing.exit_code == 1 and "no dataset named 'nope'" in missing.output

@@ -1,0 +1,118 @@
+"""Prompt/completion rows -> token ids with the prompt masked out of the loss, packing, and the collator.
+
+Tokenisation follows the teacher-logit cache's rule (``template`` ``plain``: ``tok(prompt) +
+tok(completion, add_special_tokens=False)``; ``chat``: the chat template around the prompt), so an SFT model,
+a cached teacher and a KD student all see the same ids for the same row, and the answer position is always
+``prompt_len - 1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from curate.errors import CurateError
+
+IGNORE = -100  # label value the loss skips (prompt and padding)
+
+
+def prompt_token_ids(tok: Any, prompt: str, template: str) -> list[int]:
+    if template == "plain":
+        return list(tok(prompt).input_ids)
+    if not getattr(tok, "chat_template", None):
+        raise CurateError("template 'chat' needs a tokenizer with a chat template; this one has none")
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+@dataclass
+class TokenizedRows:
+    """Examples ready for the collator plus what was dropped or cut, for the run's notes."""
+
+    examples: list[dict[str, list[int]]]
+    truncated: int = 0
+    dropped: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def tokenize_rows(tok: Any, prompts: list[str], completions: list[str], *, template: str, max_length: int,
+                  append_eos: bool) -> TokenizedRows:
+    """input_ids = prompt + completion (+ EOS); labels = IGNORE over the prompt, the ids over the completion.
+
+    Completions longer than ``max_length`` allows lose tokens from the end; a prompt that alone fills
+    ``max_length`` leaves nothing to learn and the row is dropped (both counted in the notes).
+    """
+    out = TokenizedRows([])
+    eos = [tok.eos_token_id] if append_eos and tok.eos_token_id is not None else []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        p = prompt_token_ids(tok, prompt, template)
+        c = list(tok(completion, add_special_tokens=False).input_ids) + eos
+        if len(p) >= max_length:
+            out.dropped += 1
+            continue
+        if len(p) + len(c) > max_length:
+            c = c[: max_length - len(p)]
+            out.truncated += 1
+        out.examples.append({"input_ids": p + c, "labels": [IGNORE] * len(p) + c})
+    if out.truncated:
+        out.notes.append(f"{out.truncated} completions cut to max_length {max_length}")
+    if out.dropped:
+        out.notes.append(f"{out.dropped} rows dropped: the prompt alone fills max_length {max_length}")
+    if not out.examples:
+        raise CurateError(f"no trainable rows: every prompt is at least max_length ({max_length}) tokens")
+    return out
+
+
+def pack(examples: list[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
+    """Concatenate examples (in order) into blocks of at most ``max_length`` tokens, never splitting one.
+
+    Packed examples attend to each other inside a block (no per-example attention reset on the default SDPA
+    path); the loss masks are kept, so only completion tokens are learned. Fewer pad tokens, faster epochs.
+    """
+    blocks: list[dict[str, list[int]]] = []
+    cur: dict[str, list[int]] = {"input_ids": [], "labels": []}
+    for ex in examples:
+        if cur["input_ids"] and len(cur["input_ids"]) + len(ex["input_ids"]) > max_length:
+            blocks.append(cur)
+            cur = {"input_ids": [], "labels": []}
+        cur["input_ids"] = cur["input_ids"] + ex["input_ids"]
+        cur["labels"] = cur["labels"] + ex["labels"]
+    if cur["input_ids"]:
+        blocks.append(cur)
+    return blocks
+
+
+class ListDataset(Dataset):
+    """A list of feature dicts as a torch Dataset (Trainer needs `__len__` / `__getitem__`)."""
+
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.items[i]
+
+
+@dataclass
+class CompletionCollator:
+    """Right-pads input_ids (pad id), labels (IGNORE) and builds the attention mask."""
+
+    pad_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        n = len(features)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, f in enumerate(features):
+            m = len(f["input_ids"])
+            ids[i, :m] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+            labels[i, :m] = torch.as_tensor(f["labels"], dtype=torch.long)
+            mask[i, :m] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,178 @@
+"""Offline knowledge distillation from a teacher-logit cache version (`curate cache-teacher-logits`).
+
+loss = alpha · CE(student, gold completion tokens) + (1 - alpha) · T² · D(teacher_T ‖ student_T)
+
+with D one of `train/losses/` on the sparse top-k + residual view (``kd_target=tokens``) or on the label
+verbalizers at the answer position (``kd_target=labels``). The teacher is never run and never densified.
+Before any step the student's tokenizer must have the cache's fingerprint (otherwise cached ids and
+positions mean different tokens) and the cache's parent dataset version must be in the store.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from curate.errors import CurateError
+from curate.store import DatasetStore, Version
+from train.config import KDConfig
+from train.data import ListDataset
+from train.kd_data import KDCollator, kd_features
+from train.losses import DistillationLoss, get_loss
+from train.run_folder import RunFolder, version_record
+from train.runner import Prepared, RunResult, train_and_save
+from train.token_rows import completion_ce, logprobs_at, supervised_positions
+
+
+class KDTrainer(Trainer):
+    """`transformers.Trainer` whose loss mixes gold-token CE with a sparse distillation divergence."""
+
+    loss_is_scaled_for_ga = False  # a per-batch mean: Trainer divides by the accumulation steps
+
+    def __init__(self, *args: Any, kd_loss: DistillationLoss, alpha: float, temperature: float,
+                 kd_target: str = "tokens", label_token_ids: list[int] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kd_loss = kd_loss
+        self.alpha = alpha
+        self.temperature = temperature
+        self.kd_target = kd_target
+        self.label_token_ids = label_token_ids or []
+        if kd_target == "labels" and not self.label_token_ids:
+            raise CurateError("--kd-target labels needs a cache with label_token_ids (a labelled parent dataset)")
+        self._parts = {"ce": 0.0, "kd": 0.0, "n": 0}
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        rows, pos, targets = supervised_positions(inputs["labels"])
+        logprobs = logprobs_at(model, inputs["input_ids"], inputs["attention_mask"], rows, pos)
+        ce = completion_ce(logprobs, targets)
+        if self.alpha < 1.0:
+            kd = self.distillation(logprobs, rows, pos, inputs)
+            loss = self.alpha * ce + (1.0 - self.alpha) * kd
+        else:  # the no-teacher baseline: same data and code path, no KD term computed
+            kd = torch.zeros((), device=ce.device)
+            loss = ce
+        if model.training:
+            self._parts["ce"] += float(ce.detach())
+            self._parts["kd"] += float(kd.detach())
+            self._parts["n"] += 1
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def distillation(self, logprobs: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+                     inputs: dict[str, Any]) -> torch.Tensor:
+        """Mean T²·D over completion positions (tokens) or over labelled examples (labels)."""
+        t = pos - inputs["answer_pos"][rows]  # cache row index: logits at prompt_len - 1 + t
+        if self.kd_target == "tokens":
+            if rows.numel() == 0:
+                return logprobs.sum() * 0.0
+            per = self.kd_loss.token_loss(logprobs, inputs["kd_ids"][rows, t], inputs["kd_logprobs"][rows, t],
+                                          inputs["kd_residual"][rows, t], self.temperature)
+            return per.mean()
+        sel = (t == 0) & inputs["label_mask"][rows]
+        if not bool(sel.any()):
+            return logprobs.sum() * 0.0
+        ids = torch.tensor(self.label_token_ids, device=logprobs.device)
+        student = logprobs[sel][:, ids]
+        teacher = inputs["label_logprobs"][rows[sel]]
+        return self.kd_loss.label_loss(student, teacher, self.temperature).mean()
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add the CE and KD parts (averaged since the last log) next to the combined training loss."""
+        if "loss" in logs and self._parts["n"]:
+            logs["ce"] = self._parts["ce"] / self._parts["n"]
+            logs["kd"] = self._parts["kd"] / self._parts["n"]
+            self._parts = {"ce": 0.0, "kd": 0.0, "n": 0}
+        super().log(logs, *args, **kwargs)
+
+
+def resolve_parent(store: DatasetStore, cache: Version) -> tuple[Version, dict[str, Any]]:
+    """The dataset version the cache was computed from, by content hash; a clear error when it is missing."""
+    parents = cache.manifest.get("parents") or []
+    if not parents:
+        raise CurateError(f"{cache.ref} records no parent dataset version; it cannot be used for KD")
+    p = parents[0]
+    found = store.find_by_hash(p["name"], p["content_hash"])
+    if found is None:
+        raise CurateError(
+            f"{cache.ref} was computed from {p['name']}@{p.get('tag', '?')} (content hash {p['content_hash'][:16]}), "
+            f"which is not in store {store.root}: rebuild it with the same inputs (just build-dfar) or pull it"
+        )
+    return found, p
+
+
+def check_tokenizer(tok: Any, params: dict[str, Any], cache: Version, student: str) -> str:
+    from curate.models import tokenizer_fingerprint
+
+    fp = tokenizer_fingerprint(tok)
+    want = params.get("tokenizer_fingerprint")
+    if fp != want:
+        raise CurateError(
+            f"student {student} has tokenizer fingerprint {fp[:12]} but {cache.ref} was cached with "
+            f"{str(want)[:12]} (teacher {params.get('teacher')}): cached token ids would not line up; use a student "
+            "that shares the teacher's tokenizer"
+        )
+    return fp
+
+
+def prepare_kd(cfg: KDConfig, tokenizer: Any | None = None) -> Prepared:
+    """Resolve cache + parent, refuse a mismatched tokenizer, build features, then load the student."""
+    from curate.logit_codec import cache_params, load_cache
+    from curate.models import load_tokenizer
+    from train.modeling import load_student, model_ref
+
+    store = DatasetStore(cfg.store)
+    cache = store.get(cfg.cache)
+    params = cache_params(cache)
+    parent, parent_rec = resolve_parent(store, cache)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(model_ref(cfg.model, cfg.gguf_file))
+    fingerprint = check_tokenizer(tok, params, cache, cfg.model)
+    label_ids = [int(x) for x in params.get("label_token_ids") or []]
+    if cfg.kd_target == "labels" and not label_ids:
+        raise CurateError(f"--kd-target labels: {cache.ref} has no label_token_ids (its parent has no labels)")
+    if label_ids and max(label_ids) >= len(tok):
+        raise CurateError(f"{cache.ref} label token ids {label_ids} are outside the student's vocabulary")
+    examples = load_cache(cache, cfg.train_split)
+    if cfg.limit:
+        examples = examples[: cfg.limit]
+    feats = [f for f in (kd_features(e, cfg.max_length) for e in examples) if f is not None]
+    notes = []
+    if len(feats) < len(examples):
+        notes.append(f"{len(examples) - len(feats)} cached rows dropped: no completion token within max_length")
+    if not feats:
+        raise CurateError(f"{cache.ref} split {cfg.train_split!r} has no usable rows")
+    if cfg.kd_target == "labels" and not any("label_logprobs" in f for f in feats):
+        raise CurateError(f"--kd-target labels: no row of {cache.ref} carries label log-probs")
+    used = {cfg.train_split: len(examples)}
+    eval_ds = None
+    if cfg.eval_steps and cfg.eval_split in cache.splits("default"):
+        ev = load_cache(cache, cfg.eval_split)[: cfg.eval_limit or None]
+        eval_ds = ListDataset([f for f in (kd_features(e, cfg.max_length) for e in ev) if f is not None])
+    eval_rows = None
+    parent_config = parent_rec.get("config") or params.get("parent_config")
+    if cfg.evaluate and parent_config and cfg.eval_split in parent.splits(parent_config):
+        from train.evaluate import read_eval_rows
+
+        eval_rows = read_eval_rows(store, f"{parent.name}@{parent.tag}", parent_config, cfg.eval_split,
+                                   cfg.eval_limit)
+        used[f"{cfg.eval_split} (evaluation, parent)"] = len(eval_rows.labels)
+    model, tok, facts = load_student(cfg, tok)
+    facts.update(tokenizer_fingerprint=fingerprint, teacher=params.get("teacher"), cache_k=params.get("k"),
+                 cache_quantization=params.get("quantization"))
+    datasets = [version_record(cache, "default", used), version_record(parent, parent_config)]
+    return Prepared(model=model, tokenizer=tok, train_dataset=ListDataset(feats), eval_dataset=eval_ds,
+                    collator=KDCollator(tok.pad_token_id, num_labels=len(label_ids)), datasets=datasets,
+                    facts=facts, eval_rows=eval_rows, template=params.get("template", "plain"), notes=notes)
+
+
+def run_kd(cfg: KDConfig, *, tokenizer: Any | None = None, console: Any = None) -> RunResult:
+    """One KD run end to end: checks first (cache, parent, tokenizer), then train, save, evaluate."""
+    store = DatasetStore(cfg.store)
+    cache = store.get(cfg.cache)
+    run = RunFolder.prepare(cfg, f"{cache.name}-{cache.tag}")
+    prep = prepare_kd(cfg, tokenizer)  # every refusal (parent, tokenizer, labels) happens here, before a step
+    label_ids = [int(x) for x in cache.manifest["params"].get("label_token_ids") or []]
+    kwargs = {"kd_loss": get_loss(cfg.loss), "alpha": cfg.alpha, "temperature": cfg.temperature,
+              "kd_target": cfg.kd_target, "label_token_ids": label_ids}
+    return train_and_save(cfg, prep, KDTrainer, run, trainer_kwargs=kwargs, console=console)

@@ -1,0 +1,63 @@
+"""Classification metrics from (gold, predicted) label lists; a prediction of None means "no label found"
+(an unparseable generation) and always counts as wrong."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def confusion(gold: list[int], pred: list[int | None], labels: list[int]) -> list[list[int]]:
+    """rows = gold label, columns = predicted label, plus a last 'none' column when any prediction is None."""
+    none_col = any(p is None for p in pred)
+    index = {lab: i for i, lab in enumerate(labels)}
+    m = [[0] * (len(labels) + (1 if none_col else 0)) for _ in labels]
+    for g, p in zip(gold, pred, strict=True):
+        m[index[g]][len(labels) if p is None else index[p]] += 1
+    return m
+
+
+def _prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return precision, recall, f1
+
+
+def classification_metrics(gold: list[int], pred: list[int | None], labels: list[int],
+                           positive: int | None = None) -> dict[str, Any]:
+    """Accuracy; precision / recall / F1 of the ``positive`` label (binary tasks) and their macro averages.
+
+    ``positive`` defaults to the larger of two labels (DFAR: 1 = unethical), and to None (macro only) for
+    more than two labels; then ``precision`` / ``recall`` / ``f1`` are the macro values.
+    """
+    if len(gold) != len(pred):
+        raise ValueError(f"{len(gold)} gold labels but {len(pred)} predictions")
+    unknown = sorted({g for g in gold if g not in labels} | {p for p in pred if p is not None and p not in labels})
+    if unknown:
+        raise ValueError(f"labels {unknown} are not in {labels}")
+    if positive is None and len(labels) == 2:
+        positive = max(labels)
+    n = len(gold)
+    per_label = {}
+    for lab in labels:
+        tp = sum(g == lab and p == lab for g, p in zip(gold, pred, strict=True))
+        fp = sum(g != lab and p == lab for g, p in zip(gold, pred, strict=True))
+        fn = sum(g == lab and p != lab for g, p in zip(gold, pred, strict=True))
+        p_, r_, f_ = _prf(tp, fp, fn)
+        per_label[lab] = {"precision": p_, "recall": r_, "f1": f_, "support": tp + fn}
+    macro = {k: sum(v[k] for v in per_label.values()) / len(labels) for k in ("precision", "recall", "f1")}
+    head = per_label[positive] if positive is not None else macro
+    return {
+        "n": n,
+        "accuracy": sum(g == p for g, p in zip(gold, pred, strict=True)) / n if n else 0.0,
+        "precision": head["precision"],
+        "recall": head["recall"],
+        "f1": head["f1"],
+        "positive_label": positive,
+        "macro_precision": macro["precision"],
+        "macro_recall": macro["recall"],
+        "macro_f1": macro["f1"],
+        "no_label": sum(p is None for p in pred),
+        "per_label": {str(k): v for k, v in per_label.items()},
+        "confusion": confusion(gold, pred, labels),
+    }

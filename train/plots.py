@@ -1,0 +1,69 @@
+"""PNG figures for a run: training / eval loss curves and confusion matrices (matplotlib, no display)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+LOSS_KEYS = ("loss", "ce", "kd")
+
+
+def plot_losses(log_history: list[dict[str, Any]], path: Path, title: str = "") -> Path | None:
+    """Train loss (and its CE / KD parts when logged) and eval loss against the optimizer step."""
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for rec in log_history:
+        step = rec.get("step")
+        if step is None:
+            continue
+        for key in (*LOSS_KEYS, "eval_loss"):
+            if key in rec:
+                xs, ys = series.setdefault(key, ([], []))
+                xs.append(step)
+                ys.append(float(rec[key]))
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, (xs, ys) in series.items():
+        style = "o-" if key == "eval_loss" else "-"
+        ax.plot(xs, ys, style, label={"loss": "train loss", "ce": "train CE", "kd": "train KD (T²·D)",
+                                      "eval_loss": "eval loss"}.get(key, key), markersize=3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats)")
+    ax.set_title(title or "training curves")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(matrices: dict[str, list[list[int]]], labels: list[str], path: Path, title: str = "") -> Path:
+    """One panel per reading (verbalizer scoring, parsed generation); rows gold, columns predicted.
+    A generation that names no label is counted in an extra 'none' column."""
+    fig, axes = plt.subplots(1, len(matrices), figsize=(4.2 * len(matrices), 3.8), squeeze=False)
+    for ax, (name, m) in zip(axes[0], matrices.items(), strict=True):
+        cols = labels + (["none"] if len(m[0]) > len(labels) else [])
+        ax.imshow(m, cmap="Blues")
+        ax.set_xticks(range(len(cols)), cols)
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("gold")
+        ax.set_title(name)
+        peak = max(max(r) for r in m) or 1
+        for i, row in enumerate(m):
+            for j, v in enumerate(row):
+                ax.text(j, i, str(v), ha="center", va="center", color="white" if v > peak / 2 else "black")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

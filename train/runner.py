@@ -1,0 +1,173 @@
+"""What every method does around `Trainer.train()`: run folder, TrainingArguments, resume, saving the
+adapter (and merged weights), post-training evaluation, plots and the model card."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from curate.errors import CurateError
+from train.config import TrainConfig
+from train.run_folder import RunFolder
+
+
+@dataclass
+class Prepared:
+    """What a method hands the runner: data, model and the records that go into the run folder."""
+
+    model: Any
+    tokenizer: Any
+    train_dataset: Any
+    eval_dataset: Any | None
+    collator: Any
+    datasets: list[dict[str, Any]]  # version records (by content hash)
+    facts: dict[str, Any]  # run.json entries (base model location, kept layers, fingerprint, ...)
+    eval_rows: Any | None = None  # train.evaluate.EvalRows for the post-training metrics
+    template: str = "plain"
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    run: RunFolder
+    metrics: dict[str, Any]
+
+
+def training_arguments(cfg: TrainConfig, run: RunFolder, has_eval: bool) -> Any:
+    import torch
+    from transformers import TrainingArguments
+
+    use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    eval_every = bool(has_eval and cfg.eval_steps)
+    return TrainingArguments(
+        output_dir=str(run.checkpoints),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.warmup,
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.lr_scheduler,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy="steps" if eval_every else "no",
+        eval_steps=cfg.eval_steps if eval_every else None,
+        prediction_loss_only=True,
+        remove_unused_columns=False,  # KD batches carry cache tensors the model's forward does not take
+        label_names=["labels"],
+        report_to="none",
+        use_cpu=use_cpu,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=not use_cpu,
+        ddp_find_unused_parameters=False,
+        disable_tqdm=True,
+    )
+
+
+def train_and_save(cfg: TrainConfig, prep: Prepared, trainer_cls: type, run: RunFolder,
+                   trainer_kwargs: dict[str, Any] | None = None, console: Any = None) -> RunResult:
+    """Train (resuming when asked), then on the main process save, evaluate, plot and write the card."""
+    from transformers import TrainerCallback
+
+    say = console.print if console is not None else (lambda *a, **k: None)
+
+    class Progress(TrainerCallback):
+        """One line per logged step (Trainer's tqdm is off: it floods logs on CPU runs)."""
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+            if state.is_world_process_zero and logs:
+                shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in logs.items()
+                         if k in ("loss", "ce", "kd", "eval_loss", "learning_rate", "epoch", "train_runtime")}
+                say(f"step {state.global_step}/{state.max_steps} {shown}", highlight=False)
+
+    args = training_arguments(cfg, run, prep.eval_dataset is not None)
+    trainer = trainer_cls(model=prep.model, args=args, train_dataset=prep.train_dataset,
+                          eval_dataset=prep.eval_dataset, data_collator=prep.collator,
+                          processing_class=prep.tokenizer, callbacks=[Progress()], **(trainer_kwargs or {}))
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # raw dict prints; `Progress` says the same in one line
+    resume = str(run.latest_checkpoint()) if cfg.resume else None
+    main = trainer.is_world_process_zero()
+    if main:
+        run.write_config(cfg)
+        run.write_json("datasets.json", prep.datasets)
+        run.write_json("run.json", {**prep.facts, "method": cfg.method, "template": prep.template,
+                                    "config": cfg.to_dict()})
+    t0 = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - t0
+    if prep.eval_dataset is not None:
+        trainer.evaluate()
+    metrics: dict[str, Any] = {"train": {**output.metrics, "global_step": output.global_step,
+                                         "wall_seconds": round(seconds, 2)}}
+    if not main:
+        return RunResult(run, metrics)
+    model = trainer.model
+    if cfg.use_lora:
+        model.save_pretrained(str(run.adapter))
+        prep.tokenizer.save_pretrained(str(run.adapter))
+    merged = None
+    if not cfg.use_lora or cfg.save_merged or (cfg.evaluate and prep.eval_rows is not None):
+        merged = model.merge_and_unload() if cfg.use_lora else model
+    if merged is not None and (cfg.save_merged or not cfg.use_lora):
+        merged.save_pretrained(str(run.merged))
+        prep.tokenizer.save_pretrained(str(run.merged))
+    metrics["log_history"] = trainer.state.log_history
+    evals = [r for r in trainer.state.log_history if "eval_loss" in r]
+    if evals:
+        metrics["eval_loss"] = evals[-1]["eval_loss"]
+    if cfg.evaluate and prep.eval_rows is not None and merged is not None:
+        from train.evaluate import evaluate_model, write_eval
+        from train.judge import make_judge
+
+        say(f"evaluating on {len(prep.eval_rows.labels)} rows of {prep.eval_rows.version.ref}", highlight=False)
+        judge = make_judge(cfg.judge, base_url=None, cache_dir=None, evaluated=(merged, prep.tokenizer))
+        ev, preds = evaluate_model(merged, prep.tokenizer, prep.eval_rows, template=prep.template,
+                                   batch_size=cfg.batch_size, max_new_tokens=cfg.gen_max_new_tokens,
+                                   max_length=cfg.max_length, judge=judge)
+        write_eval(run.path / "eval", ev, preds, title=run.path.name)
+        metrics["eval"] = ev
+    metrics["notes"] = prep.notes
+    run.write_json("metrics.json", metrics)
+    from train.plots import plot_losses
+
+    plots = [p for p in [plot_losses(trainer.state.log_history, run.plots / "loss.png", run.path.name)] if p]
+    if (run.path / "eval" / "confusion_matrix.png").is_file():
+        plots.append(run.path / "eval" / "confusion_matrix.png")
+    run.write_card(card_context(cfg, prep, metrics, run, plots))
+    return RunResult(run, metrics)
+
+
+def card_context(cfg: TrainConfig, prep: Prepared, metrics: dict[str, Any], run: RunFolder,
+                 plots: list[Path]) -> dict[str, Any]:
+    ev = metrics.get("eval") or {}
+    return {
+        "name": run.path.name,
+        "method": cfg.method,
+        "cfg": cfg.to_dict(),
+        "facts": prep.facts,
+        "datasets": prep.datasets,
+        "train": metrics["train"],
+        "eval": ev,
+        "eval_loss": metrics.get("eval_loss"),
+        "plots": [str(p.relative_to(run.path)) for p in plots],
+        "notes": prep.notes,
+        "has_adapter": cfg.use_lora,
+        "has_merged": run.merged.is_dir(),
+    }
+
+
+def require_rows(n: int, what: str) -> None:
+    if n == 0:
+        raise CurateError(f"{what} has no rows to train on")

@@ -1,0 +1,121 @@
+"""Batched inference helpers for evaluation: label-verbalizer scoring, greedy generation, token NLL."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from train.data import prompt_token_ids
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _right_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def sequence_logprobs(model: Any, tok: Any, prefixes: list[list[int]], continuations: list[list[int]],
+                      batch_size: int = 16) -> list[list[float]]:
+    """Per-token log-probs of each continuation given its prefix (one forward over prefix + continuation)."""
+    out: list[list[float]] = []
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    dev = _device(model)
+    for a in range(0, len(prefixes), batch_size):
+        pre, cont = prefixes[a: a + batch_size], continuations[a: a + batch_size]
+        ids, mask = _right_pad([p + c for p, c in zip(pre, cont, strict=True)], pad, dev)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        for i, (p, c) in enumerate(zip(pre, cont, strict=True)):
+            if not c:
+                out.append([])
+                continue
+            rows = logits[i, len(p) - 1: len(p) + len(c) - 1].float()
+            lp = torch.log_softmax(rows, dim=-1)
+            out.append(lp.gather(-1, torch.tensor(c, device=dev).unsqueeze(-1)).squeeze(-1).tolist())
+    return out
+
+
+@torch.inference_mode()
+def next_token_logprobs(model: Any, tok: Any, prompt_ids: list[list[int]], token_ids: list[int],
+                        batch_size: int = 16) -> list[list[float]]:
+    """[N][C] log-probs of the given tokens right after each prompt (one forward per batch)."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    dev = _device(model)
+    out: list[list[float]] = []
+    cols = torch.tensor(token_ids, device=dev)
+    for a in range(0, len(prompt_ids), batch_size):
+        chunk = prompt_ids[a: a + batch_size]
+        ids, mask = _right_pad(chunk, pad, dev)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        last = torch.tensor([len(p) - 1 for p in chunk], device=dev)
+        lp = torch.log_softmax(logits[torch.arange(len(chunk), device=dev), last].float(), dim=-1)
+        out += lp[:, cols].tolist()
+    return out
+
+
+def score_label_words(model: Any, tok: Any, prompt_ids: list[list[int]], words: list[str], *,
+                      prefix: str = " ", batch_size: int = 16) -> list[list[float]]:
+    """[N][C] total log-prob of ``prefix + word`` after each prompt: the verbalizer reading of the label."""
+    word_ids = [list(tok(prefix + w, add_special_tokens=False).input_ids) for w in words]
+    if all(len(w) == 1 for w in word_ids):
+        return next_token_logprobs(model, tok, prompt_ids, [w[0] for w in word_ids], batch_size)
+    scores = [[0.0] * len(words) for _ in prompt_ids]
+    for c, wid in enumerate(word_ids):
+        lps = sequence_logprobs(model, tok, prompt_ids, [wid] * len(prompt_ids), batch_size)
+        for i, lp in enumerate(lps):
+            scores[i][c] = float(sum(lp))
+    return scores
+
+
+@torch.inference_mode()
+def generate(model: Any, tok: Any, prompt_ids: list[list[int]], *, max_new_tokens: int,
+             batch_size: int = 16) -> list[str]:
+    """Greedy continuations (left-padded batches), decoded without special tokens."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    dev = _device(model)
+    texts: list[str] = []
+    for a in range(0, len(prompt_ids), batch_size):
+        chunk = prompt_ids[a: a + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, s in enumerate(chunk):
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+        gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad, eos_token_id=tok.eos_token_id)
+        texts += tok.batch_decode(gen[:, width:], skip_special_tokens=True)
+    return texts
+
+
+def label_pattern(words: dict[int, str]) -> re.Pattern[str]:
+    """Whole-word, case-insensitive match of any label word; longer words first (``unethical`` before
+    ``ethical``, though word boundaries already keep one from matching inside the other)."""
+    alts = sorted(words.values(), key=len, reverse=True)
+    return re.compile(r"\b(" + "|".join(re.escape(w) for w in alts) + r")\b", re.IGNORECASE)
+
+
+def parse_generation(text: str, words: dict[int, str]) -> tuple[int | None, str]:
+    """(first label named in the text or None, the reason: what follows it minus 'Reason:' framing)."""
+    m = label_pattern(words).search(text)
+    if m is None:
+        return None, text.strip()
+    by_word = {w.lower(): lab for lab, w in words.items()}
+    rest = text[m.end():]
+    rest = re.sub(r"^[\s.:;,!-]*(reason\s*:)?\s*", "", rest, flags=re.IGNORECASE)
+    return by_word[m.group(1).lower()], rest.strip()
+
+
+def tokenize_prompts(tok: Any, prompts: list[str], template: str, max_length: int) -> list[list[int]]:
+    """Prompt ids as in training; over-long prompts keep their end (where the question is asked)."""
+    return [prompt_token_ids(tok, p, template)[-max_length:] for p in prompts]

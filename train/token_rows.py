@@ -1,0 +1,55 @@
+"""Student log-probs at the supervised positions only: the one place SFT and KD touch the logits.
+
+Only positions that predict a completion token are projected to the vocabulary (``logits_to_keep``) and
+log-softmaxed, so the [tokens, vocab] buffers cover completions, not prompts or padding. Both trainers use
+it, which keeps the KD-vs-SFT step-time comparison about the KD term alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from train.data import IGNORE
+
+
+def supervised_positions(labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(row, logit position, target id) per supervised token: logits at position p predict labels[p + 1]."""
+    rows, pos = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
+    return rows, pos, labels[rows, pos + 1]
+
+
+def _base_forward(model: Any) -> Any:
+    while hasattr(model, "module"):  # DDP / accelerate wrappers
+        model = model.module
+    if hasattr(model, "get_base_model"):  # peft
+        model = model.get_base_model()
+    return model.forward
+
+
+def accepts_logits_to_keep(model: Any) -> bool:
+    return "logits_to_keep" in inspect.signature(_base_forward(model)).parameters
+
+
+def logprobs_at(model: Any, input_ids: Tensor, attention_mask: Tensor, rows: Tensor, pos: Tensor) -> Tensor:
+    """[N, V] float32 log-softmax of the student's logits at (rows, pos)."""
+    width = input_ids.shape[1]
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    offset = 0
+    if rows.numel() and accepts_logits_to_keep(model):
+        keep = width - int(pos.min())
+        kwargs["logits_to_keep"] = keep
+        offset = width - keep
+    logits = model(**kwargs).logits
+    picked = logits[rows, pos - offset]
+    return torch.log_softmax(picked.float(), dim=-1)
+
+
+def completion_ce(logprobs: Tensor, targets: Tensor) -> Tensor:
+    """Mean negative log-likelihood of the gold tokens (0 with a graph when there are none)."""
+    if targets.numel() == 0:
+        return logprobs.sum() * 0.0
+    return -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).mean()
