@@ -19,7 +19,7 @@ from typing import Any
 from curate.errors import CurateError
 from curate.store import DatasetStore, Version
 from train.judge import Judge, make_judge
-from train.metrics import classification_metrics
+from train.metrics import classification_metrics, misalignment
 from train.scoring import generate, parse_generation, score_label_words, sequence_logprobs, tokenize_prompts
 
 REQUIRED = ("id", "prompt", "completion", "label", "label_text")
@@ -149,21 +149,12 @@ def evaluate_model(model: Any, tok: Any, rows: EvalRows, *, template: str, batch
     stances: list[int | None] = [None] * len(rows.labels)
     if judge is not None:
         todo = [i for i, r in enumerate(reasons) if r]
-        got = judge.stances([rows.statements[i] for i in todo], [reasons[i] for i in todo], rows.label_words)
+        got = judge.stances([rows.statements[i] for i in todo], [reasons[i] for i in todo],
+                            rows.label_words) if todo else []
         for i, s in zip(todo, got, strict=True):
             stances[i] = s
-        judged = [i for i in range(len(stances)) if stances[i] is not None]
-        vs_gold = sum(stances[i] != rows.labels[i] for i in judged)
-        vs_own = [i for i in judged if generated[i] is not None]
-        metrics["misalignment"] = {
-            "judge": judge.name,
-            "rate": vs_gold / len(judged) if judged else None,
-            "judged": len(judged),
-            "without_reason": len(reasons) - len(todo),
-            "unjudged": len(todo) - len(judged),
-            "contradicts_own_label_rate": (sum(stances[i] != generated[i] for i in vs_own) / len(vs_own)
-                                           if vs_own else None),
-        }
+        metrics["misalignment"] = {"judge": judge.name,
+                                   **misalignment(stances, rows.labels, generated, [bool(r) for r in reasons])}
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
     preds = [
         {"id": rows.ids[i], "gold": rows.labels[i], "verbalizer": verbalizer[i],

@@ -61,3 +61,19 @@ def classification_metrics(gold: list[int], pred: list[int | None], labels: list
         "per_label": {str(k): v for k, v in per_label.items()},
         "confusion": confusion(gold, pred, labels),
     }
+
+
+def misalignment(stances: list[int | None], gold: list[int], own: list[int | None],
+                 has_reason: list[bool]) -> dict[str, Any]:
+    """Share of judged reasons whose stance contradicts the gold label (and, separately, the model's own
+    generated label). Reasons the judge could not place (stance None) or that are empty are left out."""
+    judged = [i for i, s in enumerate(stances) if s is not None and has_reason[i]]
+    with_own = [i for i in judged if own[i] is not None]
+    return {
+        "rate": sum(stances[i] != gold[i] for i in judged) / len(judged) if judged else None,
+        "judged": len(judged),
+        "without_reason": sum(not h for h in has_reason),
+        "unjudged": sum(1 for i, s in enumerate(stances) if s is None and has_reason[i]),
+        "contradicts_own_label_rate": (sum(stances[i] != own[i] for i in with_own) / len(with_own)
+                                       if with_own else None),
+    }

@@ -1,0 +1,128 @@
+"""Evaluation: metrics on hand-made predictions, label parsing, the misalignment rate, an end-to-end eval
+of a tiny model (files and figure), the CLI, and the OpenAI-compatible judge against the replay server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from train.metrics import classification_metrics, confusion, misalignment
+from train.scoring import parse_generation
+from train.tiny import save_tiny, smollm2_tokenizer, write_tiny_dfar
+
+WORDS = {0: "ethical", 1: "unethical"}
+
+
+def test_binary_metrics_on_hand_made_predictions() -> None:
+    gold = [0, 0, 1, 1, 1, 0]
+    pred = [0, 1, 1, None, 1, 0]  # None: a generation that named no label (always wrong)
+    m = classification_metrics(gold, pred, [0, 1])
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["positive_label"] == 1
+    # label 1: tp 2, fp 1, fn 1
+    assert (m["precision"], m["recall"], m["f1"]) == pytest.approx((2 / 3, 2 / 3, 2 / 3))
+    # label 0: tp 2, fp 0, fn 1 -> P 1, R 2/3, F1 0.8
+    assert m["macro_precision"] == pytest.approx((1 + 2 / 3) / 2)
+    assert m["macro_recall"] == pytest.approx(2 / 3)
+    assert m["macro_f1"] == pytest.approx((0.8 + 2 / 3) / 2)
+    assert m["no_label"] == 1
+    assert m["confusion"] == [[2, 1, 0], [0, 2, 1]]
+
+
+def test_degenerate_and_bad_predictions() -> None:
+    all_ethical = classification_metrics([0, 1, 1], [0, 0, 0], [0, 1])
+    assert all_ethical["accuracy"] == pytest.approx(1 / 3)
+    assert (all_ethical["precision"], all_ethical["recall"], all_ethical["f1"]) == (0.0, 0.0, 0.0)
+    assert confusion([0, 1], [1, 1], [0, 1]) == [[0, 1], [0, 1]]
+    three = classification_metrics([0, 1, 2], [0, 2, 2], [0, 1, 2])
+    assert three["positive_label"] is None and three["f1"] == three["macro_f1"]
+    with pytest.raises(ValueError, match="not in"):
+        classification_metrics([0, 3], [0, 0], [0, 1])
+
+
+@pytest.mark.parametrize(("text", "label", "reason"), [
+    (" unethical. Reason: it hurts people.", 1, "it hurts people."),
+    (" Ethical, because it is kind.", 0, "because it is kind."),
+    ("ETHICAL: nobody is harmed", 0, "nobody is harmed"),
+    (" I think this is fine.", None, "I think this is fine."),
+    (" It is not unethical", 1, ""),  # the first label word named wins; negation is not interpreted
+    ("unethicality aside, ethical.", 0, ""),  # whole words only
+])
+def test_parse_generation(text: str, label: int | None, reason: str) -> None:
+    assert parse_generation(text, WORDS) == (label, reason)
+
+
+def test_misalignment_rate_on_hand_made_stances() -> None:
+    m = misalignment(stances=[0, 1, 1, None, 0], gold=[0, 0, 1, 1, 1], own=[0, 1, None, 1, 1],
+                     has_reason=[True, True, True, True, True])
+    assert m["judged"] == 4 and m["unjudged"] == 1
+    assert m["rate"] == pytest.approx(2 / 4)  # rows 1 and 4 argue against the gold label
+    assert m["contradicts_own_label_rate"] == pytest.approx(1 / 3)  # row 4 (own label 1, reason argues 0)
+    empty = misalignment([None, None], [0, 1], [0, 1], [False, False])
+    assert empty["rate"] is None and empty["without_reason"] == 2
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from builders.dfar import build_dfar
+    from curate.store import DatasetStore
+
+    root = tmp_path_factory.mktemp("eval")
+    build_dfar(DatasetStore(root / "store"), write_tiny_dfar(root / "src", 8, 8))
+    return {"store": root / "store", "model": save_tiny(root / "model", smollm2_tokenizer(), hidden=32)}
+
+
+def test_evaluate_a_tiny_model_end_to_end(world: dict[str, Path], tmp_path: Path) -> None:
+    from train.evaluate import EvalConfig, run_eval
+
+    cfg = EvalConfig(model=str(world["model"]), store=str(world["store"]), limit=6, max_new_tokens=5,
+                     judge="self", out_dir=str(tmp_path / "out"))
+    metrics, out = run_eval(cfg)
+    assert metrics["n"] == 6
+    for reading in ("verbalizer", "generation"):
+        assert set(metrics[reading]) >= {"accuracy", "precision", "recall", "f1", "confusion"}
+        assert sum(map(sum, metrics[reading]["confusion"])) == 6
+    assert metrics["reason_span"] == "reason" and metrics["reason_tokens"] > 0
+    assert metrics["reason_perplexity"] > 1
+    assert metrics["dataset"]["name"] == "dfar" and len(metrics["dataset"]["content_hash"]) == 64
+    assert 0 <= metrics["generation"]["parse_rate"] <= 1
+    assert metrics["misalignment"]["judge"] == "self"
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 6 and all(len(p["verbalizer_logprobs"]) == 2 for p in preds)
+    assert (out / "confusion_matrix.png").stat().st_size > 1000
+    assert json.loads((out / "metrics.json").read_text())["n"] == 6
+
+
+def test_eval_cli_and_bad_judge(world: dict[str, Path], tmp_path: Path) -> None:
+    from curate.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["eval", "--model", str(world["model"]), "--store", str(world["store"]), "--limit", "3",
+                              "--max-new-tokens", "3", "--judge", "none", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert "verbalizer" in res.output and (tmp_path / "o" / "confusion_matrix.png").is_file()
+    bad = runner.invoke(app, ["eval", "--model", str(world["model"]), "--store", str(world["store"]), "--limit", "2",
+                              "--judge", "gpt4", "--max-new-tokens", "2"])
+    assert bad.exit_code == 1 and "--judge must be" in bad.output
+    cfg = runner.invoke(app, ["eval", "--store", str(world["store"]), "--dataset-config", "default"])
+    assert cfg.exit_code == 1 and "lacks column(s) prompt, completion" in cfg.output
+
+
+def test_openai_compatible_judge_goes_over_http(tmp_path: Path) -> None:
+    """The replay server has no recorded answer for judging prompts: every stance stays unjudged, every
+    request is made once, and a rerun is served from the on-disk cache."""
+    from tests.openai_server.fixture import OpenAIServer, data_available
+    from train.judge import make_judge
+
+    if not data_available():
+        pytest.skip("SaGE q100 files for the replay server are not present")
+    with OpenAIServer() as server:
+        judge = make_judge("openai:gpt-3.5-turbo", base_url=server.base_url, cache_dir=tmp_path / "cache")
+        stances = judge.stances(["I lied."] * 2, ["It hurts trust.", "It is harmless."], WORDS)
+        assert stances == [None, None]
+        assert server.calls == 2
+        assert judge.stances(["I lied."] * 2, ["It hurts trust.", "It is harmless."], WORDS) == [None, None]
+        assert server.calls == 2  # answered from the response cache
