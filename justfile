@@ -49,9 +49,24 @@ datasets: install
 cache-teacher-logits *args: build-dfar
     .venv/bin/curate cache-logits --dataset dfar --config lr --teacher smollm2 --limit 64 "$@"
 
-# Offline KD from cached teacher logits (not yet available).
-train-kd *args:
-    @echo "train-kd: not yet available (see the train module issue)"
+# SFT, label only (dfar `l`), LoRA on SmolLM2-135M. Defaults are a quick CPU run (first 32 rows, 8 steps,
+# 16 test rows evaluated); later options win, e.g. `just train-sft --limit 0 --epochs 3 --max-steps -1`.
+train-sft *args: build-dfar
+    .venv/bin/curate train sft --limit 32 --max-steps 8 --batch-size 4 --max-length 128 --eval-limit 16 --overwrite "$@"
+
+# L+R fine-tuning (dfar `lr`: label word + reason), same quick defaults as train-sft.
+train-lr *args: build-dfar
+    .venv/bin/curate train lr --limit 32 --max-steps 8 --batch-size 4 --max-length 128 --eval-limit 16 --overwrite "$@"
+
+# Offline KD from the teacher-logit cache `just cache-teacher-logits` wrote (dfar-lr-logits): sparse top-k
+# alpha·CE + (1-alpha)·T²·KL into SmolLM2; quick defaults as above. `--kd-target labels`, `--loss jsd`, ...
+train-kd *args: build-dfar
+    .venv/bin/curate train kd --limit 32 --max-steps 8 --batch-size 4 --max-length 128 --eval-limit 16 --overwrite "$@"
+
+# Evaluate a run folder or a model on dfar lr test: accuracy / P / R / F1 (verbalizer and generation),
+# gold-reason perplexity, misalignment rate; e.g. `just eval --model runs/sft-dfar-v1-lr-1a2b3c4d --limit 0`.
+eval *args: install
+    .venv/bin/curate eval --limit 50 "$@"
 
 # Lint and run the whole test suite.
 test *args: install
