@@ -49,8 +49,9 @@ datasets: install
 cache-teacher-logits *args: build-dfar
     .venv/bin/curate cache-logits --dataset dfar --config lr --teacher smollm2 --limit 64 "$@"
 
-# SFT, label only (dfar `l`), LoRA on SmolLM2-135M. Defaults are a quick CPU run (first 32 rows, 8 steps,
-# 16 test rows evaluated); later options win, e.g. `just train-sft --limit 0 --epochs 3 --max-steps -1`.
+# Quick CPU defaults (first 32 rows, 8 steps, 16 test rows evaluated); later options win, e.g.
+# `just train-sft --limit 0 --epochs 3 --max-steps -1`.
+# SFT, label only (dfar `l`): LoRA on SmolLM2-135M, loss on the completion tokens.
 train-sft *args: build-dfar
     .venv/bin/curate train sft --limit 32 --max-steps 8 --batch-size 4 --max-length 128 --eval-limit 16 --overwrite "$@"
 
@@ -58,13 +59,13 @@ train-sft *args: build-dfar
 train-lr *args: build-dfar
     .venv/bin/curate train lr --limit 32 --max-steps 8 --batch-size 4 --max-length 128 --eval-limit 16 --overwrite "$@"
 
-# Offline KD from the teacher-logit cache `just cache-teacher-logits` wrote (dfar-lr-logits): sparse top-k
-# alpha·CE + (1-alpha)·T²·KL into SmolLM2; quick defaults as above. `--kd-target labels`, `--loss jsd`, ...
+# Reads the cache `just cache-teacher-logits` wrote (dfar-lr-logits); `--kd-target labels`, `--loss jsd`, ...
+# Offline KD from cached teacher logits: sparse top-k alpha·CE + (1-alpha)·T²·KL, quick defaults.
 train-kd *args: build-dfar
     .venv/bin/curate train kd --limit 32 --max-steps 8 --batch-size 4 --max-length 128 --eval-limit 16 --overwrite "$@"
 
-# Evaluate a run folder or a model on dfar lr test: accuracy / P / R / F1 (verbalizer and generation),
-# gold-reason perplexity, misalignment rate; e.g. `just eval --model runs/sft-dfar-v1-lr-1a2b3c4d --limit 0`.
+# e.g. `just eval --model runs/sft-dfar-v1-lr-1a2b3c4d --limit 0 --judge self`.
+# Evaluate a run or model: accuracy/P/R/F1, gold-reason perplexity, misalignment rate (dfar lr test).
 eval *args: install
     .venv/bin/curate eval --limit 50 "$@"
 
