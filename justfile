@@ -44,6 +44,35 @@ query *args: install
 datasets: install
     .venv/bin/curate datasets
 
+# With OPENAI_BASE_URL or OPENAI_API_KEY set, build-sage-responses calls that endpoint (default model
+# gpt-3.5-turbo); otherwise it runs against the offline replay server of recorded gpt-3.5-turbo answers
+# (tests/openai_server). SAGE_QUESTIONS overrides the question file.
+
+# Build SaGE-filtered responses: answers, Rules of Thumb, SaGE scores, decaying-threshold selection.
+build-sage-responses *args: install
+    #!/usr/bin/env bash
+    set -euo pipefail
+    questions="${SAGE_QUESTIONS:-{{shared}}/sage/quality100/q100.csv}"
+    if [ -z "${OPENAI_BASE_URL:-}" ] && [ -z "${OPENAI_API_KEY:-}" ]; then
+        port="${SAGE_REPLAY_PORT:-8765}"
+        .venv/bin/python -m tests.openai_server --port "$port" & server=$!
+        trap 'kill $server 2>/dev/null' EXIT
+        .venv/bin/python -c "import socket, time, sys
+    for _ in range(200):
+        try:
+            socket.create_connection(('127.0.0.1', $port), 0.2).close(); sys.exit(0)
+        except OSError:
+            time.sleep(0.1)
+    sys.exit('replay server did not start')"
+        export OPENAI_BASE_URL="http://127.0.0.1:$port/v1"
+        echo "no OPENAI_BASE_URL / OPENAI_API_KEY: using the offline replay server at $OPENAI_BASE_URL"
+    fi
+    .venv/bin/curate build sage-responses --questions "$questions" "$@"
+
+# SaGE score per question of a CSV/parquet file or a store dataset, e.g. just sage-score answers.csv --format csv
+sage-score *args: install
+    .venv/bin/curate sage score "$@"
+
 # Cache teacher logits for offline KD: dfar lr + SmolLM2 GGUF, a quick --limit 64 rows per split by default;
 # later options win, e.g. `just cache-teacher-logits --limit 0 --k 32` (0 = all rows).
 cache-teacher-logits *args: build-dfar
