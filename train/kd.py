@@ -87,6 +87,14 @@ class KDTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
+def get_cache(store: DatasetStore, spec: str) -> Version:
+    try:
+        return store.get(spec)
+    except CurateError as e:
+        raise CurateError(f"{e}; write a teacher-logit cache first: curate cache-logits "
+                          "(just cache-teacher-logits)") from None
+
+
 def resolve_parent(store: DatasetStore, cache: Version) -> tuple[Version, dict[str, Any]]:
     """The dataset version the cache was computed from, by content hash; a clear error when it is missing."""
     parents = cache.manifest.get("parents") or []
@@ -123,7 +131,7 @@ def prepare_kd(cfg: KDConfig, tokenizer: Any | None = None) -> Prepared:
     from train.modeling import load_student, model_ref
 
     store = DatasetStore(cfg.store)
-    cache = store.get(cfg.cache)
+    cache = get_cache(store, cfg.cache)
     params = cache_params(cache)
     parent, parent_rec = resolve_parent(store, cache)
     tok = tokenizer if tokenizer is not None else load_tokenizer(model_ref(cfg.model, cfg.gguf_file))
@@ -169,7 +177,7 @@ def prepare_kd(cfg: KDConfig, tokenizer: Any | None = None) -> Prepared:
 def run_kd(cfg: KDConfig, *, tokenizer: Any | None = None, console: Any = None) -> RunResult:
     """One KD run end to end: checks first (cache, parent, tokenizer), then train, save, evaluate."""
     store = DatasetStore(cfg.store)
-    cache = store.get(cfg.cache)
+    cache = get_cache(store, cfg.cache)
     run = RunFolder.prepare(cfg, f"{cache.name}-{cache.tag}")
     prep = prepare_kd(cfg, tokenizer)  # every refusal (parent, tokenizer, labels) happens here, before a step
     label_ids = [int(x) for x in cache.manifest["params"].get("label_token_ids") or []]

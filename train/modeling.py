@@ -37,6 +37,18 @@ def quantization(load_in_8bit: bool, load_in_4bit: bool) -> QuantDecision:
     return decision
 
 
+def clear_gguf_marker(model: Any) -> None:
+    """transformers dequantizes GGUF checkpoints to float on load but still marks the model as GGUF-quantized,
+    which Trainer refuses to train and save_pretrained would record; the weights are plain floats, so drop it."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = str(getattr(getattr(quantizer, "quantization_config", None), "quant_method", "")).lower()
+    if quantizer is not None and "gguf" in method:
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+
+
 def keep_layers(model: Any, n: int) -> list[int]:
     """Keep ``n`` evenly spaced decoder layers (first and last included): a smaller student that starts
     from its teacher's weights. Returns the kept indices (recorded in the run)."""
@@ -81,6 +93,7 @@ def load_student(cfg: Any, tokenizer: Any | None = None) -> tuple[Any, Any, dict
     tok = tokenizer if tokenizer is not None else load_tokenizer(ref)
     # Trainer / accelerate place the model (one device per process); quantised loads use device_map.
     model = load_causal_lm(ref, dtype=cfg.dtype, device="cpu", quant=quant)
+    clear_gguf_marker(model)
     facts: dict[str, Any] = {"model": ref.describe(), "model_location": ref.location, "model_gguf": ref.gguf_file,
                              "quantization": quant.mode, "quantization_reason": quant.reason}
     if cfg.student_layers:
@@ -118,6 +131,7 @@ def load_run(run_dir: str | Path, *, device: str = "auto", dtype: str = "auto") 
     from peft import PeftModel
 
     model = load_causal_lm(ModelRef(info["model_location"], info.get("model_gguf")), dtype=dtype, device="cpu")
+    clear_gguf_marker(model)
     if info["config"].get("student_layers"):
         keep_layers(model, info["config"]["student_layers"])
     model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
