@@ -30,7 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -313,10 +313,10 @@ class LLMClient:
 
     def __init__(self, config: LLMConfig | None = None, **overrides: Any):
         cfg = config or LLMConfig()
-        for name, value in overrides.items():
-            if not hasattr(cfg, name):
-                raise TypeError(f"unknown LLMConfig field {name!r}")
-            setattr(cfg, name, value)
+        unknown = sorted(set(overrides) - {f.name for f in fields(LLMConfig)})
+        if unknown:
+            raise TypeError(f"unknown LLMConfig field(s) {unknown}")
+        cfg = replace(cfg, **overrides)  # a copy: the caller's config object is never mutated
         self.config = cfg
         self.base_url = cfg.base_url or os.environ.get("OPENAI_BASE_URL")
         self._check_api_key()
@@ -361,6 +361,8 @@ class LLMClient:
         if n_samples < 1:
             raise ValueError("n_samples must be >= 1")
         params = self.config.sampling_params()
+        if self.config.seed is not None:
+            params["seed"] = self.config.seed  # a different base seed asks for different samples
         jobs: list[_Job] = []
         distinct: dict[str, _Job] = {}
         for messages in prompts:

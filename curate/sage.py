@@ -232,7 +232,7 @@ def resolve_embedding_model(
 
 
 def embed_texts(
-    texts: Sequence[str], model: SentenceTransformer, *, batch_size: int = 64
+    texts: Sequence[str], model: SentenceTransformer, *, batch_size: int = 32
 ) -> np.ndarray:
     """Unit-normalised float32 embeddings, one row per text, so cosines are plain dot products."""
     if not texts:
@@ -286,7 +286,7 @@ def sage_scores(
     w_answer: float = W_ANSWER,
     w_rot: float = W_ROT,
     alpha: float = ALPHA,
-    batch_size: int = 64,
+    batch_size: int = 32,
     use_rots: bool | None = None,
     device: str | None = None,
     source: str | None = None,
