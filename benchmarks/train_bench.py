@@ -107,6 +107,9 @@ def one_config(args: dict[str, Any], k: int | None, queue: Any) -> None:
         trainer = KDTrainer(model=model, args=targs, train_dataset=ListDataset(feats),
                             data_collator=KDCollator(tok.pad_token_id, num_labels=2), callbacks=[Clock()],
                             kd_loss=get_loss("forward_kl"), alpha=0.5, temperature=2.0)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
     trainer.train()
     cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     queue.put({"times": times[1:], "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

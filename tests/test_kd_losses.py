@@ -69,6 +69,11 @@ def _cache_rows(t_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     return top_ids, top_lp, residual
 
 
+def _gather(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The student's full-vocabulary log-probs at the cached ids (what the KD trainer passes the loss)."""
+    return torch.log_softmax(logits, -1).gather(-1, ids)
+
+
 @pytest.fixture
 def logits() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
@@ -80,7 +85,7 @@ def logits() -> tuple[torch.Tensor, torch.Tensor]:
 def test_full_k_equals_dense(name: str, temp: float, logits: tuple[torch.Tensor, torch.Tensor]) -> None:
     t, s = logits
     ids, lps, res = _cache_rows(t, V)
-    got = get_loss(name).token_loss(torch.log_softmax(s, -1), ids, lps, res, temp)
+    got = get_loss(name).token_loss(_gather(s, ids), lps, res, temp, complete=True)
     torch.testing.assert_close(got.double(), _dense_reference(name, t, s, temp), rtol=1e-5, atol=1e-6)
 
 
@@ -91,7 +96,7 @@ def test_top_k_follows_documented_rule(name: str, k: int, temp: float,
                                        logits: tuple[torch.Tensor, torch.Tensor]) -> None:
     t, s = logits
     ids, lps, res = _cache_rows(t, k)
-    got = get_loss(name).token_loss(torch.log_softmax(s, -1), ids, lps, res, temp)
+    got = get_loss(name).token_loss(_gather(s, ids), lps, res, temp)
     np.testing.assert_allclose(got.numpy(), _sparse_reference(name, t.numpy(), s.numpy(), k, temp),
                                rtol=1e-4, atol=1e-6)
 
@@ -101,9 +106,9 @@ def test_sparse_forward_kl_is_a_lower_bound_and_zero_at_the_teacher(
     t, s = logits
     ids, lps, res = _cache_rows(t, 4)
     loss = get_loss("forward_kl")
-    sparse = loss.token_loss(torch.log_softmax(s, -1), ids, lps, res, 1.0)
+    sparse = loss.token_loss(_gather(s, ids), lps, res, 1.0)
     assert torch.all(sparse <= _dense_reference("forward_kl", t, s, 1.0).float() + 1e-6)
-    at_teacher = loss.token_loss(torch.log_softmax(t, -1), ids, lps, res, 1.0)
+    at_teacher = loss.token_loss(_gather(t, ids), lps, res, 1.0)
     assert float(at_teacher.abs().max()) < 1e-5
 
 
@@ -115,7 +120,7 @@ def test_temperature_scales_by_t_squared(logits: tuple[torch.Tensor, torch.Tenso
         tl = torch.log_softmax(t / temp, -1)
         sl = torch.log_softmax(s / temp, -1)
         plain_kl = loss.divergence(tl, sl)
-        got = loss.token_loss(torch.log_softmax(s, -1), ids, lps, res, temp)
+        got = loss.token_loss(_gather(s, ids), lps, res, temp, complete=True)
         torch.testing.assert_close(got, temp**2 * plain_kl, rtol=1e-5, atol=1e-6)
 
 
@@ -126,7 +131,7 @@ def test_residual_floor_keeps_zero_residual_finite() -> None:
     ids, lps, _ = _cache_rows(t, 5)
     zero = torch.zeros(3)
     for name in LOSSES:
-        out = get_loss(name).token_loss(torch.log_softmax(s, -1), ids, lps, zero, 2.0).sum()
+        out = get_loss(name).token_loss(_gather(s, ids), lps, zero, 2.0).sum()
         (g,) = torch.autograd.grad(out, s)
         assert torch.isfinite(out) and torch.isfinite(g).all()
 
@@ -159,6 +164,7 @@ def test_unknown_loss_is_refused() -> None:
 
 
 def test_gradients_reach_only_lora_parameters() -> None:
+    from train.kd import ce_and_distillation
     from train.kd_data import KDCollator, kd_features
     from train.modeling import add_lora
     from train.tiny import tiny_llama
@@ -179,12 +185,11 @@ def test_gradients_reach_only_lora_parameters() -> None:
             self.label_logprobs = None
 
     batch = KDCollator(pad_id=0)([kd_features(Row(12, 5), 64), kd_features(Row(9, 3), 64)])
-    rows, pos, _ = supervised_positions(batch["labels"])
+    rows, pos, targets = supervised_positions(batch["labels"])
     logprobs = logprobs_at(model, batch["input_ids"], batch["attention_mask"], rows, pos)
-    t = pos - batch["answer_pos"][rows]
-    loss = get_loss("forward_kl").token_loss(logprobs, batch["kd_ids"][rows, t], batch["kd_logprobs"][rows, t],
-                                             batch["kd_residual"][rows, t], 2.0).mean()
-    loss.backward()
+    ce, kd = ce_and_distillation(logprobs, rows, pos, targets, batch, kd_loss=get_loss("forward_kl"),
+                                 temperature=2.0)  # exactly what KDTrainer.compute_loss computes
+    (0.5 * ce + 0.5 * kd).backward()
     named = dict(model.named_parameters())
     lora = {n for n in named if "lora_" in n}
     assert lora and all(named[n].requires_grad for n in lora)

@@ -26,6 +26,34 @@ from train.runner import Prepared, RunResult, train_and_save
 from train.token_rows import completion_ce, logprobs_at, supervised_positions
 
 
+def ce_and_distillation(logprobs: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, targets: torch.Tensor,
+                        inputs: dict[str, Any], *, kd_loss: DistillationLoss, temperature: float,
+                        kd_target: str = "tokens", label_token_ids: list[int] | None = None,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gold-token CE and the mean T²·D, over completion positions (tokens) or labelled examples (labels).
+
+    ``logprobs`` [N, V] are the student's at the supervised (rows, pos); gold ids and teacher top-k ids are
+    gathered in one pass, so KD costs one [N, k + 1] gather (and its backward scatter) where SFT pays [N, 1].
+    """
+    t = pos - inputs["answer_pos"][rows]  # cache row index: logits at prompt_len - 1 + t
+    vocab = logprobs.shape[-1]
+    if kd_target == "tokens":
+        top_ids = inputs["kd_ids"][rows, t]
+        picked = logprobs.gather(-1, torch.cat([top_ids, targets.unsqueeze(-1)], dim=-1))
+        ce = -picked[:, -1].mean()
+        per = kd_loss.token_loss(picked[:, :-1], inputs["kd_logprobs"][rows, t], inputs["kd_residual"][rows, t],
+                                 temperature, complete=top_ids.shape[-1] >= vocab)
+        return ce, per.mean()
+    labels = torch.tensor(label_token_ids or [], dtype=torch.long, device=logprobs.device)
+    picked = logprobs.gather(-1, torch.cat([labels.expand(len(rows), -1), targets.unsqueeze(-1)], dim=-1))
+    ce = -picked[:, -1].mean()
+    sel = (t == 0) & inputs["label_mask"][rows]
+    if not bool(sel.any()):
+        return ce, picked.sum() * 0.0
+    teacher = inputs["label_logprobs"][rows[sel]]
+    return ce, kd_loss.label_loss(picked[sel][:, :-1], teacher, temperature).mean()
+
+
 class KDTrainer(Trainer):
     """`transformers.Trainer` whose loss mixes gold-token CE with a sparse distillation divergence."""
 
@@ -47,11 +75,13 @@ class KDTrainer(Trainer):
                      num_items_in_batch: Any = None) -> Any:
         rows, pos, targets = supervised_positions(inputs["labels"])
         logprobs = logprobs_at(model, inputs["input_ids"], inputs["attention_mask"], rows, pos)
-        ce = completion_ce(logprobs, targets)
-        if self.alpha < 1.0:
-            kd = self.distillation(logprobs, rows, pos, inputs)
+        if self.alpha < 1.0 and rows.numel():
+            ce, kd = ce_and_distillation(logprobs, rows, pos, targets, inputs, kd_loss=self.kd_loss,
+                                         temperature=self.temperature, kd_target=self.kd_target,
+                                         label_token_ids=self.label_token_ids)
             loss = self.alpha * ce + (1.0 - self.alpha) * kd
         else:  # the no-teacher baseline: same data and code path, no KD term computed
+            ce = completion_ce(logprobs, targets)
             kd = torch.zeros((), device=ce.device)
             loss = ce
         if model.training:
@@ -59,24 +89,6 @@ class KDTrainer(Trainer):
             self._parts["kd"] += float(kd.detach())
             self._parts["n"] += 1
         return (loss, {"loss": loss}) if return_outputs else loss
-
-    def distillation(self, logprobs: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
-                     inputs: dict[str, Any]) -> torch.Tensor:
-        """Mean T²·D over completion positions (tokens) or over labelled examples (labels)."""
-        t = pos - inputs["answer_pos"][rows]  # cache row index: logits at prompt_len - 1 + t
-        if self.kd_target == "tokens":
-            if rows.numel() == 0:
-                return logprobs.sum() * 0.0
-            per = self.kd_loss.token_loss(logprobs, inputs["kd_ids"][rows, t], inputs["kd_logprobs"][rows, t],
-                                          inputs["kd_residual"][rows, t], self.temperature)
-            return per.mean()
-        sel = (t == 0) & inputs["label_mask"][rows]
-        if not bool(sel.any()):
-            return logprobs.sum() * 0.0
-        ids = torch.tensor(self.label_token_ids, device=logprobs.device)
-        student = logprobs[sel][:, ids]
-        teacher = inputs["label_logprobs"][rows[sel]]
-        return self.kd_loss.label_loss(student, teacher, self.temperature).mean()
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Add the CE and KD parts (averaged since the last log) next to the combined training loss."""

@@ -34,17 +34,18 @@ RESIDUAL_FLOOR = 1e-8  # smallest bucket mass: below fp16 resolution of the cach
 LOG_RESIDUAL_FLOOR = math.log(RESIDUAL_FLOOR)
 
 
-def sparse_log_distributions(student_logprobs: Tensor, topk_ids: Tensor, topk_logprobs: Tensor,
-                             residual: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+def sparse_log_distributions(student_topk: Tensor, topk_logprobs: Tensor, residual: Tensor, temperature: float,
+                             *, complete: bool = False) -> tuple[Tensor, Tensor]:
     """Tempered (teacher, student) log-distributions over the k (+1 bucket) outcomes.
 
-    student_logprobs: [N, V] log-softmax of the student at the positions the cache rows describe;
-    topk_ids / topk_logprobs: [N, k] teacher ids and raw log-probs; residual: [N] teacher mass outside.
-    Returns two [N, k + 1] tensors (or [N, k] when k equals the vocabulary size).
+    student_topk: [N, k] the student's (temperature-1, full-vocabulary) log-probs gathered at the teacher's
+    top-k ids; topk_logprobs: [N, k] the teacher's raw log-probs; residual: [N] teacher mass outside the
+    top-k; complete: k is the whole vocabulary (no bucket). Returns two [N, k + 1] (or [N, k]) tensors.
+    Taking the gathered log-probs (not [N, V]) lets the caller gather top-k and gold ids in one pass.
     """
-    s_top = student_logprobs.gather(-1, topk_ids)
+    s_top = student_topk
     t_top = topk_logprobs.to(s_top.dtype)
-    if topk_ids.shape[-1] < student_logprobs.shape[-1]:
+    if not complete:
         # log(1 - sum s_S) from the gathered log-probs: -expm1(logsumexp) is accurate for small and large mass.
         s_mass = torch.logsumexp(s_top, dim=-1)
         s_rest = torch.log(torch.clamp(-torch.expm1(s_mass), min=RESIDUAL_FLOOR))
@@ -71,10 +72,10 @@ class DistillationLoss(ABC):
     def divergence(self, teacher_logp: Tensor, student_logp: Tensor) -> Tensor:
         """[..., K] log-distributions over the same K outcomes -> [...] divergence (nats)."""
 
-    def token_loss(self, student_logprobs: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, residual: Tensor,
-                   temperature: float) -> Tensor:
-        """Per-position T² · D on the sparse view: [N, V] student log-probs + cache rows -> [N]."""
-        t, s = sparse_log_distributions(student_logprobs, topk_ids, topk_logprobs, residual, temperature)
+    def token_loss(self, student_topk: Tensor, topk_logprobs: Tensor, residual: Tensor, temperature: float,
+                   *, complete: bool = False) -> Tensor:
+        """Per-position T² · D on the sparse view: student log-probs at the top-k ids + cache rows -> [N]."""
+        t, s = sparse_log_distributions(student_topk, topk_logprobs, residual, temperature, complete=complete)
         return temperature**2 * self.divergence(t, s)
 
     def label_loss(self, student_label_logprobs: Tensor, teacher_label_logprobs: Tensor,
