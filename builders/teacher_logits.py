@@ -19,6 +19,7 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -293,8 +294,7 @@ def unit_table(plan: Plan, unit: list[int], scored: list[Any]) -> pa.Table:
         "residual": _lists([s.residual.astype(np.float16) for s in scored], pa.float16()),
         "entropy": _lists([s.entropy.astype(np.float16) for s in scored], pa.float16()),
         "label_logprobs": pa.array(
-            [s.label_logprobs.tolist() if (s.label_logprobs is not None and e.label is not None) else None
-             for s, e in zip(scored, exs, strict=True)], lab_type),
+            [s.label_logprobs.tolist() if s.label_logprobs is not None else None for s in scored], lab_type),
     }
     table = pa.table(cols, schema=schema)
     return table.append_column("_row", pa.array([e.row for e in exs], pa.int32()))
@@ -324,9 +324,9 @@ def write_atomic(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def compute_units(plan: Plan, work: Path, model: Any, *, shard: int = 0, num_shards: int = 1,
+def compute_units(plan: Plan, work: Path, get_model: Callable[[], Any], *, shard: int = 0, num_shards: int = 1,
                   max_units: int | None = None, progress: bool = True) -> ShardReport:
-    """Compute this shard's missing units; `model` is a teacher or a zero-argument loader (called only if needed)."""
+    """Compute this shard's missing units; `get_model` is only called when one is missing."""
     from curate.teacher_scoring import score_batch
 
     mine = [i for i in range(len(plan.units)) if i % num_shards == shard]
@@ -337,8 +337,7 @@ def compute_units(plan: Plan, work: Path, model: Any, *, shard: int = 0, num_sha
     report = ShardReport(shard, num_shards, 0, len(mine) - len(todo), 0, len(plan.units), work)
     if max_units is not None:
         todo = todo[:max_units]
-    if todo and callable(model) and not isinstance(model, _torch_module()):
-        model = model()
+    model = get_model() if todo else None
     bs = plan.params.batch_size
     t0 = time.perf_counter()
     with _progress(progress) as bar:
@@ -361,12 +360,6 @@ def compute_units(plan: Plan, work: Path, model: Any, *, shard: int = 0, num_sha
     report.seconds = time.perf_counter() - t0
     report.done_units = sum(plan.unit_path(work, i).is_file() for i in range(len(plan.units)))
     return report
-
-
-def _torch_module() -> type:
-    import torch
-
-    return torch.nn.Module
 
 
 class _NoBar:
@@ -393,7 +386,8 @@ def _progress(enabled: bool) -> Any:
 
 
 # ---- merging ---------------------------------------------------------------------------------------------
-def merge_units(store: DatasetStore, plan: Plan, work: Path, *, dtype: str, quant_mode: str) -> BuildResult:
+def merge_units(store: DatasetStore, plan: Plan, work: Path, *, teacher: dict[str, Any],
+                quant_mode: str) -> BuildResult:
     """Every unit present: rows back in parent order, one version, scratch removed."""
     missing = [i for i in range(len(plan.units)) if not plan.unit_path(work, i).is_file()]
     if missing:
@@ -407,14 +401,14 @@ def merge_units(store: DatasetStore, plan: Plan, work: Path, *, dtype: str, quan
     params: dict[str, Any] = {
         "teacher": p.teacher,
         "teacher_location": ref.describe(),
-        "teacher_revision": plan.teacher_revision,
+        "teacher_revision": teacher["revision"],
         "tokenizer_fingerprint": plan.fingerprint,
         "vocab_size": plan.vocab_size,
         "k": p.k,
         "quantization": scheme.name,
         "quantization_detail": scheme.describe(),
         "id_type": str(cache_schema(plan.vocab_size, scheme).field("input_ids").type.value_type),
-        "dtype": dtype,
+        "dtype": teacher["dtype"],
         "load_in": quant_mode,
         "template": p.template,
         "template_rule": TEMPLATE_RULES[p.template],
@@ -505,31 +499,45 @@ def cache_teacher_logits(store: DatasetStore, params: LogitCacheParams, *, shard
         if head is not None and params.k > head.weight.shape[0]:
             raise CurateError(f"--k {params.k} is larger than the teacher's output vocabulary "
                               f"({head.weight.shape[0]:,})")
-        _record_dtype(work, m)
         return m
 
-    if model is not None:
-        _record_dtype(work, model)
+    def get_model() -> Any:
+        m = model if model is not None else load()
+        _record_teacher(work, m, plan.teacher_revision)
+        return m
+
     report = None
     if not merge_only:
-        report = compute_units(plan, work, model if model is not None else load, shard=shard,
-                               num_shards=num_shards, max_units=max_units, progress=progress)
+        try:
+            report = compute_units(plan, work, get_model, shard=shard, num_shards=num_shards, max_units=max_units,
+                                   progress=progress)
+        except BaseException:
+            if not any(work.glob("unit-*.parquet")):
+                _remove_work(work)  # failed before any progress (e.g. the model would not load): leave no trace
+            raise
     complete = all(plan.unit_path(work, i).is_file() for i in range(len(plan.units)))
     if merge_only or (merge and complete):
-        return merge_units(store, plan, work, dtype=_recorded_dtype(work, params.dtype), quant_mode=quant.mode)
+        return merge_units(store, plan, work, teacher=_recorded_teacher(work, params.dtype, plan.teacher_revision),
+                           quant_mode=quant.mode)
     assert report is not None
     return report
 
 
-def _record_dtype(work: Path, model: Any) -> None:
-    """The dtype the teacher actually ran in (``auto`` resolves per checkpoint); read back at merge time."""
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    (work / "dtype.txt").write_text(dtype + "\n")
+def _record_teacher(work: Path, model: Any, revision: str | None) -> None:
+    """What the teacher actually ran as (``auto`` dtype resolves per checkpoint; hub models know their commit),
+    kept beside the units so a later ``--merge`` process records it too."""
+    info = {
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "revision": revision or getattr(getattr(model, "config", None), "_commit_hash", None),
+    }
+    tmp = work / f".teacher.json.tmp-{uuid.uuid4().hex}"
+    tmp.write_text(json.dumps(info) + "\n")
+    os.replace(tmp, work / "teacher.json")
 
 
-def _recorded_dtype(work: Path, requested: str) -> str:
-    path = work / "dtype.txt"
-    return path.read_text().strip() if path.is_file() else requested
+def _recorded_teacher(work: Path, dtype: str, revision: str | None) -> dict[str, Any]:
+    path = work / "teacher.json"
+    return json.loads(path.read_text()) if path.is_file() else {"dtype": dtype, "revision": revision}
 
 
 def _write_plan_file(work: Path, plan: Plan) -> None:
