@@ -126,3 +126,33 @@ def test_openai_compatible_judge_goes_over_http(tmp_path: Path) -> None:
         assert server.calls == 2
         assert judge.stances(["I lied."] * 2, ["It hurts trust.", "It is harmless."], WORDS) == [None, None]
         assert server.calls == 2  # answered from the response cache
+
+
+def test_batched_scoring_matches_one_sequence_at_a_time(world: dict[str, Path]) -> None:
+    """Left padding with mask positions, logits_to_keep and the generation prefill give the same log-probs
+    as an unpadded forward over each sequence alone."""
+    import torch
+
+    from curate.models import ModelRef, load_causal_lm
+    from train.scoring import generate, next_token_logprobs, sequence_logprobs
+
+    tok = smollm2_tokenizer()
+    model = load_causal_lm(ModelRef(str(world["model"])), device="cpu").eval()
+    prompts = [tok(t).input_ids for t in ("Is lying ethical?\nAnswer:", "Statement: I helped a friend move house "
+                                          "on a rainy Sunday.\nAnswer:", "Ok?")]
+    cols = [6158, 25830]
+    cont = [tok(" ethical. Reason: kind", add_special_tokens=False).input_ids, [25830], [6158, 30]]
+    with torch.inference_mode():
+        alone = [torch.log_softmax(model(input_ids=torch.tensor([p + c])).logits[0].float(), -1) for p, c in
+                 zip(prompts, cont, strict=True)]
+    want_next = [[float(a[len(p) - 1, c]) for c in cols] for a, p in zip(alone, prompts, strict=True)]
+    want_seq = [[float(a[len(p) - 1 + j, t]) for j, t in enumerate(c)] for a, p, c in
+                zip(alone, prompts, cont, strict=True)]
+    np_close = dict(rel=1e-4, abs=1e-4)
+    for got, want in zip(next_token_logprobs(model, tok, prompts, cols, batch_size=3), want_next, strict=True):
+        assert got == pytest.approx(want, **np_close)
+    _, firsts = generate(model, tok, prompts, max_new_tokens=2, batch_size=3, first_token_ids=cols)
+    for got, want in zip(firsts, want_next, strict=True):
+        assert got == pytest.approx(want, **np_close)
+    for got, want in zip(sequence_logprobs(model, tok, prompts, cont, batch_size=3), want_seq, strict=True):
+        assert got == pytest.approx(want, **np_close)

@@ -20,7 +20,14 @@ from curate.errors import CurateError
 from curate.store import DatasetStore, Version
 from train.judge import Judge, make_judge
 from train.metrics import classification_metrics, misalignment
-from train.scoring import generate, parse_generation, score_label_words, sequence_logprobs, tokenize_prompts
+from train.scoring import (
+    generate,
+    parse_generation,
+    score_label_words,
+    sequence_logprobs,
+    tokenize_prompts,
+    verbalizer_ids,
+)
 
 REQUIRED = ("id", "prompt", "completion", "label", "label_text")
 
@@ -130,9 +137,13 @@ def evaluate_model(model: Any, tok: Any, rows: EvalRows, *, template: str, batch
     labels = list(rows.label_words)
     words = list(rows.label_words.values())
     prompt_ids = tokenize_prompts(tok, rows.prompts, template, max_length)
-    scores = score_label_words(model, tok, prompt_ids, words, prefix=label_prefix, batch_size=batch_size)
+    word_ids = verbalizer_ids(tok, words, label_prefix)
+    single = all(len(w) == 1 for w in word_ids)
+    texts, scores = generate(model, tok, prompt_ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             first_token_ids=[w[0] for w in word_ids] if single else None)
+    if scores is None:  # multi-token label words: score each word sequence
+        scores = score_label_words(model, tok, prompt_ids, words, prefix=label_prefix, batch_size=batch_size)
     verbalizer = [labels[max(range(len(labels)), key=row.__getitem__)] for row in scores]
-    texts = generate(model, tok, prompt_ids, max_new_tokens=max_new_tokens, batch_size=batch_size)
     parsed = [parse_generation(t, rows.label_words) for t in texts]
     generated = [p[0] for p in parsed]
     reasons = [p[1] for p in parsed]

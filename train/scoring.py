@@ -1,4 +1,8 @@
-"""Batched inference helpers for evaluation: label-verbalizer scoring, greedy generation, token NLL."""
+"""Batched inference helpers for evaluation: label-verbalizer scoring, greedy generation, token NLL.
+
+Only the positions a reading needs are projected to the vocabulary (``logits_to_keep``): the lm head is a
+large share of a small model's forward pass, and the prompt positions are never scored.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,15 @@ from typing import Any
 import torch
 
 from train.data import prompt_token_ids
+from train.token_rows import accepts_logits_to_keep
 
 
 def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
+
+
+def _pad_id(tok: Any) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else 0
 
 
 def _right_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,22 +33,35 @@ def _right_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tupl
     return ids.to(device), mask.to(device)
 
 
+def _left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
 @torch.inference_mode()
 def sequence_logprobs(model: Any, tok: Any, prefixes: list[list[int]], continuations: list[list[int]],
                       batch_size: int = 16) -> list[list[float]]:
     """Per-token log-probs of each continuation given its prefix (one forward over prefix + continuation)."""
     out: list[list[float]] = []
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     dev = _device(model)
+    keep_ok = accepts_logits_to_keep(model)
     for a in range(0, len(prefixes), batch_size):
         pre, cont = prefixes[a: a + batch_size], continuations[a: a + batch_size]
-        ids, mask = _right_pad([p + c for p, c in zip(pre, cont, strict=True)], pad, dev)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        ids, mask = _right_pad([p + c for p, c in zip(pre, cont, strict=True)], _pad_id(tok), dev)
+        width = ids.shape[1]
+        offset = min(len(p) for p in pre) - 1 if keep_ok else 0
+        kwargs = {"logits_to_keep": width - offset} if keep_ok else {}
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs).logits
         for i, (p, c) in enumerate(zip(pre, cont, strict=True)):
             if not c:
                 out.append([])
                 continue
-            rows = logits[i, len(p) - 1: len(p) + len(c) - 1].float()
+            rows = logits[i, len(p) - 1 - offset: len(p) + len(c) - 1 - offset].float()
             lp = torch.log_softmax(rows, dim=-1)
             out.append(lp.gather(-1, torch.tensor(c, device=dev).unsqueeze(-1)).squeeze(-1).tolist())
     return out
@@ -48,25 +70,30 @@ def sequence_logprobs(model: Any, tok: Any, prefixes: list[list[int]], continuat
 @torch.inference_mode()
 def next_token_logprobs(model: Any, tok: Any, prompt_ids: list[list[int]], token_ids: list[int],
                         batch_size: int = 16) -> list[list[float]]:
-    """[N][C] log-probs of the given tokens right after each prompt (one forward per batch)."""
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    """[N][C] log-probs of the given tokens right after each prompt: left padding puts every prompt's last
+    token in the last column (positions from the mask), so one position per row reaches the lm head."""
     dev = _device(model)
     out: list[list[float]] = []
     cols = torch.tensor(token_ids, device=dev)
+    keep_ok = accepts_logits_to_keep(model)
     for a in range(0, len(prompt_ids), batch_size):
-        chunk = prompt_ids[a: a + batch_size]
-        ids, mask = _right_pad(chunk, pad, dev)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        last = torch.tensor([len(p) - 1 for p in chunk], device=dev)
-        lp = torch.log_softmax(logits[torch.arange(len(chunk), device=dev), last].float(), dim=-1)
-        out += lp[:, cols].tolist()
+        ids, mask = _left_pad(prompt_ids[a: a + batch_size], _pad_id(tok), dev)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        kwargs = {"logits_to_keep": 1} if keep_ok else {}
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                       **kwargs).logits
+        out += torch.log_softmax(logits[:, -1].float(), dim=-1)[:, cols].tolist()
     return out
+
+
+def verbalizer_ids(tok: Any, words: list[str], prefix: str = " ") -> list[list[int]]:
+    return [list(tok(prefix + w, add_special_tokens=False).input_ids) for w in words]
 
 
 def score_label_words(model: Any, tok: Any, prompt_ids: list[list[int]], words: list[str], *,
                       prefix: str = " ", batch_size: int = 16) -> list[list[float]]:
     """[N][C] total log-prob of ``prefix + word`` after each prompt: the verbalizer reading of the label."""
-    word_ids = [list(tok(prefix + w, add_special_tokens=False).input_ids) for w in words]
+    word_ids = verbalizer_ids(tok, words, prefix)
     if all(len(w) == 1 for w in word_ids):
         return next_token_logprobs(model, tok, prompt_ids, [w[0] for w in word_ids], batch_size)
     scores = [[0.0] * len(words) for _ in prompt_ids]
@@ -78,24 +105,25 @@ def score_label_words(model: Any, tok: Any, prompt_ids: list[list[int]], words: 
 
 
 @torch.inference_mode()
-def generate(model: Any, tok: Any, prompt_ids: list[list[int]], *, max_new_tokens: int,
-             batch_size: int = 16) -> list[str]:
-    """Greedy continuations (left-padded batches), decoded without special tokens."""
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+def generate(model: Any, tok: Any, prompt_ids: list[list[int]], *, max_new_tokens: int, batch_size: int = 16,
+             first_token_ids: list[int] | None = None) -> tuple[list[str], list[list[float]] | None]:
+    """Greedy continuations (left-padded batches), decoded without special tokens; with ``first_token_ids``
+    also the [N][C] log-probs of those tokens as the first generated token (the prefill's distribution, so
+    single-token verbalizers cost no extra forward pass)."""
+    pad = _pad_id(tok)
     dev = _device(model)
     texts: list[str] = []
+    firsts: list[list[float]] = []
+    cols = torch.tensor(first_token_ids or [], dtype=torch.long, device=dev)
     for a in range(0, len(prompt_ids), batch_size):
-        chunk = prompt_ids[a: a + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, s in enumerate(chunk):
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
-        gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad, eos_token_id=tok.eos_token_id)
-        texts += tok.batch_decode(gen[:, width:], skip_special_tokens=True)
-    return texts
+        ids, mask = _left_pad(prompt_ids[a: a + batch_size], pad, dev)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad, eos_token_id=tok.eos_token_id, return_dict_in_generate=True,
+                             output_logits=first_token_ids is not None)
+        texts += tok.batch_decode(gen.sequences[:, ids.shape[1]:], skip_special_tokens=True)
+        if first_token_ids is not None:
+            firsts += torch.log_softmax(gen.logits[0].float(), dim=-1)[:, cols].tolist()
+    return texts, (firsts if first_token_ids is not None else None)
 
 
 def label_pattern(words: dict[int, str]) -> re.Pattern[str]:
