@@ -7,6 +7,7 @@ or ``torchrun --nproc-per-node N .venv/bin/curate train …`` (Trainer does data
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -72,6 +73,8 @@ def _overrides(values: dict[str, Any], sets: list[str] | None) -> dict[str, Any]
 
 
 def _report(result: Any) -> None:
+    if os.environ.get("RANK", "0") != "0":  # one report per launch, from rank 0
+        return
     m = result.metrics
     console.print(f"[green]run finished[/]: {result.run.path}", highlight=False)
     train = m.get("train", {})
