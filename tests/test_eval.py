@@ -4,6 +4,7 @@ of a tiny model (files and figure), the CLI, and the OpenAI-compatible judge aga
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,13 @@ from typer.testing import CliRunner
 
 from train.metrics import classification_metrics, confusion, misalignment
 from train.scoring import parse_generation
-from train.tiny import save_tiny, smollm2_tokenizer, write_tiny_dfar
+from train.tiny import save_tiny, single_thread, smollm2_tokenizer, write_tiny_dfar
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    with single_thread():
+        yield
 
 WORDS = {0: "ethical", 1: "unethical"}
 

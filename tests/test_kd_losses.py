@@ -4,6 +4,7 @@ scaling, and gradients that reach only LoRA parameters."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -12,6 +13,13 @@ import torch
 from curate.errors import CurateError
 from train.losses import LOSSES, get_loss
 from train.losses.base import RESIDUAL_FLOOR
+from train.tiny import single_thread
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    with single_thread():
+        yield
 
 V = 11
 

@@ -4,12 +4,19 @@ saves an adapter and reloads for evaluation. Slow: loads the weights (~15 s)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from train.tiny import smollm2_tokenizer, write_tiny_dfar
+from train.tiny import single_thread, smollm2_tokenizer, write_tiny_dfar
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    with single_thread():
+        yield
 
 
 @pytest.mark.slow
