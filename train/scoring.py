@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from curate.teacher_scoring import pad_batch  # right padding, shared with the logit cache
 from train.data import prompt_token_ids
 from train.token_rows import accepts_logits_to_keep
 
@@ -21,16 +22,6 @@ def _device(model: Any) -> torch.device:
 
 def _pad_id(tok: Any) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else 0
-
-
-def _right_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +43,7 @@ def sequence_logprobs(model: Any, tok: Any, prefixes: list[list[int]], continuat
     keep_ok = accepts_logits_to_keep(model)
     for a in range(0, len(prefixes), batch_size):
         pre, cont = prefixes[a: a + batch_size], continuations[a: a + batch_size]
-        ids, mask = _right_pad([p + c for p, c in zip(pre, cont, strict=True)], _pad_id(tok), dev)
+        ids, mask = pad_batch([p + c for p, c in zip(pre, cont, strict=True)], _pad_id(tok), dev)
         width = ids.shape[1]
         offset = min(len(p) for p in pre) - 1 if keep_ok else 0
         kwargs = {"logits_to_keep": width - offset} if keep_ok else {}
