@@ -98,7 +98,7 @@ def cache_logits_cmd(
         result = _merge_on_rank0(st, params, result, dist)
     if isinstance(result, ShardReport):
         console.print(f"[cyan]{result.summary()}[/]")
-        if result.done_units == result.total_units:
+        if result.done_units == result.total_units and dist is None:
             console.print("all units done: merge with the same options plus --merge")
         return
     if result is None:
