@@ -101,6 +101,7 @@ class Plan:
     key: str
     pad_id: int
     notes: list[str] = field(default_factory=list)
+    chat_template_sha256: str | None = None  # with --template chat: which chat template rendered the prompts
 
     @property
     def name(self) -> str:
@@ -259,15 +260,17 @@ def plan_cache(store: DatasetStore, params: LogitCacheParams, tok: Any | None = 
         raise CurateError(f"{parent.ref} config {params.config!r} has no rows to cache")
     fingerprint = tokenizer_fingerprint(tok)
     revision = teacher_identity(ref)
+    chat = getattr(tok, "chat_template", None) if params.template == "chat" else None
+    chat_sha = hashlib.sha256(chat.encode()).hexdigest() if isinstance(chat, str) else None
     key_src = {
         "parent": parent.hash, "builder": BUILDER_VERSION, "teacher": ref.describe(), "revision": revision,
-        "fingerprint": fingerprint, "scheme": scheme.name,
+        "fingerprint": fingerprint, "scheme": scheme.name, "chat_template": chat_sha,
         **{k: v for k, v in asdict(params).items() if k not in ("dataset", "device", "rows_per_file", "name")},
     }
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:16]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     plan = Plan(parent, params, examples, make_units(examples, params.chunk_size), words, label_ids, fingerprint,
-                vocab, revision, key, int(pad_id), notes)
+                vocab, revision, key, int(pad_id), notes, chat_sha)
     labelled = [e for e in examples if e.label in words]
     agree = sum(e.input_ids[e.prompt_len] == label_ids[list(words).index(e.label)] for e in labelled)
     if agree < len(labelled):
@@ -412,6 +415,7 @@ def merge_units(store: DatasetStore, plan: Plan, work: Path, *, teacher: dict[st
         "load_in": quant_mode,
         "template": p.template,
         "template_rule": TEMPLATE_RULES[p.template],
+        "chat_template_sha256": plan.chat_template_sha256,
         "label_words": {str(k): v for k, v in plan.label_words.items()},
         "label_token_ids": plan.label_token_ids,
         "label_prefix": p.label_prefix,

@@ -261,6 +261,7 @@ def test_cli_chat_template_and_duckdb_queries(tmp_path: Path, small_dfar: Path, 
     assert "built dfar-l-logits@v1" in out.output and "bytes/token" in out.output
     v = store.get("dfar-l-logits")
     assert v.manifest["params"]["template"] == "chat" and "README.md" in {p.name for p in v.path.iterdir()}
+    assert len(v.manifest["params"]["chat_template_sha256"]) == 64
     ex = load_cache(v)[0]
     assert ex.input_ids[0] == tok.convert_tokens_to_ids("<|im_start|>") and len(ex.target_ids) == 1
     per_label = query(
