@@ -31,7 +31,14 @@ import pyarrow.parquet as pq
 from builders.base import BuildResult
 from curate.errors import CurateError
 from curate.logit_codec import CACHE_CONFIG, DEFAULT_SCHEME, cache_schema, encode_logprobs, get_scheme
-from curate.models import ModelRef, decide_quantization, load_causal_lm, load_tokenizer, tokenizer_fingerprint
+from curate.models import (
+    ModelRef,
+    decide_quantization,
+    load_causal_lm,
+    load_tokenizer,
+    prompt_token_ids,
+    tokenizer_fingerprint,
+)
 from curate.store import DatasetStore, SourceFile, Version, sha256_file
 
 BUILDER_VERSION = "1.0.0"
@@ -185,15 +192,6 @@ def label_token_ids(tok: Any, words: dict[int, str], prefix: str, teacher: str) 
     return [out[lab] for lab in words]
 
 
-def prompt_ids(tok: Any, prompt: str, template: str) -> list[int]:
-    if template == "plain":
-        return list(tok(prompt).input_ids)
-    if not getattr(tok, "chat_template", None):
-        raise CurateError("--template chat needs a tokenizer with a chat template; this one has none")
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-
-
 def tokenize_examples(tok: Any, tables: dict[str, pa.Table], params: LogitCacheParams,
                       notes: list[str]) -> list[Example]:
     out = []
@@ -208,7 +206,7 @@ def tokenize_examples(tok: Any, tables: dict[str, pa.Table], params: LogitCacheP
                 raise CurateError(f"{where}: empty completion; the cache scores completion tokens")
             if prompt is None:
                 raise CurateError(f"{where}: prompt is null")
-            p = prompt_ids(tok, prompt, params.template)
+            p = prompt_token_ids(tok, prompt, params.template)
             c = list(tok(completion, add_special_tokens=False).input_ids)
             if not p:
                 raise CurateError(f"{where}: the prompt tokenizes to nothing; the first completion token needs "

@@ -149,3 +149,17 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     special = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
     payload = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def prompt_token_ids(tok: Any, prompt: str, template: str) -> list[int]:
+    """Prompt ids under the `plain` (as written) or `chat` (tokenizer chat template) rule.
+
+    The teacher-logit cache and the trainers both call this, so a cached teacher and a student tokenize a
+    prompt identically.
+    """
+    if template == "plain":
+        return list(tok(prompt).input_ids)
+    if not getattr(tok, "chat_template", None):
+        raise CurateError("template 'chat' needs a tokenizer with a chat template; this one has none")
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)

@@ -15,17 +15,9 @@ import torch
 from torch.utils.data import Dataset
 
 from curate.errors import CurateError
+from curate.models import prompt_token_ids
 
 IGNORE = -100  # label value the loss skips (prompt and padding)
-
-
-def prompt_token_ids(tok: Any, prompt: str, template: str) -> list[int]:
-    if template == "plain":
-        return list(tok(prompt).input_ids)
-    if not getattr(tok, "chat_template", None):
-        raise CurateError("template 'chat' needs a tokenizer with a chat template; this one has none")
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 @dataclass

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
+from curate.models import prompt_token_ids
 from curate.teacher_scoring import pad_batch  # right padding, shared with the logit cache
-from train.data import prompt_token_ids
 from train.token_rows import accepts_logits_to_keep
 
 
