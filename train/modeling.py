@@ -4,6 +4,7 @@ rebuilding a trained run (base + adapter) for evaluation or as a teacher."""
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from curate.errors import CurateError
 from curate.models import ModelRef, QuantDecision, decide_quantization, load_causal_lm, load_tokenizer
 
 RUN_FILE = "run.json"
+log = logging.getLogger(__name__)
 
 
 def model_ref(spec: str, gguf_file: str | None = None) -> ModelRef:
@@ -31,9 +33,7 @@ def quantization(load_in_8bit: bool, load_in_4bit: bool) -> QuantDecision:
         warnings.simplefilter("ignore")
         decision = decide_quantization(load_in_8bit, load_in_4bit, strict=False)
     if decision.mode == "none" and (load_in_8bit or load_in_4bit):
-        from curate.cli import err_console
-
-        err_console.print(f"[yellow]warning:[/] {decision.reason}", highlight=False)
+        log.warning(decision.reason)
     return decision
 
 

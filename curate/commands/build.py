@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from builders.base import BuildResult
-from curate.cli import StoreOpt, build_app, console, friendly_errors
+from curate.commands._app import StoreOpt, build_app, console, friendly_errors
 from curate.store import DatasetStore
 
 SourceOpt = Annotated[

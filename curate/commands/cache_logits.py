@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from curate.cli import StoreOpt, app, console, friendly_errors
+from curate.commands._app import StoreOpt, app, console, friendly_errors
 from curate.errors import CurateError
 from curate.logit_codec import DEFAULT_SCHEME, SCHEMES
 from curate.store import DatasetStore

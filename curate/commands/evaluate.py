@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from curate.cli import StoreOpt, app, console, friendly_errors
+from curate.commands._app import StoreOpt, app, console, friendly_errors
 
 
 @app.command("eval")

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from curate.cli import StoreOpt, app, console, friendly_errors
+from curate.commands._app import StoreOpt, app, console, friendly_errors
 from curate.errors import CurateError
 from curate.store import DatasetStore
 

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from curate.cli import StoreOpt, app, build_app, console, friendly_errors
+from curate.commands._app import StoreOpt, app, build_app, console, friendly_errors
 from curate.commands.build import report
 from curate.errors import CurateError
 from curate.store import DatasetStore

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from curate.cli import StoreOpt, app, console, friendly_errors
+from curate.commands._app import StoreOpt, app, console, friendly_errors
 from curate.errors import CurateError
 
 train_app = typer.Typer(help="Fine-tune (SFT: label only or label + reason) or distil (KD) a student.",
