@@ -41,6 +41,17 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 HASH_LEN = 16  # hex chars shown / used in folder names; the full sha256 lives in the manifest
 
 
+def check_name(name: object, what: str = "dataset name") -> str:
+    """The one name rule for anything that becomes a folder in the store (CLI, pulled manifests, `--name`).
+
+    Lower-case letters, digits, `_` and `-`, starting with a letter or digit: no `/`, `..`, absolute paths.
+    """
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise CurateError(f"{what} {str(name)!r} is not allowed: use lower-case letters, digits, '_' and '-' "
+                          f"(matching {NAME_RE.pattern})")
+    return name
+
+
 def resolve_store_root(root: str | os.PathLike[str] | None = None) -> Path:
     """`--store` beats `$CURATE_STORE` beats `./.curate`."""
     if root is None:
