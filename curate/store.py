@@ -31,6 +31,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate.atomic import atomic_place_dir, atomic_write_json
 from curate.errors import CurateError
 
 DEFAULT_STORE = ".curate"
@@ -337,9 +338,9 @@ class DatasetStore:
             (writer.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
             (writer.tmp / CARD).write_text(render_dataset_card(manifest))
             final = ds_dir / "versions" / full_hash[:HASH_LEN]
-            os.rename(writer.tmp, final)
+            atomic_place_dir(writer.tmp, final)
             tags[tag] = full_hash[:HASH_LEN]
-            _atomic_write_json(ds_dir / "tags.json", tags)
+            atomic_write_json(ds_dir / "tags.json", tags)
         return CommitResult(self._load(name, tag, full_hash[:HASH_LEN]), created=True)
 
     def import_version(self, name: str, folder: Path, expected_hash: str) -> CommitResult:
@@ -364,9 +365,9 @@ class DatasetStore:
                 f"v{max((_tag_number(t) for t in tags), default=0) + 1}"
             )
             final = ds_dir / "versions" / actual[:HASH_LEN]
-            os.rename(tmp, final)
+            atomic_place_dir(tmp, final)
             tags[tag] = actual[:HASH_LEN]
-            _atomic_write_json(ds_dir / "tags.json", tags)
+            atomic_write_json(ds_dir / "tags.json", tags)
         return CommitResult(self._load(name, tag, actual[:HASH_LEN]), created=True)
 
     # ---- internals -----------------------------------------------------------------------
@@ -403,8 +404,3 @@ def _tag_number(tag: str) -> int:
     m = re.fullmatch(r"v(\d+)", tag)
     return int(m.group(1)) if m else 0
 
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(f".tmp-{uuid.uuid4().hex}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)

@@ -87,3 +87,26 @@ def test_import_version_verifies_hash(store: DatasetStore, tmp_path) -> None:
     r = store.import_version("toy", src.path, src.hash)
     assert r.created and r.version.hash == src.hash
     assert store.import_version("toy", src.path, src.hash).created is False
+
+
+def test_atomic_helpers_leave_old_or_new(tmp_path) -> None:
+    from curate.atomic import atomic_path, atomic_place_dir, atomic_write_json, atomic_write_text
+
+    dest = tmp_path / "a.json"
+    atomic_write_json(dest, {"k": "é"})
+    assert json.loads(dest.read_text(encoding="utf-8")) == {"k": "é"}
+    with pytest.raises(RuntimeError), atomic_path(dest) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash")
+    assert json.loads(dest.read_text(encoding="utf-8")) == {"k": "é"}  # untouched, temp gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+    atomic_write_text(dest, "new")
+    assert dest.read_text() == "new"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    atomic_place_dir(src, tmp_path / "dst")
+    assert (tmp_path / "dst" / "f").read_text() == "x" and not src.exists()
+    (tmp_path / "src2").mkdir()
+    with pytest.raises(FileExistsError):
+        atomic_place_dir(tmp_path / "src2", tmp_path / "dst")
