@@ -101,7 +101,7 @@ eval *args: install
 # Lint and run the whole test suite.
 test *args: install
     .venv/bin/ruff check .
-    .venv/bin/python -m pytest -q "$@"
+    .venv/bin/python -m pytest -q -rs "$@"
 
 # Run the benchmarks (print tables, write benchmarks/results/*.json).
 bench-store: install

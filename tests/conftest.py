@@ -14,12 +14,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# A skip is allowed only for these markers; any other skip (missing data, a missing package) is a failure, so a
+# run cannot go green without the tests that matter.
+ALLOWED_SKIP_MARKERS = ("hub", "optin")
+
+
 def shared(*parts: str) -> Path:
-    """A path under ../shared/data, skipping the test (with the reason) when it is absent."""
+    """A path under ../shared/data; the test fails loudly (never skips) when it is absent."""
     p = SHARED_DATA.joinpath(*parts)
     if not p.exists():
-        pytest.skip(f"real data {p} is not present (expected ../shared/data beside the repo)")
+        pytest.fail(f"real data {p} is not present (expected ../shared/data beside the repo)", pytrace=False)
     return p
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type: ignore[no-untyped-def]
+    """Turn a skip into a failure unless the test is the real-Hub smoke test or explicitly opt-in."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and not hasattr(report, "wasxfail"):
+        if not any(item.get_closest_marker(m) for m in ALLOWED_SKIP_MARKERS):
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            report.outcome = "failed"
+            report.longrepr = f"skipped, but only tests marked {ALLOWED_SKIP_MARKERS} may skip: {reason}"
 
 
 @pytest.fixture

@@ -384,6 +384,7 @@ def test_truncated_download_is_resumed_with_a_range_request(hub_server: HubServe
     ]
 
 
+@pytest.mark.optin
 @pytest.mark.skipif(
     not os.environ.get("HUB_SERVER_SLOW_TESTS"),
     reason="~25 s of client backoff sleeps; set HUB_SERVER_SLOW_TESTS=1 to run",
