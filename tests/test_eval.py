@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from tests.tiny import save_tiny, single_thread, smollm2_tokenizer, write_tiny_dfar
 from train.metrics import classification_metrics, confusion, misalignment
 from train.scoring import parse_generation
-from train.tiny import save_tiny, single_thread, smollm2_tokenizer, write_tiny_dfar
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from curate.errors import CurateError
+from tests.tiny import single_thread
 from train.losses import LOSSES, get_loss
 from train.losses.base import RESIDUAL_FLOOR
-from train.tiny import single_thread
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -172,10 +172,10 @@ def test_unknown_loss_is_refused() -> None:
 
 
 def test_gradients_reach_only_lora_parameters() -> None:
+    from tests.tiny import tiny_llama
     from train.kd import ce_and_distillation
     from train.kd_data import KDCollator, kd_features
     from train.modeling import add_lora
-    from train.tiny import tiny_llama
     from train.token_rows import logprobs_at, supervised_positions
 
     vocab, k = 40, 5

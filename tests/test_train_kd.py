@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from curate.errors import CurateError
 from curate.store import DatasetStore
+from tests.tiny import save_tiny, single_thread, smollm2_tokenizer, tiny_llama, write_tiny_dfar
 from train.config import KDConfig, load_config
-from train.tiny import save_tiny, single_thread, smollm2_tokenizer, tiny_llama, write_tiny_dfar
 
 
 @pytest.fixture(autouse=True, scope="module")

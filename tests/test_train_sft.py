@@ -13,9 +13,9 @@ import yaml
 from typer.testing import CliRunner
 
 from curate.errors import CurateError
+from tests.tiny import save_tiny, single_thread, smollm2_tokenizer, write_tiny_dfar
 from train.config import SFTConfig, load_config
 from train.data import IGNORE, pack, tokenize_rows
-from train.tiny import save_tiny, single_thread, smollm2_tokenizer, write_tiny_dfar
 
 
 @pytest.fixture(autouse=True, scope="module")

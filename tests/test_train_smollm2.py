@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.tiny import single_thread, smollm2_tokenizer, write_tiny_dfar
+from tests.tiny import single_thread, smollm2_tokenizer, write_tiny_dfar
 
 
 @pytest.fixture(autouse=True, scope="module")

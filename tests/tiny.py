@@ -1,5 +1,5 @@
-"""Tiny random Llama-shaped models on a real tokenizer, for tests and benchmarks: real ids, real code
-paths, seconds instead of minutes."""
+"""Tiny random Llama-shaped models on a real tokenizer, and a small DFAR source folder: test and benchmark
+fixtures (real ids, real code paths, seconds instead of minutes), kept out of the shipped packages."""
 
 from __future__ import annotations
 
