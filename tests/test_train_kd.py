@@ -152,3 +152,66 @@ def test_cli_kd_and_bad_options(world: dict[str, Path], tmp_path: Path) -> None:
     assert bad.exit_code == 1 and "alpha must be in [0, 1]" in bad.output
     bad = runner.invoke(app, ["train", "kd", "--store", str(world["store"]), "--kd-target", "logits"])
     assert bad.exit_code == 1 and "kd_target must be one of" in bad.output
+
+
+@pytest.fixture(scope="module")
+def self_cache(tmp_path_factory: pytest.TempPathFactory, tok) -> dict[str, Path]:
+    """A sharpened tiny model whose own logits are cached (fp16, k=16) by the real builder, loaded from its folder."""
+    from builders.dfar import build_dfar
+    from builders.teacher_logits import LogitCacheParams, cache_teacher_logits
+
+    root = tmp_path_factory.mktemp("self-kd")
+    store = DatasetStore(root / "store")
+    build_dfar(store, write_tiny_dfar(root / "src", 8, 4))
+    model = tiny_llama(len(tok), hidden=32, seed=3, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():  # sharp distributions, so neighbouring positions disagree strongly
+        model.model.norm.weight.mul_(40.0)
+    folder = root / "model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    params = LogitCacheParams(dataset="dfar", config="lr", splits=["train"], teacher=str(folder), k=16,
+                              quantization="fp16", max_length=64, batch_size=4, chunk_size=8, dtype="float32",
+                              device="cpu")
+    cache_teacher_logits(store, params, tokenizer=tok, progress=False)
+    return {"store": store.root, "model": folder}
+
+
+def test_distilling_a_model_into_itself_has_zero_kd_at_step_zero(self_cache: dict[str, Path], tmp_path: Path,
+                                                                 tok) -> None:
+    """Cache rows and student logits line up: the student *is* the teacher, so the first KD term is ~0 (fp16
+    cache rounding only), while the same rows read one position off give a KD term orders of magnitude larger."""
+    from curate.logit_codec import load_cache
+    from train.kd import ce_and_distillation, run_kd
+    from train.kd_data import KDCollator, kd_features
+    from train.losses import get_loss
+    from train.modeling import load_student
+    from train.token_rows import logprobs_at, supervised_positions
+
+    cfg = load_config(KDConfig, None, {**QUICK, "model": str(self_cache["model"]), "store": str(self_cache["store"]),
+                                       "run_dir": str(tmp_path / "run"), "alpha": 0.0, "max_steps": 1,
+                                       "batch_size": 8, "use_lora": False, "dtype": "float32", "temperature": 2.0})
+    result = run_kd(cfg, tokenizer=tok)
+    first_kd = _losses(result.metrics, "kd")[0]
+    assert 0 <= first_kd < 1e-5, first_kd  # measured 2.5e-7; one position off: ~36
+
+    model, _, _ = load_student(cfg, tok)
+    model.eval()
+    feats = [kd_features(e, 64) for e in load_cache(DatasetStore(self_cache["store"]).get("dfar-lr-logits"),
+                                                     "train")]
+    batch = KDCollator(tok.pad_token_id, num_labels=2)([f for f in feats if f is not None])
+    rows, pos, targets = supervised_positions(batch["labels"])
+    with torch.no_grad():
+        logprobs = logprobs_at(model, batch["input_ids"], batch["attention_mask"], rows, pos)
+    kd_loss = get_loss(cfg.loss)
+
+    def kd_with_shift(shift: int) -> float:
+        keep = (pos - batch["answer_pos"][rows] - shift >= 0) & (pos - batch["answer_pos"][rows] - shift
+                                                                 < batch["kd_mask"].sum(-1)[rows])
+        shifted = {**batch, "answer_pos": batch["answer_pos"] + shift}
+        _, kd = ce_and_distillation(logprobs[keep], rows[keep], pos[keep], targets[keep], shifted, kd_loss=kd_loss,
+                                    temperature=cfg.temperature)
+        return float(kd)
+
+    assert kd_with_shift(0) == pytest.approx(first_kd, rel=1e-3, abs=1e-6)
+    for shift in (-1, 1):
+        assert kd_with_shift(shift) > 1.0, shift
