@@ -7,11 +7,14 @@ from typing import Any
 __version__ = "0.1.0"
 
 
-def query(sql: str, store: Any = None, hub: str | None = None) -> Any:
-    """Run SQL over the store's DuckDB views; returns a `polars.DataFrame` (see `curate.query`)."""
+def query(sql: str, store: Any = None, hub: str | None = None, **kwargs: Any) -> Any:
+    """Run SQL over the store's (or a Hub repo's) DuckDB views; returns a `polars.DataFrame`.
+
+    `endpoint=` / `token=` apply with `hub=` (see `curate.sql_views.query`).
+    """
     from curate.sql_views import query as _query
 
-    return _query(sql, store, hub)
+    return _query(sql, store, hub, **kwargs)
 
 
 def push(ref: str, repo_id: str, store: Any = None, **kwargs: Any) -> Any:

@@ -2,23 +2,49 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import jinja2
 from huggingface_hub import DatasetCardData
+from markupsafe import Markup, escape
 
 CARDS_DIR = Path(__file__).resolve().parents[1] / "cards"
+# Templates whose every `{{ value }}` is HTML-escaped: dataset cards quote data rows (duplicate statements,
+# source paths, a pulled manifest's fields), and the Hub renders a card's Markdown, raw HTML included.
+AUTOESCAPED = ("dataset_card.md.j2",)
+
+
+def code_span(value: object, table: bool = False) -> Markup:
+    """`value` as a Markdown inline code span: literal text (HTML inside is shown, not run), on one line,
+    fenced with more backticks than any run inside it (CommonMark's rule) so it cannot close early; in a
+    table (`table=True`) `|` is escaped too, which GFM requires even inside code spans."""
+    text = " ".join(str(value).splitlines())
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    if table:
+        text = text.replace("|", "\\|")
+    return Markup(f"{fence}{pad}{text}{pad}{fence}")
+
+
+def table_cell(value: object) -> Markup:
+    """Text for a Markdown table cell: HTML-escaped, `|` escaped, on one line."""
+    return Markup(str(escape(" ".join(str(value).splitlines()))).replace("|", "\\|"))
 
 
 def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(CARDS_DIR),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
+        autoescape=lambda name: name in AUTOESCAPED,
     )
+    env.filters["code"] = code_span
+    env.filters["cell"] = table_cell
+    return env
 
 
 def card_front_matter(manifest: dict[str, Any]) -> str:

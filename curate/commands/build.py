@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from builders.base import BuildResult
-from curate.commands._app import StoreOpt, build_app, console, friendly_errors
+from curate.commands._app import StoreOpt, build_app, console, friendly_errors, safe
 from curate.store import DatasetStore
 
 SourceOpt = Annotated[
@@ -20,13 +20,13 @@ LimitOpt = Annotated[
 
 
 def report(result: BuildResult) -> None:
-    for note in result.notes[:20]:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    for note in result.notes[:20]:  # notes quote data rows: escaped (safe) so they print as they are
+        console.print(f"[yellow]note:[/] {safe(note)}", highlight=False)
     if len(result.notes) > 20:
         console.print(f"[yellow]note:[/] … {len(result.notes) - 20} more in the card")
     style = "green" if result.created else "cyan"
-    console.print(f"[{style}]{result.summary()}[/]")
-    console.print(f"  {result.version.path}")
+    console.print(f"[{style}]{safe(result.summary())}[/]")
+    console.print(f"  {safe(result.version.path)}", highlight=False)
 
 
 @build_app.command("dfar")

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import sys
+from enum import StrEnum
 from typing import Annotated
 
 import typer
-from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 
-from curate.commands._app import StoreOpt, app, console, friendly_errors
+from curate.commands._app import StoreOpt, app, console, friendly_errors, safe
+from curate.commands.hub import EndpointOpt
 from curate.errors import CurateError
 from curate.store import DatasetStore
 
-FORMATS = ("table", "csv", "json")
+
+class Format(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
 
 
 @app.command("query")
@@ -21,10 +27,11 @@ FORMATS = ("table", "csv", "json")
 def query_cmd(
     sql: Annotated[str | None, typer.Argument(help="SQL; views are named after datasets (see --list).")] = None,
     store: StoreOpt = None,
-    fmt: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
+    fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.table,
     hub: Annotated[
-        str | None, typer.Option("--hub", help="Query a Hub dataset repo instead: ORG/NAME[@REVISION].")
+        str | None, typer.Option("--hub", help="Query a Hub dataset repo instead: ORG/NAME\\[@REVISION].")
     ] = None,
+    endpoint: EndpointOpt = None,
     list_views: Annotated[bool, typer.Option("--list", help="List the view names and exit.")] = False,
     limit: Annotated[int, typer.Option(help="Rows shown by --format table.")] = 50,
 ) -> None:
@@ -32,26 +39,44 @@ def query_cmd(
     `"dfar@v1"` / `"dfar@v1__lr"` a specific version; every config view has a `split` column."""
     from curate.sql_views import describe_views, query
 
-    if fmt not in FORMATS:
-        raise CurateError(f"--format must be one of {', '.join(FORMATS)}")
     st = DatasetStore(store)
     if list_views:
         t = Table("view", "version [config]", "rows")
         for name, ref, rows in describe_views(st):
-            t.add_row(name if name.isidentifier() else f'"{name}"', escape(ref), f"{rows:,}")
-        console.print(t)
+            shown = name if name.isidentifier() else f'"{name}"'
+            t.add_row(safe(shown), safe(ref), "?" if rows is None else f"{rows:,}")
+        _print_table(t)
         return
     if not sql:
         raise CurateError("give a SQL query, e.g. curate query \"SELECT split, count(*) FROM dfar GROUP BY ALL\"")
-    df = query(sql, st, hub=hub)
-    if fmt == "csv":
-        sys.stdout.write(df.write_csv())
-    elif fmt == "json":
-        sys.stdout.write(df.write_json() + "\n")
+    if endpoint and not hub:
+        raise CurateError("--endpoint only applies with --hub ORG/NAME[@REVISION]")
+    df = query(sql, st, hub=hub, endpoint=endpoint)
+    if fmt is Format.csv:
+        _write_raw(df.write_csv())
+    elif fmt is Format.json:
+        _write_raw(df.write_json() + "\n")
     else:
-        t = Table(*df.columns)
+        t = Table(*(safe(c) for c in df.columns))
         for row in df.head(limit).iter_rows():
-            t.add_row(*("" if v is None else str(v) for v in row))
-        console.print(t)
+            t.add_row(*("" if v is None else safe(v) for v in row))
+        _print_table(t)
         if df.height > limit:
-            console.print(f"… {df.height - limit:,} more rows (use --format csv for all)")
+            console.print(f"… {df.height - limit:,} more rows (use --format csv for all)", highlight=False)
+
+
+def _print_table(t: Table) -> None:
+    """Off a terminal the table is as wide as its widest row, so no cell is wrapped or cut with `…`."""
+    width = None
+    if not console.is_terminal:
+        width = max(console.width, Measurement.get(console, console.options.update(width=1 << 20), t).maximum)
+    console.print(t, width=width, crop=False)
+
+
+def _write_raw(text: str) -> None:
+    """csv/json go out exactly as they are, except that a terminal gets control characters made visible
+    (a pipe or file gets the bytes unchanged)."""
+    if sys.stdout.isatty():
+        text = "".join(ch if ch in "\n\t" or (ch.isprintable() and ord(ch) >= 32) else f"\\x{ord(ch):02x}"
+                       for ch in text)
+    sys.stdout.write(text)
