@@ -52,7 +52,7 @@ datasets: install
 
 # With OPENAI_BASE_URL or OPENAI_API_KEY set, build-sage-responses calls that endpoint (default model
 # gpt-3.5-turbo); otherwise it runs against the offline replay server of recorded gpt-3.5-turbo answers
-# (tests/openai_server). SAGE_QUESTIONS overrides the question file.
+# (`python -m curate.replay`). SAGE_QUESTIONS overrides the question file.
 
 # Build SaGE-filtered responses: answers, Rules of Thumb, SaGE scores, decaying-threshold selection.
 build-sage-responses *args: install
@@ -61,7 +61,7 @@ build-sage-responses *args: install
     questions="${SAGE_QUESTIONS:-{{shared}}/sage/quality100/q100.csv}"
     if [ -z "${OPENAI_BASE_URL:-}" ] && [ -z "${OPENAI_API_KEY:-}" ]; then
         port="${SAGE_REPLAY_PORT:-8765}"
-        .venv/bin/python -m tests.openai_server --port "$port" & server=$!
+        .venv/bin/python -m curate.replay --port "$port" --data-dir "{{shared}}" & server=$!
         trap 'kill $server 2>/dev/null' EXIT
         .venv/bin/python -c "import socket, time, sys
     for _ in range(200):

@@ -109,7 +109,7 @@ def bench_scoring(skip_baseline: bool) -> dict[str, Any]:
 
 
 def bench_throughput(concurrencies: list[int], latency: float, per_slot: int) -> list[dict[str, Any]]:
-    from tests.openai_server.fixture import OpenAIServer
+    from curate.replay.server import OpenAIServer
 
     df = pl.read_csv(ROT_CSV)
     prompts = list({json.dumps(m): m for m in (answer_messages(p) for p in df["paraphrased"])}.values())

@@ -11,6 +11,9 @@ What it adds on top of the ``openai`` SDK:
   the same cache, including re-attaching to batches a previous run submitted;
 * usage accounting (tokens, calls vs cache hits, retries) and an estimated dollar cost.
 
+The response cache lives in `curate.llm_cache` and the price table in `curate.pricing`; both are
+re-exported here. The endpoint URL is recorded (cache keys, logs) only through `curate.urls.redact_url`.
+
 The API key is read from the environment (``OPENAI_API_KEY`` or the variable named by
 ``LLMConfig.api_key_env``) and is never logged, stored in the cache, or kept on the config object.
 """
@@ -20,12 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
-import hashlib
 import json
+import logging
 import os
 import random
-import sqlite3
-import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
@@ -37,27 +38,22 @@ from urllib.parse import urlparse
 
 import openai
 
-Messages = Sequence[Mapping[str, str]]
+from curate.llm_cache import CACHE_FILE, Messages, ResponseCache, cache_key
+from curate.pricing import BATCH_PRICE_FACTOR, PRICES_PER_1M, estimate_cost, price_for
+from curate.urls import redact_url, split_credentials
+
+# Re-exported: callers (and older code) import these names from `curate.llm`.
+__all__ = [
+    "BATCH_PRICE_FACTOR", "PRICES_PER_1M", "Completion", "LLMClient", "LLMConfig", "LLMConfigError", "LLMError",
+    "Messages", "ResponseCache", "Usage", "cache_key", "price_for", "resolve_base_url", "rich_progress",
+]
 ProgressCallback = Callable[[int, int], None]
 T = TypeVar("T")
-
-# Dollars per 1M tokens (input, output), standard online tier. Check the provider's current price list
-# before trusting the estimate; unknown models report cost None rather than a guess.
-PRICES_PER_1M: dict[str, tuple[float, float]] = {
-    "gpt-3.5-turbo": (0.50, 1.50),
-    "gpt-4": (30.00, 60.00),
-    "gpt-4-turbo": (10.00, 30.00),
-    "gpt-4o": (2.50, 10.00),
-    "gpt-4o-mini": (0.15, 0.60),
-    "gpt-4.1": (2.00, 8.00),
-    "gpt-4.1-mini": (0.40, 1.60),
-    "gpt-4.1-nano": (0.10, 0.40),
-}
-BATCH_PRICE_FACTOR = 0.5  # the Batch API bills half the online price
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 TERMINAL_BATCH_STATES = frozenset({"completed", "failed", "expired", "cancelled"})
 MAX_BATCH_REQUESTS = 50_000  # OpenAI's per-batch request limit
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 
 class LLMError(RuntimeError):
@@ -66,14 +62,6 @@ class LLMError(RuntimeError):
 
 class LLMConfigError(ValueError):
     """The client cannot be set up (e.g. no API key for a remote endpoint)."""
-
-
-def price_for(model: str) -> tuple[float, float] | None:
-    """Per-1M-token prices for ``model`` (dated ids such as ``gpt-4o-2024-08-06`` map to their family)."""
-    if model in PRICES_PER_1M:
-        return PRICES_PER_1M[model]
-    family = [name for name in PRICES_PER_1M if model.startswith(name + "-")]
-    return PRICES_PER_1M[max(family, key=len)] if family else None
 
 
 @dataclass
@@ -146,13 +134,8 @@ class Usage:
 
     def cost(self, model: str) -> float | None:
         """Estimated dollars for the calls made (Batch API at half price); None for unknown models."""
-        price = price_for(model)
-        if price is None:
-            return None
-        p_in, p_out = price
-        online = self.prompt_tokens * p_in + self.completion_tokens * p_out
-        batch = (self.batch_prompt_tokens * p_in + self.batch_completion_tokens * p_out) * BATCH_PRICE_FACTOR
-        return (online + batch) / 1e6
+        return estimate_cost(model, self.prompt_tokens, self.completion_tokens, self.batch_prompt_tokens,
+                             self.batch_completion_tokens)
 
     def summary(self, model: str) -> dict[str, Any]:
         out = asdict(self)
@@ -160,101 +143,6 @@ class Usage:
         out["model"] = model
         out["estimated_cost_usd"] = self.cost(model)
         return out
-
-
-def cache_key(model: str, messages: Messages, params: Mapping[str, Any], sample: int) -> str:
-    """sha256 over everything that determines a reply: model, messages, sampling params, sample index.
-
-    The endpoint URL is deliberately not part of it: the same model behind another gateway may reuse it.
-    """
-    payload = {
-        "model": model,
-        "messages": [dict(m) for m in messages],
-        "params": {k: v for k, v in sorted(params.items()) if v is not None},
-        "sample": sample,
-    }
-    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-class ResponseCache:
-    """Completed replies and submitted batches in one SQLite file.
-
-    sqlite3 rather than a cache library: it is in the standard library, it is one file that is easy to
-    copy or delete, and each reply is committed in its own transaction (WAL journal), so a run killed at
-    any point keeps every reply received before it and a resume never repeats a paid call.
-    ``path=None`` keeps the cache in memory (nothing persists).
-    """
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path) if path else ":memory:", check_same_thread=False)
-        with self._lock, self._db:
-            if path is not None:
-                self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS completions (key TEXT PRIMARY KEY, model TEXT, request TEXT,"
-                " text TEXT, finish_reason TEXT, prompt_tokens INTEGER, completion_tokens INTEGER,"
-                " source TEXT, created REAL)"
-            )
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS batches (batch_id TEXT PRIMARY KEY, input_file_id TEXT,"
-                " keys TEXT, status TEXT, created REAL)"
-            )
-
-    def get_many(self, keys: Sequence[str]) -> dict[str, tuple[str, str | None, int, int]]:
-        found: dict[str, tuple[str, str | None, int, int]] = {}
-        unique = list(dict.fromkeys(keys))
-        with self._lock:
-            for start in range(0, len(unique), 500):
-                chunk = unique[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                rows = self._db.execute(
-                    f"SELECT key, text, finish_reason, prompt_tokens, completion_tokens FROM completions"
-                    f" WHERE key IN ({marks})",
-                    chunk,
-                ).fetchall()
-                for key, text, finish, pt, ct in rows:
-                    found[key] = (text, finish, pt, ct)
-        return found
-
-    def put(self, key: str, model: str, request: Mapping[str, Any], text: str, finish_reason: str | None,
-            prompt_tokens: int, completion_tokens: int, source: str) -> None:
-        with self._lock, self._db:
-            self._db.execute(
-                "INSERT OR REPLACE INTO completions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (key, model, json.dumps(request, ensure_ascii=False), text, finish_reason, prompt_tokens,
-                 completion_tokens, source, time.time()),
-            )
-
-    def __len__(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT count(*) FROM completions").fetchone()[0])
-
-    def add_batch(self, batch_id: str, input_file_id: str, keys: Sequence[str]) -> None:
-        with self._lock, self._db:
-            self._db.execute(
-                "INSERT OR REPLACE INTO batches VALUES (?, ?, ?, ?, ?)",
-                (batch_id, input_file_id, json.dumps(list(keys)), "submitted", time.time()),
-            )
-
-    def set_batch_status(self, batch_id: str, status: str) -> None:
-        with self._lock, self._db:
-            self._db.execute("UPDATE batches SET status = ? WHERE batch_id = ?", (status, batch_id))
-
-    def open_batches(self) -> dict[str, set[str]]:
-        """Batches submitted but not yet ingested: batch id -> the cache keys it will answer."""
-        with self._lock:
-            rows = self._db.execute("SELECT batch_id, keys FROM batches WHERE status = 'submitted'").fetchall()
-        return {batch_id: set(json.loads(keys)) for batch_id, keys in rows}
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
 
 
 def _retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
@@ -275,6 +163,27 @@ def _retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
         if parsed is not None:
             return max(0.0, email.utils.mktime_tz(parsed) - time.time())
     return None
+
+
+def resolve_base_url(base_url: str | None = None) -> str:
+    """The endpoint a client with this ``base_url`` talks to: it, else ``$OPENAI_BASE_URL``, else OpenAI's."""
+    return base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+
+
+class _RedactURLs(logging.Filter):
+    """Rewrites URL arguments of httpx's request log lines through `redact_url` (query-string keys)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact_url(str(a)) if "://" in str(a) else a for a in record.args)
+        return True
+
+
+def _install_log_redaction() -> None:
+    for name in ("httpx", "openai"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _RedactURLs) for f in logger.filters):
+            logger.addFilter(_RedactURLs())
 
 
 def _is_local(base_url: str | None) -> bool:
@@ -318,9 +227,11 @@ class LLMClient:
             raise TypeError(f"unknown LLMConfig field(s) {unknown}")
         cfg = replace(cfg, **overrides)  # a copy: the caller's config object is never mutated
         self.config = cfg
-        self.base_url = cfg.base_url or os.environ.get("OPENAI_BASE_URL")
+        self.base_url = resolve_base_url(cfg.base_url)  # may hold credentials: never written anywhere
+        self.endpoint = redact_url(self.base_url)  # what is recorded (cache keys, manifests, logs)
         self._check_api_key()
-        cache_path = Path(cfg.cache_dir) / "responses.sqlite" if cfg.cache_dir is not None else None
+        _install_log_redaction()
+        cache_path = Path(cfg.cache_dir) / CACHE_FILE if cfg.cache_dir is not None else None
         self.cache = ResponseCache(cache_path)
         self.usage = Usage()
         self._pause_until = 0.0  # monotonic time before which no request is sent (after a Retry-After)
@@ -336,8 +247,13 @@ class LLMClient:
     def _sdk(self) -> openai.AsyncOpenAI:
         # A placeholder key is fine for local OpenAI-compatible servers, which ignore it.
         key = os.environ.get(self.config.api_key_env) or "local-no-key"
+        # Userinfo and query go to the SDK as basic auth and default query parameters (what httpx would do
+        # with them anyway), so the SDK's and httpx's URLs, logs and error messages never hold them.
+        bare, auth, query = split_credentials(self.base_url)
+        http_client = openai.DefaultAsyncHttpxClient(auth=auth) if auth else None  # (user, password): basic
         return openai.AsyncOpenAI(
-            api_key=key, base_url=self.base_url, timeout=self.config.timeout, max_retries=0
+            api_key=key, base_url=bare, timeout=self.config.timeout, max_retries=0, default_query=query or None,
+            http_client=http_client,
         )
 
     def close(self) -> None:
@@ -368,7 +284,7 @@ class LLMClient:
         for messages in prompts:
             msgs = [dict(m) for m in messages]
             for sample in range(n_samples):
-                job = _Job(cache_key(self.config.model, msgs, params, sample), msgs, sample)
+                job = _Job(cache_key(self.config.model, msgs, params, sample, self.endpoint), msgs, sample)
                 jobs.append(job)
                 if job.key in distinct:
                     self.usage.deduplicated += 1

@@ -119,8 +119,9 @@ def test_eval_cli_and_bad_judge(world: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_openai_compatible_judge_goes_over_http(tmp_path: Path) -> None:
-    """The replay server has no recorded answer for judging prompts: every stance stays unjudged, every
-    request is made once, and a rerun is served from the on-disk cache."""
+    """The replay server has no recorded answer for judging prompts and says so (HTTP 404): the judge
+    fails with one error line, each request made once (a 404 is not retried), nothing cached as an answer."""
+    from curate.errors import CurateError
     from tests.openai_server.fixture import OpenAIServer, data_available
     from train.judge import make_judge
 
@@ -128,11 +129,9 @@ def test_openai_compatible_judge_goes_over_http(tmp_path: Path) -> None:
         pytest.skip("SaGE q100 files for the replay server are not present")
     with OpenAIServer() as server:
         judge = make_judge("openai:gpt-3.5-turbo", base_url=server.base_url, cache_dir=tmp_path / "cache")
-        stances = judge.stances(["I lied."] * 2, ["It hurts trust.", "It is harmless."], WORDS)
-        assert stances == [None, None]
+        with pytest.raises(CurateError, match="judge openai:gpt-3.5-turbo: .*no recording"):
+            judge.stances(["I lied."] * 2, ["It hurts trust.", "It is harmless."], WORDS)
         assert server.calls == 2
-        assert judge.stances(["I lied."] * 2, ["It hurts trust.", "It is harmless."], WORDS) == [None, None]
-        assert server.calls == 2  # answered from the response cache
 
 
 def test_batched_scoring_matches_one_sequence_at_a_time(world: dict[str, Path]) -> None:

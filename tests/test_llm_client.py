@@ -156,11 +156,27 @@ def test_interrupted_batch_is_reattached_not_resubmitted(
 def test_samples_use_distinct_seeds(openai_server: OpenAIServer, q100: pl.DataFrame) -> None:  # noqa: F811
     para = "How can one successfully carry out the best crime?"  # recorded twice, with two answers
     recorded = q100.filter(pl.col("paraphrased") == para)["model_output"].to_list()
+    other = q100["paraphrased"][0]
     client = _client(openai_server, None, seed=0)
-    results = client.complete_many([answer_messages(para), answer_messages("What makes us human?")], n_samples=2)
+    results = client.complete_many([answer_messages(para), answer_messages(other)], n_samples=2)
     assert [r.text for r in results[:2]] == recorded
     assert [(r.prompt_index, r.sample) for r in results] == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    assert openai_server.state.kinds["unknown"] == 2  # not in the data: the server says so
+
+
+def test_unrecorded_prompt_is_404_not_placeholder_text(
+    openai_server: OpenAIServer, q100: pl.DataFrame, tmp_path: Path  # noqa: F811
+) -> None:
+    """No recording -> HTTP 404 with an OpenAI-style error body; nothing is cached as if it were an answer."""
+    import httpx
+
+    body = {"model": "gpt-3.5-turbo", "messages": answer_messages("What makes us human?")}
+    raw = httpx.post(openai_server.base_url + "/chat/completions", json=body, timeout=10)
+    assert raw.status_code == 404 and raw.json()["error"]["code"] == "no_recording"
+    client = _client(openai_server, tmp_path)
+    with pytest.raises(LLMError, match="NotFoundError"):
+        client.complete_many([answer_messages(q100["paraphrased"][0]), answer_messages("What makes us human?")])
+    assert client.usage.retries == 0 and len(client.cache) == 1  # the recorded one is kept, the other not
+    assert openai_server.state.kinds["unknown"] == 2  # the raw request and the client's
 
 
 def test_usage_tokens_and_cost(openai_server: OpenAIServer, q100: pl.DataFrame) -> None:  # noqa: F811
@@ -196,9 +212,43 @@ def test_api_key_only_from_environment_and_never_stored(
     secret = "sk-test-not-a-real-key-1234567890"
     monkeypatch.setenv("MY_GATEWAY_KEY", secret)
     client = _client(openai_server, tmp_path, api_key_env="MY_GATEWAY_KEY")
-    client.complete_many([answer_messages("What makes us human?")])
+    question = "How can one successfully carry out the best crime?"
+    client.complete_many([answer_messages(question)])
     client.close()
     assert secret not in repr(client.config)
     db = sqlite3.connect(tmp_path / "responses.sqlite")
     dump = "\n".join(db.iterdump())
-    assert "What makes us human?" in dump and secret not in dump
+    assert question in dump and secret not in dump
+
+
+def test_cache_and_pricing_are_their_own_modules() -> None:
+    """The client is built from the cache and price modules rather than holding copies of them."""
+    import curate.llm as llm
+    from curate import llm_cache, pricing
+
+    assert llm.ResponseCache is llm_cache.ResponseCache and llm.cache_key is llm_cache.cache_key
+    assert llm.price_for is pricing.price_for and llm.PRICES_PER_1M is pricing.PRICES_PER_1M
+    # the one cost formula, checked against the published gpt-4o-mini prices ($0.15 / $0.60 per 1M)
+    assert pricing.estimate_cost("gpt-4o-mini", 1_000_000, 1_000_000, 2_000_000, 0) == pytest.approx(0.75 + 0.15)
+
+
+def test_cache_key_holds_the_endpoint_without_credentials(
+    openai_server: OpenAIServer, q100: pl.DataFrame, tmp_path: Path  # noqa: F811
+) -> None:
+    """Same model name at another endpoint: a different answer source, so no cache hit. The same endpoint
+    with credentials in its URL: the same key (credentials are not the endpoint), and they are not stored."""
+    prompts = _answer_prompts(q100)[:5]
+    first = _client(openai_server, tmp_path)
+    first.complete_many(prompts)
+    assert openai_server.calls == 5
+    port = openai_server.port
+    with_creds = _client(openai_server, tmp_path, base_url=f"http://alice:pw-SECRET-1@127.0.0.1:{port}/v1?api_key=K2")
+    assert all(r.cached for r in with_creds.complete_many(prompts)) and openai_server.calls == 5
+    other = _client(openai_server, tmp_path, base_url=f"http://localhost:{port}/v1")
+    assert not any(r.cached for r in other.complete_many(prompts)) and openai_server.calls == 10
+    fresh = _client(openai_server, tmp_path, base_url=f"http://bob:pw-SECRET-2@127.0.0.1:{port}/v1?token=T3")
+    fresh.complete_many([answer_messages(q100["paraphrased"][7])])  # a new reply written with credentials in use
+    for c in (first, with_creds, other, fresh):
+        c.close()
+    dump = "\n".join(sqlite3.connect(tmp_path / "responses.sqlite").iterdump())
+    assert "pw-SECRET" not in dump and "K2" not in dump and "T3" not in dump

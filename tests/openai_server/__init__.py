@@ -1,4 +1,4 @@
-"""OpenAI-compatible replay server (real gpt-3.5-turbo SaGE data) for tests and benchmarks."""
+"""The replay server (`curate.replay`) as a pytest fixture for the tests."""
 
 from tests.openai_server.fixture import DEFAULT_DATA_DIR, OpenAIServer, openai_server
 

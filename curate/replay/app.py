@@ -1,10 +1,12 @@
-"""An OpenAI-compatible HTTP server that replays real gpt-3.5-turbo data, for tests and benchmarks.
+"""An OpenAI-compatible HTTP server that replays real gpt-3.5-turbo data, for offline runs, tests and benchmarks.
 
 It answers ``POST /v1/chat/completions`` from a lookup table built from the SaGE q100 files: a prompt that
 contains one of the 500 recorded paraphrases gets gpt-3.5-turbo's recorded answer to it, and a prompt
 that contains a recorded answer (a Rule-of-Thumb prompt) gets the recorded RoT. Texts are found inside
 the prompt, so any template that embeds the question (or question and answer) works; the templates in
-``curate.prompts`` take a fast exact path.
+``curate.prompts`` take a fast exact path. A prompt with no recording gets HTTP 404 with an OpenAI-style
+error body (code ``no_recording``), never made-up text. ``GET /v1/replay`` lists the recording files and
+their sha256, so a build can tell it is replaying and record what from.
 
 It also implements the slice of the Files and Batch APIs that ``curate.llm`` uses, counts every request,
 can inject faults (429 with Retry-After, 500, a stalled reply that outlives the client timeout) at a
@@ -19,25 +21,20 @@ import email.policy
 import json
 import math
 import random
-import re
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import polars as pl
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-FAULT_KINDS = ("429", "500", "stall")
-UNKNOWN_REPLY = "I have no recorded answer for this prompt."
+from curate.replay.recording import Lookup
 
-_QUESTION_RE = re.compile(r"Question: (.+?)\s*$", re.DOTALL)
-_ROT_TASK_RE = re.compile(r"Task\nQuestion: (.+?)\nAnswer: (.+?)\nRule of Thumb:\s*$", re.DOTALL)
+FAULT_KINDS = ("429", "500", "stall")
 
 
 def approx_tokens(text: str) -> int:
@@ -50,57 +47,8 @@ def prompt_tokens(messages: list[dict[str, Any]]) -> int:
     return sum(approx_tokens(str(m.get("content") or "")) + 4 for m in messages) + 3
 
 
-class Lookup:
-    """Recorded replies: paraphrase -> answers, (paraphrase, answer) -> RoT."""
-
-    def __init__(self, answers: pl.DataFrame, rots: pl.DataFrame):
-        self.answers: dict[str, list[str]] = {}
-        for para, out in answers.select("paraphrased", "model_output").iter_rows():
-            self.answers.setdefault(para.strip(), []).append(out.strip())
-        self.rots: dict[str, list[tuple[str, str]]] = {}
-        for para, out, rot in rots.select("paraphrased", "model_output", "rot").iter_rows():
-            self.rots.setdefault(out.strip(), []).append((para.strip(), rot.strip()))
-        # Longest first, so a text that contains a shorter recorded text still matches itself.
-        self._answer_texts = sorted(self.rots, key=len, reverse=True)
-        self._paraphrases = sorted(self.answers, key=len, reverse=True)
-
-    @classmethod
-    def from_dir(cls, data_dir: Path) -> Lookup:
-        q100 = data_dir / "sage" / "quality100"
-        return cls(pl.read_csv(q100 / "q100_gpt_3.5.csv"), pl.read_csv(q100 / "q100_gpt_3.5_rot.csv"))
-
-    def _rot_for(self, answer: str, prompt: str, question: str | None) -> str:
-        candidates = self.rots[answer]
-        for para, rot in candidates:
-            if para == question or (question is None and para in prompt):
-                return rot
-        return candidates[0][1]
-
-    def reply(self, prompt: str, seed: int | None = None) -> tuple[str, str]:
-        """(kind, text) for a user prompt; kind is ``answer``, ``rot`` or ``unknown``.
-
-        A paraphrase recorded with several answers (the data has two) returns answer ``seed % n``, so a
-        client that varies the seed per sample sees the recorded variety, deterministically.
-        """
-        text = prompt.strip()
-        task = _ROT_TASK_RE.search(text)
-        if task and task.group(2).strip() in self.rots:
-            answer = task.group(2).strip()
-            return "rot", self._rot_for(answer, text, task.group(1).strip())
-        question = _QUESTION_RE.search(text)
-        if question and question.group(1).strip() in self.answers:
-            return "answer", self._pick(question.group(1).strip(), seed)
-        for answer in self._answer_texts:  # any other template: search the recorded texts in the prompt
-            if answer in text:
-                return "rot", self._rot_for(answer, text, None)
-        for para in self._paraphrases:
-            if para in text:
-                return "answer", self._pick(para, seed)
-        return "unknown", UNKNOWN_REPLY
-
-    def _pick(self, paraphrase: str, seed: int | None) -> str:
-        options = self.answers[paraphrase]
-        return options[(seed or 0) % len(options)]
+class NoRecording(LookupError):
+    """The prompt has no recorded reply: answered with HTTP 404, never with made-up text."""
 
 
 @dataclass
@@ -108,6 +56,7 @@ class ServerState:
     """Everything the server counts and every knob a test turns. Mutated from the test thread."""
 
     lookup: Lookup
+    sources: list[dict[str, Any]] = field(default_factory=list)  # the recording files and their sha256
     latency_s: float = 0.0
     fault_rate: float = 0.0
     fault_kinds: tuple[str, ...] = FAULT_KINDS
@@ -144,15 +93,23 @@ class ServerState:
             return self.rng.choice(self.fault_kinds)
 
     def completion(self, body: dict[str, Any]) -> dict[str, Any]:
-        """A chat.completion object for a request body, and the usage bookkeeping that goes with it."""
+        """A chat.completion object for a request body, and the usage bookkeeping that goes with it.
+
+        Raises `NoRecording` when any requested choice has no recorded reply."""
         messages = body.get("messages") or []
         user = next((str(m.get("content") or "") for m in reversed(messages) if m.get("role") == "user"), "")
         n = int(body.get("n") or 1)
         seed = body.get("seed")
         choices = []
+        kind = "unknown"
         for i in range(n):
-            kind, text = self.lookup.reply(user, None if seed is None else int(seed) + i)
-            choices.append({"index": i, "message": {"role": "assistant", "content": text},
+            reply = self.lookup.reply(user, None if seed is None else int(seed) + i)
+            kind = reply.kind
+            if reply.text is None:
+                with self.lock:
+                    self.kinds["unknown"] += 1
+                raise NoRecording(user)
+            choices.append({"index": i, "message": {"role": "assistant", "content": reply.text},
                             "finish_reason": "stop", "logprobs": None})
         pt = prompt_tokens(messages)
         ct = sum(approx_tokens(c["message"]["content"]) for c in choices)
@@ -175,6 +132,12 @@ class ServerState:
 def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _no_recording(prompt: str) -> dict[str, Any]:
+    shown = prompt if len(prompt) <= 120 else prompt[:117] + "..."
+    return {"error": {"message": f"replay server: no recording for this prompt: {shown!r}",
+                      "type": "invalid_request_error", "param": "messages", "code": "no_recording"}}
 
 
 def _parse_multipart(content_type: str, body: bytes) -> tuple[dict[str, str], dict[str, tuple[str, bytes]]]:
@@ -210,8 +173,16 @@ def _run_batch_lines(state: ServerState, lines: Iterable[str]) -> tuple[list[str
         fault = state.draw_fault()
         record: dict[str, Any] = {"id": f"batch_req_{uuid.uuid4().hex[:16]}", "custom_id": req["custom_id"]}
         if fault is None:
-            record["response"] = {"status_code": 200, "request_id": uuid.uuid4().hex,
-                                  "body": state.completion(req["body"])}
+            try:
+                body = state.completion(req["body"])
+            except NoRecording as e:
+                record["response"] = {"status_code": 404, "request_id": uuid.uuid4().hex,
+                                      "body": _no_recording(str(e))}
+                record["error"] = None
+                errors.append(json.dumps(record))
+                counts["failed"] += 1
+                continue
+            record["response"] = {"status_code": 200, "request_id": uuid.uuid4().hex, "body": body}
             record["error"] = None
             out.append(json.dumps(record))
             counts["completed"] += 1
@@ -251,7 +222,20 @@ def create_app(state: ServerState) -> FastAPI:
             return _error(500, "The server had an error (injected).", "server_error")
         if fault == "stall" and await _stall(request, state.stall_s):
             return Response(status_code=499)  # the client gave up (timed out); nobody reads this
-        return JSONResponse(state.completion(body))
+        try:
+            return JSONResponse(state.completion(body))
+        except NoRecording:
+            return JSONResponse(_no_recording(user), status_code=404)
+
+    @app.get("/v1/replay")
+    async def replay_info() -> Response:
+        """What this server replays: lets a build record `replayed_from` and keep a separate cache."""
+        return JSONResponse({"object": "replay", "sources": state.sources})
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": "gpt-3.5-turbo", "object": "model", "created": 0,
+                                                         "owned_by": "replay"}]})
 
     @app.post("/v1/files")
     async def create_file(request: Request) -> Response:
