@@ -67,10 +67,15 @@ def query_cmd(
 
 def _print_table(t: Table) -> None:
     """Off a terminal the table is as wide as its widest row, so no cell is wrapped or cut with `…`."""
-    width = None
-    if not console.is_terminal:
-        width = max(console.width, Measurement.get(console, console.options.update(width=1 << 20), t).maximum)
-    console.print(t, width=width, crop=False)
+    if console.is_terminal:
+        console.print(t)
+        return
+    before = console.width
+    console.width = max(before, Measurement.get(console, console.options.update_width(1 << 20), t).maximum)
+    try:
+        console.print(t, crop=False)
+    finally:
+        console.width = before
 
 
 def _write_raw(text: str) -> None:
