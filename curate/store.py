@@ -4,42 +4,68 @@ Layout (one folder per version is exactly what gets pushed to a Hub dataset repo
 loads with ``datasets.load_dataset(repo, config, revision=tag)``)::
 
     <store>/datasets/<name>/versions/<hash>/README.md          dataset card (YAML front matter)
-    <store>/datasets/<name>/versions/<hash>/manifest.json      provenance + lineage
+    <store>/datasets/<name>/versions/<hash>/manifest.json      provenance + lineage + the file list
     <store>/datasets/<name>/versions/<hash>/<config>/<split>-00000-of-00001.parquet
+    <store>/datasets/<name>/versions/<hash>/<extra files>      listed in the manifest's ``extra_files``
     <store>/datasets/<name>/tags.json                          {"v1": "<hash>", ...}
+    <store>/datasets/<name>/.lock                              held while tags are assigned (`filelock`)
+    <store>/datasets/<name>/.tmp-<hex>/ (+ .tmp-<hex>.lock)    a version being written, locked by its writer
+    <store>/staging/<hex>/ (+ <hex>.lock)                      other temp folders inside the store (`staging_dir`)
     <store>/work/<name>/<key>/                                 resumable scratch space for long builders
 
 A version only appears under ``versions/`` once it is complete: writers build in a temp folder in the same
-filesystem and ``os.rename`` it into place.
+filesystem and rename it into place (`curate.atomic`), then add the tag. A crash between the two leaves an
+untagged but complete folder: reads show it and the next write of that dataset adopts it (or replaces it
+when damaged). Temp folders whose writer's lock can be taken are stale and removed on the next write.
+
+Every file of a version is listed in its manifest (``data_files`` with their digests, ``extra_files`` with
+their sha256, ``metadata_files``): a version holding a symlink or an unlisted file is refused, and
+`DatasetStore.verify` re-hashes the files. The content hash is computed over a canonical form of each
+file's Arrow data (``hash_scheme``: arrow-canonical-v1), not the parquet bytes, because those embed the
+writer's version and layout, so the same rows would hash differently after a pyarrow upgrade. Manifests
+without ``hash_scheme`` were hashed over the parquet bytes (file-sha256) and still verify that way.
 """
 
 from __future__ import annotations
 
-import fcntl
+import filecmp
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from filelock import FileLock, Timeout
 
-from curate.atomic import atomic_place_dir, atomic_write_json
+from curate.atomic import atomic_place_dir, atomic_write_json, is_temp_name
 from curate.errors import CurateError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STORE = ".curate"
 STORE_ENV = "CURATE_STORE"
 MANIFEST = "manifest.json"
 CARD = "README.md"
+TAGS = "tags.json"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 HASH_LEN = 16  # hex chars shown / used in folder names; the full sha256 lives in the manifest
+SHORT_RE = re.compile(rf"^[0-9a-f]{{{HASH_LEN}}}$")
+HASH_SCHEME = "arrow-canonical-v1"  # sha256 over each data file's Arrow data in a layout-free form
+LEGACY_SCHEME = "file-sha256"  # sha256 over each data file's bytes (manifests without `hash_scheme`)
+STALE_UNLOCKED_S = 24 * 3600  # a staging folder without a lock file is left alone for a day
 
 
 def check_name(name: object, what: str = "dataset name") -> str:
@@ -68,23 +94,219 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def content_hash(folder: Path) -> str:
-    """sha256 over (relative path, file sha256) of every data file: parquet under config folders.
+# ---- content hashing ---------------------------------------------------------------------------------
+def _zero_scalar(t: pa.DataType) -> pa.Scalar:
+    return pa.Array.from_buffers(t, 1, [None, pa.py_buffer(bytes(t.byte_width))])[0]
 
-    Cards and manifests are excluded: they carry timestamps and the version's own hash.
-    """
+
+def _canonical_update(h: Any, arr: pa.Array) -> None:
+    """Feed one column to `h` independently of its memory layout: type, length, validity, then the values
+    with null slots zeroed (parquet readers leave whatever bytes they like under nulls)."""
+    t = arr.type
+    n = len(arr)
+    h.update(f"{t}|{n}|{arr.null_count}\n".encode())
+    if pa.types.is_dictionary(t):
+        _canonical_update(h, arr.dictionary_decode())
+        return
+    if pa.types.is_null(t) or n == 0:
+        return
+    if arr.null_count:
+        h.update(arr.is_valid().to_numpy(zero_copy_only=False).astype(np.uint8).tobytes())
+    if pa.types.is_struct(t):
+        for child in arr.flatten():  # children with the parent's nulls merged in
+            _canonical_update(h, child)
+        return
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        h.update(lengths.tobytes())
+        _canonical_update(h, pc.list_flatten(arr))  # null lists contribute nothing
+        return
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or \
+            pa.types.is_large_binary(t):
+        lb = arr.cast(pa.large_binary())
+        if lb.null_count:
+            lb = lb.fill_null(b"")
+        offsets = np.frombuffer(lb.buffers()[1], np.int64)[lb.offset: lb.offset + n + 1]
+        h.update(np.diff(offsets).tobytes())
+        data = lb.buffers()[2]
+        if data is not None and offsets[-1] > offsets[0]:
+            h.update(memoryview(data)[int(offsets[0]): int(offsets[-1])])
+        return
+    if pa.types.is_boolean(t):
+        h.update(arr.fill_null(False).to_numpy(zero_copy_only=False).astype(np.uint8).tobytes())
+        return
+    try:
+        width = t.byte_width
+    except ValueError:
+        width = 0
+    if width and (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_temporal(t)
+                  or pa.types.is_decimal(t)):
+        filled = arr.fill_null(_zero_scalar(t)) if arr.null_count else arr
+        h.update(memoryview(filled.buffers()[1])[filled.offset * width: (filled.offset + n) * width])
+        return
+    # Rare types (maps, unions, views): their Python values are canonical, if slow.
+    h.update(json.dumps(arr.to_pylist(), default=str, sort_keys=True).encode())
+
+
+def arrow_digest(path: Path) -> str:
+    """sha256 of a parquet file's rows and schema (names, types, nullability; not the file's metadata)."""
+    table = pq.read_table(path)
     h = hashlib.sha256()
-    for rel, digest in sorted(data_file_digests(folder).items()):
+    h.update(f"{HASH_SCHEME}\n{table.num_rows}\n".encode())
+    for f in table.schema:
+        h.update(f"{f.name}\0{f.type}\0{f.nullable}\n".encode())
+    for col in table.columns:
+        _canonical_update(h, col.combine_chunks())
+    return h.hexdigest()
+
+
+def file_digest(path: Path, scheme: str = HASH_SCHEME) -> str:
+    if scheme == HASH_SCHEME:
+        return arrow_digest(path)
+    if scheme == LEGACY_SCHEME:
+        return sha256_file(path)
+    raise CurateError(f"unknown hash scheme {scheme!r} for {path} (this toolkit knows {HASH_SCHEME}, "
+                      f"{LEGACY_SCHEME})")
+
+
+def combine_digests(digests: dict[str, str]) -> str:
+    """The version's content hash: sha256 over sorted (relative path, file digest)."""
+    h = hashlib.sha256()
+    for rel, digest in sorted(digests.items()):
         h.update(f"{rel}\0{digest}\n".encode())
     return h.hexdigest()
 
 
-def data_file_digests(folder: Path) -> dict[str, str]:
+def manifest_scheme(manifest: dict[str, Any]) -> str:
+    return str(manifest.get("hash_scheme") or LEGACY_SCHEME)
+
+
+def data_file_digests(folder: Path, scheme: str = LEGACY_SCHEME) -> dict[str, str]:
+    """Digest of every data file (parquet, not following links) under `folder`."""
     return {
-        p.relative_to(folder).as_posix(): sha256_file(p)
-        for p in folder.rglob("*.parquet")
-        if p.is_file()
+        p.relative_to(folder).as_posix(): file_digest(p, scheme)
+        for p in sorted(folder.rglob("*.parquet"))
+        if p.is_file() and not p.is_symlink()
     }
+
+
+def content_hash(folder: Path, scheme: str | None = None) -> str:
+    """Content hash of a folder's data files. Cards and manifests are excluded (timestamps, own hash).
+
+    Without `scheme`: the scheme its manifest names (old manifests: file-sha256), else the current one.
+    """
+    if scheme is None:
+        manifest_path = folder / MANIFEST
+        scheme = manifest_scheme(_read_json(manifest_path)) if manifest_path.is_file() else HASH_SCHEME
+    return combine_digests(data_file_digests(folder, scheme))
+
+
+# ---- folder checks ---------------------------------------------------------------------------------
+def _safe_rel(rel: object) -> bool:
+    if not isinstance(rel, str) or not rel or "\\" in rel:
+        return False
+    p = PurePosixPath(rel)
+    return not p.is_absolute() and ".." not in p.parts and all(part not in ("", ".") for part in p.parts)
+
+
+def listed_files(manifest: dict[str, Any]) -> set[str]:
+    """Every file a version may hold, per its manifest (data, extra, card and manifest)."""
+    files = {f for splits in manifest.get("configs", {}).values() for s in splits.values() for f in s["files"]}
+    files |= set(manifest.get("extra_files") or {})
+    files |= set(manifest.get("metadata_files") or [CARD, MANIFEST])
+    return files
+
+
+def check_folder(folder: Path, manifest: dict[str, Any]) -> list[str]:
+    """Structural problems, one line each naming the path: symlinks, files the manifest does not list,
+    listed files that are missing. Cheap (no hashing); run before anything reads or ships the folder.
+
+    Manifests from before the file lists (no ``extra_files``) only have their unlisted parquet refused.
+    """
+    if folder.is_symlink():
+        return [f"{folder}: version folder is a symbolic link (refused)"]
+    if not folder.is_dir():
+        return [f"{folder}: version folder is missing"]
+    try:
+        expected = listed_files(manifest)
+    except (AttributeError, KeyError, TypeError):
+        return [f"{folder / MANIFEST}: malformed configs/file lists"]
+    problems = [f"{folder / MANIFEST}: unsafe path {rel!r} listed" for rel in sorted(expected, key=str)
+                if not _safe_rel(rel)]
+    strict = "extra_files" in manifest
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        for d in sorted(dirnames):
+            if (here / d).is_symlink():
+                problems.append(f"{here / d}: symbolic link (refused)")
+        for f in sorted(filenames):
+            p = here / f
+            rel = p.relative_to(folder).as_posix()
+            if p.is_symlink():
+                problems.append(f"{p}: symbolic link (refused)")
+            elif rel not in expected and (strict or rel.endswith(".parquet")):
+                problems.append(f"{p}: not listed in the manifest (refused)")
+    for rel in sorted(r for r in expected if _safe_rel(r)):
+        p = folder / rel
+        if not p.is_symlink() and not p.is_file():
+            problems.append(f"{p}: missing")
+    return problems
+
+
+def verify_folder(folder: Path, manifest: dict[str, Any]) -> list[str]:
+    """`check_folder` plus a re-hash of every data and extra file against the manifest."""
+    problems = check_folder(folder, manifest)
+    if folder.is_symlink() or not folder.is_dir():
+        return problems
+    scheme = manifest_scheme(manifest)
+    listed: dict[str, str] | None = manifest.get("data_files")
+    if listed is None:  # old manifests: only the combined hash over the parquet bytes
+        digests: dict[str, str] = {}
+        for p in sorted(folder.rglob("*.parquet")):
+            if p.is_file() and not p.is_symlink():
+                digests[p.relative_to(folder).as_posix()] = sha256_file(p)
+        if combine_digests(digests) != manifest.get("content_hash"):
+            problems.append(f"{folder}: data files hash to {combine_digests(digests)[:HASH_LEN]}, manifest says "
+                            f"{str(manifest.get('content_hash'))[:HASH_LEN]} ({LEGACY_SCHEME})")
+    else:
+        for rel, want in sorted(listed.items()):
+            p = folder / rel
+            if not _safe_rel(rel) or p.is_symlink() or not p.is_file():
+                continue  # reported by check_folder
+            try:
+                got = file_digest(p, scheme)
+            except CurateError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any unreadable parquet is one problem line
+                problems.append(f"{p}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+                continue
+            if got != want:
+                problems.append(f"{p}: content differs from the manifest ({scheme})")
+        if combine_digests(listed) != manifest.get("content_hash"):
+            problems.append(f"{folder / MANIFEST}: data_files do not add up to content_hash")
+    for rel, want in sorted((manifest.get("extra_files") or {}).items()):
+        p = folder / rel
+        if _safe_rel(rel) and p.is_file() and not p.is_symlink() and sha256_file(p) != want:
+            problems.append(f"{p}: content differs from the manifest (sha256)")
+    return problems
+
+
+def _read_json(path: Path) -> Any:
+    """A store JSON file, or a one-line CurateError naming it (missing, truncated, not JSON)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CurateError(f"{path}: missing") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CurateError(f"{path}: damaged, not valid JSON ({str(e).splitlines()[0][:120]})") from None
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    manifest = _read_json(path / MANIFEST)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("content_hash"), str) \
+            or not isinstance(manifest.get("configs"), dict):
+        raise CurateError(f"{path / MANIFEST}: damaged, not a curate manifest (no content_hash/configs)")
+    return manifest
 
 
 def parse_ref(spec: str) -> tuple[str, str | None]:
@@ -121,10 +343,18 @@ class Version:
                 f"{self.ref} has no config {config!r} (configs: {', '.join(self.configs())})"
             ) from None
 
+    def check(self) -> None:
+        """Refuse (one line naming the path) a version holding a symlink or a file its manifest does not list."""
+        problems = check_folder(self.path, self.manifest)
+        if problems:
+            more = f" (+{len(problems) - 1} more; see `curate verify {self.ref}`)" if len(problems) > 1 else ""
+            raise CurateError(f"{self.ref}: {problems[0]}{more}")
+
     def files(self, config: str, split: str | None = None) -> list[Path]:
         splits = self._config(config)
         if split is not None and split not in splits:
             raise CurateError(f"{self.ref} config {config!r} has no split {split!r} (splits: {', '.join(splits)})")
+        self.check()
         chosen = [split] if split is not None else list(splits)
         return [self.path / f for s in chosen for f in splits[s]["files"]]
 
@@ -159,14 +389,30 @@ class SourceFile:
         return cls(location or str(path.resolve()), sha256_file(path), path.stat().st_size)
 
 
+@dataclass
+class CommitResult:
+    version: Version
+    created: bool  # False: identical content already existed, nothing new was written
+    repaired: bool = False  # the identical stored version was damaged and its files were replaced
+
+
 class VersionWriter:
     """Collects a version's files in a temp folder; `DatasetStore.new_version` commits it atomically."""
 
-    def __init__(self, tmp: Path) -> None:
+    result: CommitResult | None  # set by `new_version` once the version is committed (or found)
+
+    def __init__(self, tmp: Path, params: dict[str, Any] | None = None) -> None:
         self.tmp = tmp
+        self.params: dict[str, Any] = params if params is not None else {}
         self.configs: dict[str, dict[str, dict[str, Any]]] = {}
         self.schemas: dict[str, dict[str, str]] = {}
         self.features: dict[str, list[dict[str, Any]]] = {}
+        self.extra_files: list[str] = []
+        self.result = None
+
+    def add_params(self, params: dict[str, Any]) -> None:
+        """Add manifest params known only after writing (sizes, token counts); the commit serialises them."""
+        self.params.update(params)
 
     def write_table(self, config: str, split: str, table: pa.Table, rows_per_shard: int | None = None) -> None:
         """Write one split of one config as parquet shard(s) named the way the Hub expects."""
@@ -181,7 +427,7 @@ class VersionWriter:
         files = []
         for i, start in enumerate(starts):
             rel = f"{config}/{split}-{i:05d}-of-{len(starts):05d}.parquet"
-            # Fixed writer options keep bytes stable across runs, which keeps content hashes stable.
+            # Fixed writer options keep bytes stable across runs (the content hash does not depend on them).
             pq.write_table(table.slice(start, step), self.tmp / rel, compression="zstd", write_statistics=True)
             files.append(rel)
         self.add_split_files(config, split, files, n, table.schema)
@@ -193,20 +439,20 @@ class VersionWriter:
         self.features[config] = _hf_features(schema)
 
     def add_file(self, rel: str, data: bytes | Path) -> Path:
-        """Extra files shipped with the version (plots, prompt files...). Not part of the content hash."""
+        """Extra files shipped with the version (plots, prompt files...). Listed with their sha256 in the
+        manifest (so they are checked), not part of the content hash."""
+        if not _safe_rel(rel) or rel in (CARD, MANIFEST) or rel.endswith(".parquet"):
+            raise CurateError(f"extra file name {rel!r} is not allowed (a relative path without '..', not "
+                              f"{CARD}, {MANIFEST} or parquet)")
         dest = self.tmp / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(data, Path):
             shutil.copyfile(data, dest)
         else:
             dest.write_bytes(data)
+        if rel not in self.extra_files:
+            self.extra_files.append(rel)
         return dest
-
-
-@dataclass
-class CommitResult:
-    version: Version
-    created: bool  # False: identical content already existed, nothing was written
 
 
 class DatasetStore:
@@ -214,22 +460,60 @@ class DatasetStore:
 
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
         self.root = resolve_store_root(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise CurateError(f"store {self.root} is a file, not a folder")
+
+    # ---- paths ---------------------------------------------------------------------------------
+    def _inside(self, path: Path) -> Path:
+        """Every path the store touches stays inside its root (no symlinked or `..` escapes)."""
+        resolved = path.resolve()
+        if resolved != self.root and self.root not in resolved.parents:
+            raise CurateError(f"{path} resolves to {resolved}, outside the store {self.root}; refused")
+        return path
+
+    def _ds_dir(self, name: str) -> Path:
+        return self._inside(self.root / "datasets" / check_name(name))
 
     # ---- reading -------------------------------------------------------------------------
     def names(self) -> list[str]:
+        """Datasets with tags, or with a version folder a crash left untagged."""
         base = self.root / "datasets"
         if not base.is_dir():
             return []
-        return sorted(p.name for p in base.iterdir() if (p / "tags.json").is_file())
+        out = []
+        for p in base.iterdir():
+            if not NAME_RE.match(p.name) or not p.is_dir():
+                continue
+            versions = p / "versions"
+            if (p / TAGS).is_file() or (versions.is_dir() and any(SHORT_RE.match(v.name)
+                                                                  for v in versions.iterdir())):
+                out.append(p.name)
+        return sorted(out)
 
     def versions(self, name: str) -> list[Version]:
-        """All versions of a dataset, oldest first."""
+        """All versions of a dataset, oldest first (including a complete one whose tag a crash lost)."""
+        ds_dir = self._ds_dir(name)
         tags = self._read_tags(name)
         out = [self._load(name, tag, h) for tag, h in tags.items()]
+        for short, manifest in self._orphans(ds_dir, tags).items():
+            if manifest is None:
+                log.warning("%s: untagged version folder with a damaged manifest; ignored (the next write of "
+                            "%s removes it)", ds_dir / "versions" / short, name)
+                continue
+            tag = _orphan_tag(manifest, tags)
+            tags[tag] = short
+            out.append(Version(name=name, tag=tag, hash=manifest["content_hash"], path=ds_dir / "versions" / short,
+                               manifest=manifest))
         return sorted(out, key=lambda v: _tag_number(v.tag))
 
     def get(self, spec: str, ref: str | None = None) -> Version:
-        """Resolve `name`, `name@v2`, `name@<hash-prefix>` (or name + ref) to a version."""
+        """Resolve `name`, `name@v2`, `name@<hash-prefix>` (or name + ref) to a version (checked: no
+        symlinks, no unlisted files)."""
+        v = self._resolve(spec, ref)
+        v.check()
+        return v
+
+    def _resolve(self, spec: str, ref: str | None = None) -> Version:
         name, parsed = parse_ref(spec)
         ref = ref or parsed
         versions = self.versions(name)
@@ -254,14 +538,86 @@ class DatasetStore:
         return None
 
     def all_versions(self) -> list[Version]:
-        return [v for n in self.names() for v in self.versions(n)]
+        """Every version of every dataset; a damaged dataset is skipped with a warning, not fatal."""
+        out = []
+        for n in self.names():
+            try:
+                out.extend(self.versions(n))
+            except CurateError as e:
+                log.warning("skipping dataset %s: %s", n, e)
+        return out
+
+    def verify(self, version: Version) -> list[str]:
+        """Re-hash every file of `version` against its manifest: one line per problem, naming the file."""
+        return verify_folder(version.path, version.manifest)
+
+    def verify_dataset(self, name: str, ref: str | None = None) -> tuple[int, list[str]]:
+        """(versions checked, problems) for one dataset, or one version of it; a damaged tags file or
+        manifest is a problem line, not an exception."""
+        try:
+            ds_dir = self._ds_dir(name)
+            tags = self._read_tags(name)
+        except CurateError as e:
+            return 0, [str(e)]
+        if ref is not None:
+            return 1, self.verify(self._resolve(name, ref))
+        checked, problems = 0, []
+        for tag, short in tags.items():
+            checked += 1
+            try:
+                problems += self.verify(self._load(name, tag, short))
+            except CurateError as e:
+                problems.append(str(e))
+        for short, manifest in self._orphans(ds_dir, tags).items():
+            checked += 1
+            path = ds_dir / "versions" / short
+            problems += (verify_folder(path, manifest) if manifest else
+                         [f"{path / MANIFEST}: damaged (untagged version folder)"])
+        return checked, problems
 
     # ---- writing -------------------------------------------------------------------------
     def work_dir(self, name: str, key: str) -> Path:
         """Persistent scratch space for a resumable build (shards survive a crash, keyed by inputs)."""
-        d = self.root / "work" / name / key
+        check_name(name)
+        if not _safe_rel(key) or "/" in key or key.startswith("."):
+            raise CurateError(f"work key {key!r} is not allowed (one plain folder name)")
+        d = self._inside(self.root / "work" / name / key)
         d.mkdir(parents=True, exist_ok=True)
-        return d
+        return self._inside(d)
+
+    def writable(self, path: Path | None = None) -> bool:
+        """Whether the store (or `path` in it) can be written: the nearest existing folder is writable."""
+        p = path or self.root
+        while not p.exists() and p != p.parent:
+            p = p.parent
+        return p.is_dir() and os.access(p, os.W_OK)
+
+    def _not_writable(self, what: str) -> CurateError:
+        return CurateError(f"store {self.root} is not writable: cannot {what}")
+
+    @contextmanager
+    def staging_dir(self) -> Iterator[Path]:
+        """A temp folder inside the store (same file system as the versions), locked while in use so the
+        next write's clean-up leaves it alone, and removed afterwards."""
+        base = self.root / "staging"
+        base.mkdir(parents=True, exist_ok=True)
+        with self._locked_temp(base, "") as tmp:
+            yield tmp
+
+    @contextmanager
+    def _locked_temp(self, parent: Path, prefix: str) -> Iterator[Path]:
+        """A fresh folder `parent/<prefix><hex>` whose lock (`<folder>.lock`) this process holds until exit."""
+        tmp = parent / f"{prefix}{uuid.uuid4().hex}"
+        lock = FileLock(str(tmp) + ".lock")
+        lock.acquire()
+        try:
+            tmp.mkdir()
+            yield tmp
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+            lock.release()
+            Path(str(tmp) + ".lock").unlink(missing_ok=True)
 
     @contextmanager
     def new_version(
@@ -278,25 +634,24 @@ class DatasetStore:
         """Yield a writer; on clean exit hash, manifest, card and rename into place.
 
         On an exception the temp folder is removed and the store is untouched. The result is left on
-        the writer as ``writer.result`` (a `CommitResult`).
+        the writer as ``writer.result`` (a `CommitResult`). In a store that cannot be written the files go
+        to a temp folder outside it: an identical rebuild still reports the existing version, writing nothing.
         """
-        if not NAME_RE.match(name):
-            raise CurateError(f"dataset name {name!r} must match {NAME_RE.pattern}")
-        ds_dir = self.root / "datasets" / name
-        (ds_dir / "versions").mkdir(parents=True, exist_ok=True)
-        tmp = ds_dir / f".tmp-{uuid.uuid4().hex}"
-        tmp.mkdir()
-        writer = VersionWriter(tmp)
-        try:
+        ds_dir = self._ds_dir(name)
+        if self.writable(ds_dir / "versions"):
+            (ds_dir / "versions").mkdir(parents=True, exist_ok=True)
+            temp = self._locked_temp(ds_dir, ".tmp-")
+        else:
+            temp = _outside_temp()
+        with temp as tmp:
+            writer = VersionWriter(tmp, params)
             yield writer
             if not writer.configs:
                 raise CurateError(f"builder {builder} produced no data for {name!r}")
-            writer.result = self._commit(  # type: ignore[attr-defined]
-                name, ds_dir, writer, builder, builder_version, params, sources, parents or [], card or {}
+            writer.result = self._commit(
+                name, ds_dir, writer, builder, builder_version, sources, parents or [],
+                card if card is not None else {},
             )
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
 
     def _commit(
         self,
@@ -305,7 +660,6 @@ class DatasetStore:
         writer: VersionWriter,
         builder: str,
         builder_version: str,
-        params: dict[str, Any],
         sources: list[SourceFile],
         parents: list[dict[str, Any]],
         card: dict[str, Any],
@@ -313,84 +667,290 @@ class DatasetStore:
         from curate.cards import render_dataset_card
         from curate.provenance import now_iso, toolkit_info
 
-        full_hash = content_hash(writer.tmp)
-        with self._lock(ds_dir):
-            existing = self.find_by_hash(name, full_hash)
-            if existing is not None:
+        listed = {f for splits in writer.configs.values() for s in splits.values() for f in s["files"]}
+        stray = sorted(p.relative_to(writer.tmp).as_posix() for p in writer.tmp.rglob("*")
+                       if (p.is_file() or p.is_symlink()) and p.relative_to(writer.tmp).as_posix()
+                       not in listed | set(writer.extra_files))
+        if stray:
+            raise CurateError(f"builder {builder} left {writer.tmp / stray[0]} in the version without registering "
+                              "it (write_table / add_split_files / add_file)")
+        digests = {rel: file_digest(writer.tmp / rel) for rel in sorted(listed)}
+        full_hash = combine_digests(digests)
+        legacy_hash = combine_digests({rel: sha256_file(writer.tmp / rel) for rel in listed})
+        if not self.writable(ds_dir / "versions"):
+            existing = self._find_existing(name, full_hash, legacy_hash)
+            if existing is not None and not self.verify(existing):
                 return CommitResult(existing, created=False)
+            raise self._not_writable(f"write a new version of {name!r}")
+        with self._lock(ds_dir):
+            self._clean_stale(ds_dir)
             tags = self._read_tags(name)
-            tag = f"v{max((_tag_number(t) for t in tags), default=0) + 1}"
+            self._adopt_orphans(name, ds_dir, tags, keep=full_hash[:HASH_LEN])
+            found = self._find_existing(name, full_hash, legacy_hash)
+            if found is not None:
+                problems = self.verify(found)
+                if not problems:
+                    if found.path.name not in tags.values():  # a crash lost its tag: adopt it now
+                        tags[found.tag] = found.path.name
+                        atomic_write_json(ds_dir / TAGS, tags)
+                    return CommitResult(found, created=False)
+                _repair(found, writer, problems)
+                log.warning("repaired %s: %d damaged file(s) replaced by this identical rebuild (%s)",
+                            found.ref, len(problems), problems[0])
+                if found.path.name not in tags.values():
+                    tags[found.tag] = found.path.name
+                    atomic_write_json(ds_dir / TAGS, tags)
+                return CommitResult(self._load(name, found.tag, found.path.name), created=False, repaired=True)
+            final = ds_dir / "versions" / full_hash[:HASH_LEN]
+            old_tag = next((t for t, h in tags.items() if h == final.name), None)
+            repaired = final.exists() or final.is_symlink()
+            if repaired:  # same hash but its manifest is damaged: replace the whole folder, keep the tag
+                log.warning("repaired %s: its folder %s was damaged and is replaced by this identical rebuild",
+                            f"{name}@{old_tag}" if old_tag else name, final)
+                _remove_path(final)
+            tag = old_tag or f"v{max((_tag_number(t) for t in tags), default=0) + 1}"
             manifest = {
                 "name": name,
                 "tag": tag,
                 "content_hash": full_hash,
+                "hash_scheme": HASH_SCHEME,
                 "builder": {"name": builder, "version": builder_version},
-                "params": params,
+                "params": writer.params,
                 "sources": [s.__dict__ for s in sources],
                 "configs": writer.configs,
                 "schema": writer.schemas,
                 "features": writer.features,
+                "data_files": digests,
+                "extra_files": {rel: sha256_file(writer.tmp / rel) for rel in sorted(writer.extra_files)},
+                "metadata_files": [CARD, MANIFEST],
                 "created_at": now_iso(),
                 "toolkit": toolkit_info(),
                 "parents": parents,
                 "card": card,
             }
-            (writer.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-            (writer.tmp / CARD).write_text(render_dataset_card(manifest))
-            final = ds_dir / "versions" / full_hash[:HASH_LEN]
+            (writer.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n",
+                                               encoding="utf-8")
+            (writer.tmp / CARD).write_text(render_dataset_card(manifest), encoding="utf-8")
             atomic_place_dir(writer.tmp, final)
-            tags[tag] = full_hash[:HASH_LEN]
-            atomic_write_json(ds_dir / "tags.json", tags)
-        return CommitResult(self._load(name, tag, full_hash[:HASH_LEN]), created=True)
+            tags[tag] = final.name
+            atomic_write_json(ds_dir / TAGS, tags)
+        return CommitResult(self._load(name, tag, final.name), created=not repaired, repaired=repaired)
 
     def import_version(self, name: str, folder: Path, expected_hash: str) -> CommitResult:
         """Adopt a complete version folder (e.g. downloaded from the Hub) after verifying its hash."""
-        actual = content_hash(folder)
+        ds_dir = self._ds_dir(name)
+        manifest = _read_manifest(folder)
+        problems = check_folder(folder, manifest)
+        if problems:
+            raise CurateError(f"{problems[0]}; nothing written")
+        actual = content_hash(folder, manifest_scheme(manifest))
         if actual != expected_hash:
             raise CurateError(
                 f"content hash mismatch for {name}: manifest says {expected_hash[:HASH_LEN]}, "
                 f"files hash to {actual[:HASH_LEN]}; nothing written"
             )
-        ds_dir = self.root / "datasets" / name
+        problems = verify_folder(folder, manifest)
+        if problems:
+            raise CurateError(f"{problems[0]}; nothing written")
+        if not self.writable(ds_dir / "versions"):
+            existing = self._find_existing(name, actual, actual)
+            if existing is not None and not self.verify(existing):
+                return CommitResult(existing, created=False)
+            raise self._not_writable(f"import a version of {name!r}")
         (ds_dir / "versions").mkdir(parents=True, exist_ok=True)
         with self._lock(ds_dir):
-            existing = self.find_by_hash(name, actual)
-            if existing is not None:
-                return CommitResult(existing, created=False)
-            tmp = ds_dir / f".tmp-{uuid.uuid4().hex}"
-            shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns(".cache", ".gitattributes"))
+            self._clean_stale(ds_dir)
             tags = self._read_tags(name)
-            wanted = json.loads((tmp / MANIFEST).read_text()).get("tag")
-            tag = wanted if wanted and wanted not in tags else (
-                f"v{max((_tag_number(t) for t in tags), default=0) + 1}"
-            )
+            self._adopt_orphans(name, ds_dir, tags, keep=actual[:HASH_LEN])
+            existing = self._find_existing(name, actual, actual)
+            if existing is not None and not self.verify(existing):
+                return CommitResult(existing, created=False)
             final = ds_dir / "versions" / actual[:HASH_LEN]
-            atomic_place_dir(tmp, final)
-            tags[tag] = actual[:HASH_LEN]
-            atomic_write_json(ds_dir / "tags.json", tags)
-        return CommitResult(self._load(name, tag, actual[:HASH_LEN]), created=True)
+            old_tag = next((t for t, h in tags.items() if h == final.name), None)
+            with self._locked_temp(ds_dir, ".tmp-") as tmp:
+                shutil.rmtree(tmp)
+                shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns(".cache", ".gitattributes"))
+                wanted = manifest.get("tag")
+                tag = old_tag or (wanted if isinstance(wanted, str) and re.fullmatch(r"v\d+", wanted)
+                                  and wanted not in tags else f"v{max(map(_tag_number, tags), default=0) + 1}")
+                repaired = final.exists() or final.is_symlink()
+                if repaired:
+                    log.warning("repaired %s@%s: replaced its damaged folder %s", name, tag, final)
+                    _remove_path(final)
+                atomic_place_dir(tmp, final)
+            tags[tag] = final.name
+            atomic_write_json(ds_dir / TAGS, tags)
+        return CommitResult(self._load(name, tag, final.name), created=not repaired, repaired=repaired)
 
     # ---- internals -----------------------------------------------------------------------
     def _read_tags(self, name: str) -> dict[str, str]:
-        path = self.root / "datasets" / name / "tags.json"
-        if not path.is_file():
+        path = self._ds_dir(name) / TAGS
+        if not path.is_file() and not path.is_symlink():
             return {}
-        return json.loads(path.read_text())
+        if path.is_symlink():
+            raise CurateError(f"{path}: symbolic link (refused)")
+        tags = _read_json(path)
+        if not isinstance(tags, dict) or not all(
+            isinstance(t, str) and isinstance(h, str) and SHORT_RE.match(h) for t, h in tags.items()
+        ):
+            raise CurateError(f"{path}: damaged, expected {{\"v1\": \"<{HASH_LEN} hex chars>\", ...}}")
+        return tags
 
     def _load(self, name: str, tag: str, short_hash: str) -> Version:
-        path = self.root / "datasets" / name / "versions" / short_hash
-        manifest = json.loads((path / MANIFEST).read_text())
-        return Version(name=name, tag=tag, hash=manifest["content_hash"], path=path, manifest=manifest)
+        path = self._ds_dir(name) / "versions" / short_hash
+        if path.is_symlink():
+            raise CurateError(f"{path}: version folder is a symbolic link (refused)")
+        if not path.is_dir():
+            raise CurateError(f"{path}: missing (listed as {name}@{tag} in {TAGS})")
+        manifest = _read_manifest(path)
+        if not manifest["content_hash"].startswith(short_hash):
+            raise CurateError(f"{path / MANIFEST}: content_hash {manifest['content_hash'][:HASH_LEN]} does not "
+                              f"match its folder {short_hash}")
+        return Version(name=name, tag=tag, hash=manifest["content_hash"], path=self._inside(path), manifest=manifest)
+
+    def _orphans(self, ds_dir: Path, tags: dict[str, str]) -> dict[str, dict[str, Any] | None]:
+        """Version folders not in tags.json (a crash between the rename and the tags write): short hash ->
+        manifest, or None when the folder is not a complete version."""
+        versions = ds_dir / "versions"
+        if not versions.is_dir():
+            return {}
+        out: dict[str, dict[str, Any] | None] = {}
+        known = set(tags.values())
+        for p in sorted(versions.iterdir()):
+            if not SHORT_RE.match(p.name) or p.name in known:
+                continue
+            manifest = None
+            if p.is_dir() and not p.is_symlink():
+                try:
+                    manifest = _read_manifest(p)
+                except CurateError:
+                    manifest = None
+            if manifest is not None and not manifest["content_hash"].startswith(p.name):
+                manifest = None
+            out[p.name] = manifest
+        return out
+
+    def _adopt_orphans(self, name: str, ds_dir: Path, tags: dict[str, str], keep: str) -> None:
+        """Under the dataset lock: tag complete untagged versions, remove damaged ones (except `keep`,
+        which the caller is about to repair or reuse)."""
+        changed = False
+        for short, manifest in self._orphans(ds_dir, tags).items():
+            path = ds_dir / "versions" / short
+            if manifest is not None and not verify_folder(path, manifest):
+                tag = _orphan_tag(manifest, tags)
+                tags[tag] = short
+                changed = True
+                log.info("adopted %s@%s (%s), left untagged by an interrupted write", name, tag, short)
+            elif short != keep:
+                log.warning("removing %s: an untagged, damaged version folder", path)
+                _remove_path(path)
+        if changed:
+            atomic_write_json(ds_dir / TAGS, tags)
+
+    def _find_existing(self, name: str, full_hash: str, legacy_hash: str) -> Version | None:
+        """The stored version with this content (current scheme, or an old manifest with the same bytes)."""
+        for v in self.versions(name):
+            h = v.manifest.get("content_hash")
+            if h == full_hash or (h == legacy_hash and "hash_scheme" not in v.manifest):
+                return v
+        return None
+
+    def _clean_stale(self, ds_dir: Path) -> None:
+        """Remove temp folders/files no live writer holds: a `.tmp-*` entry whose `.lock` can be taken."""
+        for entry in sorted(ds_dir.iterdir()):
+            if entry.name.endswith(".lock") or not (entry.name.startswith(".tmp-") or is_temp_name(entry.name)):
+                continue
+            _remove_if_unlocked(entry)
+        for lock in ds_dir.glob(".tmp-*.lock"):
+            if not Path(str(lock)[: -len(".lock")]).exists():
+                _remove_if_unlocked(Path(str(lock)[: -len(".lock")]))
+        staging = self.root / "staging"
+        if staging.is_dir():
+            for entry in sorted(staging.iterdir()):
+                if entry.name.endswith(".lock"):
+                    if not Path(str(entry)[: -len(".lock")]).exists():
+                        _remove_if_unlocked(Path(str(entry)[: -len(".lock")]))
+                    continue
+                if Path(str(entry) + ".lock").exists():
+                    _remove_if_unlocked(entry)
+                elif time.time() - entry.lstat().st_mtime > STALE_UNLOCKED_S:  # an old writer without a lock
+                    _remove_path(entry)
 
     @contextmanager
     def _lock(self, ds_dir: Path) -> Iterator[None]:
-        """Serialise tag assignment between concurrent builders of the same dataset."""
-        with open(ds_dir / ".lock", "w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        """Serialise tag assignment between concurrent builders of the same dataset (any OS: `filelock`)."""
+        with FileLock(str(ds_dir / ".lock")):
+            yield
+
+
+def _remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _remove_if_unlocked(entry: Path) -> None:
+    """Remove `entry` (and its lock file) when its writer's lock can be taken, i.e. the writer is gone."""
+    lock_path = Path(str(entry) + ".lock")
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return  # a live writer
+    try:
+        if entry.exists() or entry.is_symlink():
+            log.info("removing stale temp %s", entry)
+            _remove_path(entry)
+    finally:
+        lock.release()
+        lock_path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _outside_temp() -> Iterator[Path]:
+    """For a store that cannot be written: build in the system temp folder (nothing touches the store)."""
+    tmp = Path(tempfile.mkdtemp(prefix="curate-readonly-"))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _repair(version: Version, writer: VersionWriter, problems: list[str]) -> None:
+    """Put the fresh files of an identical rebuild in place of a stored version's damaged ones, file by file
+    (each `os.replace` is atomic, so an interrupted repair leaves a mix a later rebuild repairs again)."""
+    expected = listed_files(version.manifest)
+    for dirpath, dirnames, filenames in os.walk(version.path):  # symlinks and unlisted files go
+        here = Path(dirpath)
+        for d in list(dirnames):
+            if (here / d).is_symlink():
+                (here / d).unlink()
+                dirnames.remove(d)
+        for f in filenames:
+            p = here / f
+            if p.is_symlink() or p.relative_to(version.path).as_posix() not in expected:
+                p.unlink()
+    fresh = [f for splits in writer.configs.values() for s in splits.values() for f in s["files"]]
+    for rel in fresh + writer.extra_files:
+        src, dest = writer.tmp / rel, version.path / rel
+        if dest.is_file() and not dest.is_symlink() and filecmp.cmp(src, dest, shallow=False):
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        os.replace(src, dest)
+    if not (version.path / CARD).is_file():
+        from curate.cards import render_dataset_card
+
+        (version.path / CARD).write_text(render_dataset_card(version.manifest), encoding="utf-8")
+
+
+def _orphan_tag(manifest: dict[str, Any], tags: dict[str, str]) -> str:
+    wanted = manifest.get("tag")
+    if isinstance(wanted, str) and re.fullmatch(r"v\d+", wanted) and wanted not in tags:
+        return wanted
+    return f"v{max((_tag_number(t) for t in tags), default=0) + 1}"
 
 
 def _hf_features(schema: pa.Schema) -> list[dict[str, Any]]:
@@ -403,4 +963,3 @@ def _hf_features(schema: pa.Schema) -> list[dict[str, Any]]:
 def _tag_number(tag: str) -> int:
     m = re.fullmatch(r"v(\d+)", tag)
     return int(m.group(1)) if m else 0
-
