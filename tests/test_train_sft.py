@@ -126,19 +126,63 @@ def test_twenty_steps_of_lr_reduce_training_loss_and_fill_the_run_folder(lr_run)
     assert "library_name: peft" in card and used[0]["content_hash"][:16] in card
 
 
+def _killed_while_saving(done: Path, dest: Path, how: str) -> Path:
+    """The run folder as a kill during the step-20 checkpoint save leaves it: checkpoint-10 complete,
+    checkpoint-20 empty (`empty`) or with weights but a truncated trainer_state.json (`truncated`)."""
+    shutil.copytree(done, dest, ignore=shutil.ignore_patterns("adapter", "eval", "plots", "metrics.json",
+                                                              "README.md"))
+    last = dest / "checkpoints" / "checkpoint-20"
+    if how == "empty":
+        shutil.rmtree(last)
+        last.mkdir()
+    else:
+        state = last / "trainer_state.json"
+        state.write_text(state.read_text()[:200])
+        (last / "optimizer.pt").unlink()
+    return dest
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated"])
+def test_only_complete_checkpoints_count(lr_run, tmp_path: Path, how: str) -> None:
+    from train.run_folder import RunFolder, checkpoint_complete
+
+    part = _killed_while_saving(lr_run.run.path, tmp_path / "part", how)
+    assert checkpoint_complete(lr_run.run.path / "checkpoints" / "checkpoint-20")
+    assert not checkpoint_complete(part / "checkpoints" / "checkpoint-20")
+    assert RunFolder(part).latest_checkpoint() == part / "checkpoints" / "checkpoint-10"
+    shutil.rmtree(part / "checkpoints" / "checkpoint-10")
+    with pytest.raises(CurateError, match=r"no complete checkpoint to resume from \(checkpoint-20 incomplete"):
+        RunFolder.prepare(SFTConfig(run_dir=str(part), resume=True), "x", is_main=True)
+
+
 def test_resume_continues_the_same_loss_curve(lr_run, tiny_dir: Path, dfar_store: Path, tmp_path: Path,
                                               tok) -> None:
+    """A kill during the step-20 save: --resume takes checkpoint-10, refuses changed options in one line,
+    and with allow_changes records them as a new segment without rewriting config.yaml / datasets.json."""
     from train.sft import run_sft
 
-    # A run that stopped after its step-10 checkpoint: only that checkpoint survives.
-    part = tmp_path / "part"
-    shutil.copytree(lr_run.run.path / "checkpoints" / "checkpoint-10", part / "checkpoints" / "checkpoint-10")
-    resumed = run_sft(_cfg(tiny_dir, dfar_store, part, dataset_config="lr", evaluate=False, resume=True),
-                      tokenizer=tok)
+    part = _killed_while_saving(lr_run.run.path, tmp_path / "part", "empty")
+    config_before = (part / "config.yaml").read_bytes()
+    datasets_before = (part / "datasets.json").read_bytes()
+    same = dict(dataset_config="lr", judge="self", resume=True)
+    with pytest.raises(CurateError, match=r"^--resume with options that differ .*: evaluate True -> False; .*"
+                                          r"--allow-changes") as refused:
+        run_sft(_cfg(tiny_dir, dfar_store, part, **same, evaluate=False), tokenizer=tok)
+    assert "\n" not in str(refused.value) and "curate train sft --config" in str(refused.value)
+    cfg = _cfg(tiny_dir, dfar_store, part, **same, evaluate=False)
+    cfg.allow_changes = True
+    resumed = run_sft(cfg, tokenizer=tok)
     a, b = _losses(lr_run.metrics), _losses(resumed.metrics)
     assert sorted(b) == list(range(1, 21))  # history before the checkpoint comes back from trainer_state
     for step in range(11, 21):
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-4), step
+    assert (part / "config.yaml").read_bytes() == config_before
+    assert (part / "datasets.json").read_bytes() == datasets_before
+    segments = json.loads((part / "run.json").read_text())["segments"]
+    assert [s["start_step"] for s in segments] == [0, 10]
+    assert segments[1]["changes"] == {"evaluate": [True, False]}
+    assert segments[1]["resumed_from"] == "checkpoints/checkpoint-10"
+    assert yaml.safe_load((part / segments[1]["config_file"]).read_text())["evaluate"] is False
     with pytest.raises(CurateError, match="already exists"):
         run_sft(_cfg(tiny_dir, dfar_store, part, dataset_config="lr"), tokenizer=tok)
 
@@ -175,3 +219,52 @@ def test_cli_trains_lr_and_refuses_bad_input(tiny_dir: Path, dfar_store: Path, t
     assert bad.exit_code == 1 and "unknown SFTConfig option" in bad.output
     missing = runner.invoke(app, ["train", "sft", "--store", str(dfar_store), "--dataset", "nope"])
     assert missing.exit_code == 1 and "no dataset named 'nope'" in missing.output
+
+
+def test_cli_resume_refuses_changed_options_in_one_line(tiny_dir: Path, dfar_store: Path, tmp_path: Path) -> None:
+    from curate.cli import app
+
+    runner = CliRunner()
+    args = ["train", "lr", "--model", str(tiny_dir), "--store", str(dfar_store), "--max-steps", "2",
+            "--batch-size", "2", "--max-length", "48", "--limit", "8", "--no-eval", "--run-dir", str(tmp_path / "r"),
+            "--set", "save_steps=1", "--lora-r", "4"]
+    assert runner.invoke(app, args).exit_code == 0
+    config = (tmp_path / "r" / "config.yaml").read_bytes()
+    res = runner.invoke(app, [*args, "--resume", "--lr", "0.5", "--lora-r", "8"])
+    assert res.exit_code == 1
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1, res.output
+    assert "lora_r 4 -> 8, learning_rate 0.0002 -> 0.5;" in lines[0] and "--allow-changes" in lines[0]
+    assert (tmp_path / "r" / "config.yaml").read_bytes() == config
+
+
+def test_ctrl_c_names_the_exact_command_that_resumes(tiny_dir: Path, dfar_store: Path, tmp_path: Path) -> None:
+    """A real SIGINT to a training process; the command it prints continues the run to its last step."""
+    import os
+    import shlex
+    import signal
+    import subprocess
+    import sys
+
+    from curate.cli import app
+
+    run = tmp_path / "r"
+    cmd = [str(Path(sys.executable).parent / "curate"), "train", "lr", "--model", str(tiny_dir), "--store",
+           str(dfar_store), "--max-steps", "60", "--batch-size", "2", "--max-length", "48", "--limit", "8",
+           "--no-eval", "--run-dir", str(run), "--set", "save_steps=3", "--set", "logging_steps=1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:
+        if line.startswith("step 7/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert "interrupted at step" in err and "Resume with: " in err, err
+    resume = shlex.split(" ".join(err.split("Resume with: ", 1)[1].split()))
+    assert resume[:3] == ["curate", "train", "sft"] and resume[-1] == "--resume"
+    res = CliRunner().invoke(app, resume[1:])
+    assert res.exit_code == 0, res.output
+    segments = json.loads((run / "run.json").read_text())["segments"]
+    assert len(segments) == 2 and segments[1]["start_step"] >= 6 and "changes" not in segments[1]
+    assert json.loads((run / "metrics.json").read_text())["train"]["global_step"] == 60

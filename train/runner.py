@@ -26,6 +26,7 @@ class Prepared:
     facts: dict[str, Any]  # run.json entries (base model location, kept layers, fingerprint, ...)
     eval_rows: Any | None = None  # train.evaluate.EvalRows for the post-training metrics
     template: str = "plain"
+    label_prefix: str = " "  # text before the label word (KD: the cache's, which scored the teacher's labels)
     notes: list[str] = field(default_factory=list)
 
 
@@ -97,15 +98,15 @@ def train_and_save(cfg: TrainConfig, prep: Prepared, trainer_cls: type, run: Run
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # raw dict prints; `Progress` says the same in one line
-    resume = str(run.latest_checkpoint()) if cfg.resume else None
+    resume = str(run.resume_from) if cfg.resume and run.resume_from else None
     main = trainer.is_world_process_zero()
     if main:
-        run.write_config(cfg)
-        run.write_json("datasets.json", prep.datasets)
-        run.write_json("run.json", {**prep.facts, "method": cfg.method, "template": prep.template,
-                                    "config": cfg.to_dict()})
+        run.start(cfg, prep.datasets, {**prep.facts, "method": cfg.method, "template": prep.template})
     t0 = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=resume)
+    try:
+        output = trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:
+        raise CurateError(interrupted_message(run, cfg.method, trainer.state.global_step)) from None
     seconds = time.perf_counter() - t0
     if prep.eval_dataset is not None:
         trainer.evaluate()
@@ -135,7 +136,7 @@ def train_and_save(cfg: TrainConfig, prep: Prepared, trainer_cls: type, run: Run
         judge = make_judge(cfg.judge, base_url=None, cache_dir=None, evaluated=(merged, prep.tokenizer))
         ev, preds = evaluate_model(merged, prep.tokenizer, prep.eval_rows, template=prep.template,
                                    batch_size=cfg.batch_size, max_new_tokens=cfg.gen_max_new_tokens,
-                                   max_length=cfg.max_length, judge=judge)
+                                   max_length=cfg.max_length, label_prefix=prep.label_prefix, judge=judge)
         write_eval(run.path / "eval", ev, preds, title=run.path.name)
         metrics["eval"] = ev
     metrics["notes"] = prep.notes
@@ -147,6 +148,16 @@ def train_and_save(cfg: TrainConfig, prep: Prepared, trainer_cls: type, run: Run
         plots.append(run.path / "eval" / "confusion_matrix.png")
     run.write_card(card_context(cfg, prep, metrics, run, plots))
     return RunResult(run, metrics)
+
+
+def interrupted_message(run: RunFolder, method: str, step: int) -> str:
+    """What a Ctrl-C leaves and the exact command that continues from it."""
+    last = run.latest_checkpoint()
+    if last is None:
+        return (f"interrupted at step {step}, before any complete checkpoint: nothing to resume in {run.path}; "
+                "start again with --overwrite (or a smaller --save-steps)")
+    return (f"interrupted at step {step}; the last complete checkpoint is {last.name}. Resume with: "
+            f"{run.resume_command(method)}")
 
 
 def card_context(cfg: TrainConfig, prep: Prepared, metrics: dict[str, Any], run: RunFolder,
