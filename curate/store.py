@@ -491,7 +491,18 @@ class DatasetStore:
         return sorted(out)
 
     def versions(self, name: str) -> list[Version]:
-        """All versions of a dataset, oldest first (including a complete one whose tag a crash lost)."""
+        """All versions of a dataset, oldest first (including a complete one whose tag a crash lost).
+
+        A version holding a symlink, an unlisted file or missing a listed one makes this a `CurateError`
+        naming the path: nothing (queries, pushes, training) reads a tampered or damaged dataset.
+        """
+        out = self._versions(name)
+        for v in out:
+            v.check()
+        return out
+
+    def _versions(self, name: str) -> list[Version]:
+        """`versions` without the folder checks (for verify and repair, which look at damage)."""
         ds_dir = self._ds_dir(name)
         tags = self._read_tags(name)
         out = [self._load(name, tag, h) for tag, h in tags.items()]
@@ -513,10 +524,10 @@ class DatasetStore:
         v.check()
         return v
 
-    def _resolve(self, spec: str, ref: str | None = None) -> Version:
+    def _resolve(self, spec: str, ref: str | None = None, checked: bool = True) -> Version:
         name, parsed = parse_ref(spec)
         ref = ref or parsed
-        versions = self.versions(name)
+        versions = self.versions(name) if checked else self._versions(name)
         if not versions:
             known = ", ".join(self.names()) or "none"
             raise CurateError(f"no dataset named {name!r} in store {self.root} (datasets: {known})")
@@ -560,7 +571,10 @@ class DatasetStore:
         except CurateError as e:
             return 0, [str(e)]
         if ref is not None:
-            return 1, self.verify(self._resolve(name, ref))
+            try:
+                return 1, self.verify(self._resolve(name, ref, checked=False))
+            except CurateError as e:
+                return 1, [str(e)]
         checked, problems = 0, []
         for tag, short in tags.items():
             checked += 1
@@ -849,7 +863,7 @@ class DatasetStore:
 
     def _find_existing(self, name: str, full_hash: str, legacy_hash: str) -> Version | None:
         """The stored version with this content (current scheme, or an old manifest with the same bytes)."""
-        for v in self.versions(name):
+        for v in self._versions(name):
             h = v.manifest.get("content_hash")
             if h == full_hash or (h == legacy_hash and "hash_scheme" not in v.manifest):
                 return v

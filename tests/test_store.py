@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from curate.errors import CurateError
@@ -110,3 +113,107 @@ def test_atomic_helpers_leave_old_or_new(tmp_path) -> None:
     (tmp_path / "src2").mkdir()
     with pytest.raises(FileExistsError):
         atomic_place_dir(tmp_path / "src2", tmp_path / "dst")
+
+
+# ---- the content hash is over the data, not the parquet bytes ------------------------------------------
+def _mixed_table() -> pa.Table:
+    """Nulls in every kind of column: parquet readers leave arbitrary bytes under null slots."""
+    n = 5000
+    return pa.table({
+        "i": pa.array([None if k % 3 == 0 else k * 7919 for k in range(n)], pa.int64()),
+        "f": pa.array([None if k % 4 == 0 else k / 7 for k in range(n)], pa.float64()),
+        "s": pa.array([None if k % 5 == 0 else f"row {k}" * (k % 3) for k in range(n)], pa.string()),
+        "b": pa.array([None if k % 6 == 0 else bool(k % 2) for k in range(n)], pa.bool_()),
+        "l": pa.array([None if k % 7 == 0 else [k, None, -k][: k % 4] for k in range(n)], pa.list_(pa.int32())),
+        "st": pa.array([None if k % 8 == 0 else {"a": k, "t": str(k)} for k in range(n)],
+                       pa.struct([("a", pa.int16()), ("t", pa.string())])),
+    })
+
+
+def test_hash_ignores_parquet_layout_and_writer(tmp_path) -> None:
+    from curate.store import HASH_SCHEME, LEGACY_SCHEME, arrow_digest
+
+    t = _mixed_table()
+    layouts = {"a": dict(compression="zstd", row_group_size=700), "b": dict(compression="snappy"),
+               "c": dict(compression="none", use_dictionary=False, data_page_size=1024)}
+    for name, opts in layouts.items():
+        (tmp_path / name / "default").mkdir(parents=True)
+        pq.write_table(t, tmp_path / name / "default" / "train-00000-of-00001.parquet", **opts)
+    raw = {n: content_hash(tmp_path / n, LEGACY_SCHEME) for n in layouts}
+    assert len(set(raw.values())) == 3  # the bytes differ...
+    canon = {n: content_hash(tmp_path / n, HASH_SCHEME) for n in layouts}
+    assert len(set(canon.values())) == 1  # ...the data does not
+    f = tmp_path / "a" / "default" / "train-00000-of-00001.parquet"
+    assert arrow_digest(f) == arrow_digest(f)
+    # Any change to the data changes it: one value, a null turned into 0, a column renamed.
+    for changed in (t.set_column(0, "i", pa.array([1] + t["i"].to_pylist()[1:], pa.int64())),
+                    t.set_column(0, "i", pc.fill_null(t["i"], 0)),
+                    t.rename_columns(["j", "f", "s", "b", "l", "st"])):
+        pq.write_table(changed, tmp_path / "x.parquet")
+        assert arrow_digest(tmp_path / "x.parquet") != arrow_digest(f)
+
+
+def test_manifest_records_scheme_and_every_file(store: DatasetStore) -> None:
+    from curate.store import HASH_SCHEME, arrow_digest
+
+    with store.new_version("toy", builder="toy", builder_version="0", params={"a": 1},
+                           sources=[SourceFile("mem://toy", "0" * 64, 0)]) as w:
+        assert w.result is None and "result" in type(w).__annotations__
+        w.write_table("default", "train", pa.table({"x": [1, 2]}))
+        w.add_file("figures/plot.txt", b"a plot")
+        w.add_params({"bytes": 123})  # known only after writing
+    v = w.result.version
+    m = json.loads((v.path / "manifest.json").read_text())
+    assert m["hash_scheme"] == HASH_SCHEME
+    assert m["params"] == {"a": 1, "bytes": 123}
+    rel = "default/train-00000-of-00001.parquet"
+    digest = arrow_digest(v.path / rel)
+    assert m["data_files"] == {rel: digest}
+    assert m["content_hash"] == hashlib.sha256(f"{rel}\0{digest}\n".encode()).hexdigest() == v.hash
+    assert m["extra_files"] == {"figures/plot.txt": hashlib.sha256(b"a plot").hexdigest()}
+    assert set(m["metadata_files"]) == {"README.md", "manifest.json"}
+    assert store.verify(v) == []
+    with pytest.raises(CurateError, match="not allowed"):
+        with store.new_version("toy", builder="toy", builder_version="0", params={}, sources=[]) as w:
+            w.add_file("../escape.txt", b"x")
+
+
+def test_unregistered_file_in_a_build_is_refused(store: DatasetStore) -> None:
+    with pytest.raises(CurateError, match="notes.txt.*without registering"):
+        with store.new_version("toy", builder="toy", builder_version="0", params={}, sources=[]) as w:
+            w.write_table("default", "train", pa.table({"x": [1]}))
+            (w.tmp / "notes.txt").write_text("sneaked in")
+    assert store.names() == []
+
+
+def _make_legacy(store: DatasetStore, v) -> str:
+    """Rewrite a version the way the store wrote them before `hash_scheme`: hash over the parquet bytes."""
+    files = sorted(p.relative_to(v.path).as_posix() for p in v.path.rglob("*.parquet"))
+    h = hashlib.sha256()
+    for rel in files:
+        h.update(f"{rel}\0{hashlib.sha256((v.path / rel).read_bytes()).hexdigest()}\n".encode())
+    legacy = h.hexdigest()
+    m = json.loads((v.path / "manifest.json").read_text())
+    for key in ("hash_scheme", "data_files", "extra_files", "metadata_files"):
+        m.pop(key)
+    m["content_hash"] = legacy
+    (v.path / "manifest.json").write_text(json.dumps(m, indent=2))
+    v.path.rename(v.path.parent / legacy[:16])
+    (store.root / "datasets" / v.name / "tags.json").write_text(json.dumps({v.tag: legacy[:16]}))
+    return legacy
+
+
+def test_old_manifests_verify_with_file_sha256(store: DatasetStore) -> None:
+    legacy = _make_legacy(store, _write(store, [1, 2, 3]).version)
+    v = store.get("toy@v1")
+    assert v.hash == legacy and "hash_scheme" not in v.manifest
+    assert store.verify(v) == [] and content_hash(v.path) == legacy
+    again = _write(store, [1, 2, 3])  # identical rows, byte-identical parquet: still the old version
+    assert not again.created and again.version.hash == legacy
+    assert [x.tag for x in store.versions("toy")] == ["v1"]
+    f = v.files("default")[0]
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    problems = store.verify(v)
+    assert len(problems) == 1 and str(v.path) in problems[0] and "file-sha256" in problems[0]
