@@ -437,7 +437,12 @@ def _names_dataset(ident: str, dataset: str) -> bool:
 
 
 def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
+    text = str(e).strip()
+    head, marker, frames = text.partition("Traceback (most recent call last):")
+    if marker:  # a Python error raised inside DuckDB (the Hub filesystem): its exception line, not its frames
+        exc = next((line for line in frames.splitlines() if line.strip() and not line.startswith(" ")), "")
+        text = f"{head.strip()} {exc}".strip()
+    lines = text.splitlines()
     return lines[0] if lines else type(e).__name__
 
 
