@@ -11,10 +11,19 @@ consistent than the aligned one).
 Resuming: every LLM reply lands in the store's response cache (``<store>/llm_cache``) before anything else
 happens, and the version is written only at the end, atomically. A run killed midway and started again pays
 only for the calls it had not finished, and can never leave duplicate rows.
+
+Replays: against the offline replay server (`curate.replay`, recognised on loopback by ``GET /v1/replay``)
+the replies go to their own cache (``<store>/llm_cache/replay-<recording digest>``), never among real paid
+replies, and the manifest and card record ``replayed_from`` (the recording files and their sha256).
+
+Endpoints are recorded resolved (``$OPENAI_BASE_URL`` or OpenAI's URL when none is given) and always
+through `curate.urls.redact_url`: credentials in a URL's userinfo or query string are never written.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +34,7 @@ import pyarrow as pa
 from builders.base import BuildResult
 from curate.csvfile import iter_csv_rows
 from curate.errors import CurateError, InputError
-from curate.llm import LLMClient, LLMConfig, rich_progress
+from curate.llm import LLMClient, LLMConfig, resolve_base_url, rich_progress
 from curate.prompts import (
     ANSWER_PROMPT_TEMPLATE,
     ANSWER_SYSTEM_PROMPT,
@@ -36,10 +45,13 @@ from curate.prompts import (
     clean_rot,
     rot_messages,
 )
+from curate.replay.probe import replay_sources
 from curate.selection import DecayingThreshold
 from curate.store import DatasetStore, SourceFile
+from curate.urls import redact_url
 
 BUILDER_VERSION = "1.0.0"
+logger = logging.getLogger(__name__)
 
 PARAPHRASE_PROMPT_TEMPLATE = (
     "Rewrite the question below in {n} different ways that keep exactly its meaning. Reply with one "
@@ -53,7 +65,7 @@ class SageResponsesParams:
 
     questions: str = ""  # CSV: question_id, question, paraphrased (MCC layout) or question_id, question
     model: str = "gpt-3.5-turbo"
-    base_url: str | None = None  # None: $OPENAI_BASE_URL or api.openai.com
+    base_url: str | None = None  # None: $OPENAI_BASE_URL or api.openai.com (recorded resolved, redacted)
     temperature: float = 0.8
     max_tokens: int = 512
     rot_model: str | None = None  # None: the answering model writes the RoTs too
@@ -193,17 +205,51 @@ def score_questions(df: pl.DataFrame, params: SageResponsesParams, answer_col: s
 
 
 # ---- the build ------------------------------------------------------------------------------------------
-def _client(params: SageResponsesParams, store: DatasetStore, model: str, base_url: str | None,
+@dataclass
+class SageBuildResult(BuildResult):
+    """`BuildResult` plus what *this* run spent per step (a rerun of a stored version spends nothing)."""
+
+    usage: dict[str, dict[str, Any]] = field(default_factory=dict)
+    replayed_from: list[dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    """One resolved endpoint: the URL used for calls (may hold credentials) and what is recorded."""
+
+    url: str
+    replayed_from: list[dict[str, Any]] | None
+
+    @classmethod
+    def resolve(cls, base_url: str | None) -> _Endpoint:
+        url = resolve_base_url(base_url)
+        return cls(url, replay_sources(url))
+
+    @property
+    def recorded(self) -> str:
+        return redact_url(self.url) or ""
+
+    def cache_dir(self, store: DatasetStore) -> Path:
+        """The real cache, or for a replay server one per recording, so replies never mix."""
+        root = store.root / "llm_cache"
+        if not self.replayed_from:
+            return root
+        digest = hashlib.sha256("".join(sorted(s["sha256"] for s in self.replayed_from)).encode()).hexdigest()
+        return root / f"replay-{digest[:16]}"
+
+
+def _client(params: SageResponsesParams, store: DatasetStore, model: str, endpoint: _Endpoint,
             execution: dict[str, Any]) -> LLMClient:
     return LLMClient(
-        LLMConfig(model=model, base_url=base_url, temperature=params.temperature, max_tokens=params.max_tokens,
-                  concurrency=params.concurrency, cache_dir=store.root / "llm_cache"),
+        LLMConfig(model=model, base_url=endpoint.url, temperature=params.temperature,
+                  max_tokens=params.max_tokens, concurrency=params.concurrency,
+                  cache_dir=endpoint.cache_dir(store)),
         **execution,
     )
 
 
 def build_sage_responses(store: DatasetStore, params: SageResponsesParams, name: str = "sage-responses",
-                         figures: bool = True, execution: dict[str, Any] | None = None) -> BuildResult:
+                         figures: bool = True, execution: dict[str, Any] | None = None) -> SageBuildResult:
     """Run every step and write one version.
 
     ``execution`` holds `LLMConfig` fields that change how calls are made but not what they return
@@ -216,7 +262,13 @@ def build_sage_responses(store: DatasetStore, params: SageResponsesParams, name:
     notes: list[str] = []
     questions = load_questions(path, params.limit_questions)
     usage: dict[str, Any] = {}
-    with _client(params, store, params.model, params.base_url, execution) as client:
+    endpoint = _Endpoint.resolve(params.base_url)
+    target = _Endpoint.resolve(params.target_base_url or params.base_url) if params.target_model else None
+    replayed = _replayed_from(endpoint, target)
+    if replayed:
+        logger.info("replaying recorded answers from %s (own response cache: %s)",
+                    ", ".join(Path(s["location"]).name for s in replayed), endpoint.cache_dir(store))
+    with _client(params, store, params.model, endpoint, execution) as client:
         if questions["paraphrased"].null_count():
             if params.paraphrases <= 0:
                 raise InputError(path, "no 'paraphrased' column: give --paraphrases N to generate them")
@@ -225,11 +277,11 @@ def build_sage_responses(store: DatasetStore, params: SageResponsesParams, name:
             )
             notes.append(f"paraphrases: {stats}")
         df = collect_answers(questions, client, params.batch)
-        usage["answers"] = client.usage.summary(params.model)
+        usage["answers"] = _summary(client, params.model, endpoint)
     rot_model = params.rot_model or params.model
-    with _client(params, store, rot_model, params.base_url, execution) as client:
+    with _client(params, store, rot_model, endpoint, execution) as client:
         df = generate_rots(df, client, params.batch)
-        usage["rots"] = client.usage.summary(rot_model)
+        usage["rots"] = _summary(client, rot_model, endpoint)
     empty = df.filter(pl.col("model_output") == "")
     if empty.height:
         notes.append(f"{empty.height} empty answers (left out of scoring and selection): "
@@ -237,12 +289,11 @@ def build_sage_responses(store: DatasetStore, params: SageResponsesParams, name:
     scores = score_questions(df, params)
 
     target_scores = None
-    if params.target_model:
-        with _client(params, store, params.target_model, params.target_base_url or params.base_url,
-                     execution) as client:
+    if params.target_model and target is not None:
+        with _client(params, store, params.target_model, target, execution) as client:
             tdf = collect_answers(df.select(questions.columns), client, params.batch, column="target_output")
             tdf = generate_rots(tdf, client, params.batch, answer_col="target_output", column="target_rot")
-            usage["target"] = client.usage.summary(params.target_model)
+            usage["target"] = _summary(client, params.target_model, target)
         df = df.join(tdf.select("question_id", "paraphrase_idx", "target_output", "target_rot"),
                      on=["question_id", "paraphrase_idx"], how="left", maintain_order="left")
         tscores = score_questions(tdf, params, "target_output", "target_rot").rename({"sage": "target_sage"})
@@ -270,10 +321,13 @@ def build_sage_responses(store: DatasetStore, params: SageResponsesParams, name:
     notes.append(f"{n_sel} of {dec.height} questions selected ({tables['selected'].num_rows} answers); "
                  f"{int(dec['feedback'].sum())} in the feedback set")
 
-    card = _card(params, scores, notes, usage)
+    recorded = _recorded_params(params, endpoint, target, replayed)
+    card = _card(params, scores, notes, usage, replayed)
+    sources = [SourceFile.from_path(path, redact_url(str(path.resolve())))]
+    sources += [SourceFile(s["location"], s["sha256"], s["bytes"]) for s in replayed or []]
     with store.new_version(
-        name, builder="sage_responses", builder_version=BUILDER_VERSION, params=asdict(params),
-        sources=[SourceFile.from_path(path)], card=card,
+        name, builder="sage_responses", builder_version=BUILDER_VERSION, params=recorded,
+        sources=sources, card=card,
     ) as w:
         for config, table in tables.items():
             w.write_table(config, "train", table)
@@ -281,7 +335,33 @@ def build_sage_responses(store: DatasetStore, params: SageResponsesParams, name:
             from builders.sage_figures import selection_figure
 
             w.add_file("figures/sage_selection.png", selection_figure(scores["sage"].to_list(), dec))
-    return BuildResult(w.result.version, w.result.created, notes)
+    return SageBuildResult(w.result.version, w.result.created, notes, usage=usage, replayed_from=replayed)
+
+
+def _summary(client: LLMClient, model: str, endpoint: _Endpoint) -> dict[str, Any]:
+    """This client's usage; a replay costs nothing, whatever the recorded model's price."""
+    out = client.usage.summary(model)
+    if endpoint.replayed_from:
+        out["estimated_cost_usd"] = 0.0
+        out["replayed"] = True
+    return out
+
+
+def _replayed_from(endpoint: _Endpoint, target: _Endpoint | None) -> list[dict[str, Any]] | None:
+    found = [s for e in (endpoint, target) if e is not None for s in e.replayed_from or []]
+    return list({s["sha256"]: s for s in found}.values()) or None
+
+
+def _recorded_params(params: SageResponsesParams, endpoint: _Endpoint, target: _Endpoint | None,
+                     replayed: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The manifest's parameters: endpoints resolved and redacted, and what a replay replayed."""
+    out = asdict(params)
+    out["base_url"] = endpoint.recorded
+    out["target_base_url"] = target.recorded if target is not None else redact_url(params.target_base_url)
+    out["questions"] = redact_url(params.questions)
+    if replayed:
+        out["replayed_from"] = replayed
+    return out
 
 
 def _tables(scored: pl.DataFrame, params: SageResponsesParams) -> dict[str, pa.Table]:
@@ -307,14 +387,19 @@ def _tables(scored: pl.DataFrame, params: SageResponsesParams) -> dict[str, pa.T
     return {"responses": responses.to_arrow(), "selected": selected.to_arrow(), "feedback": feedback.to_arrow()}
 
 
-def _card(params: SageResponsesParams, scores: pl.DataFrame, notes: list[str], usage: dict[str, Any]) -> dict:
+def _card(params: SageResponsesParams, scores: pl.DataFrame, notes: list[str], usage: dict[str, Any],
+          replayed: list[dict[str, Any]] | None = None) -> dict:
     valid = scores.filter(pl.col("sage").is_not_nan())["sage"]
     mean = float(valid.mean()) if valid.len() else float("nan")  # type: ignore[arg-type]
     cost = [u.get("estimated_cost_usd") for u in usage.values()]
     cost_s = "unknown (model not in the price table)" if None in cost else f"${sum(cost):.4f}"  # type: ignore[arg-type]
     calls = sum(u["completed"] + u.get("batch_completed", 0) for u in usage.values())
     hits = sum(u["cache_hits"] for u in usage.values())
-    return {
+    replay_note = ""
+    if replayed:
+        replay_note = "\n- replayed offline (no model was called): recorded answers from " + ", ".join(
+            f"`{Path(s['location']).name}` (sha256 `{s['sha256'][:16]}…`)" for s in replayed)
+    card: dict[str, Any] = {
         "pretty_name": "SaGE-filtered responses",
         "description": f"Answers of `{params.model}` to paraphrased moral questions, each with the Rule of Thumb "
         f"it follows, scored for moral consistency with SaGE (semantic graph entropy; mean {mean:.4f} over "
@@ -333,7 +418,10 @@ def _card(params: SageResponsesParams, scores: pl.DataFrame, notes: list[str], u
         "license_notes": "Questions from the Moral Consistency Corpus (research use); answers are model outputs "
         "subject to the provider's terms.",
         "build_notes": "\n".join(f"- {n}" for n in notes)
-        + f"\n- LLM calls made: {calls}, cache hits: {hits}, estimated cost: {cost_s}",
+        + f"\n- LLM calls made: {calls}, cache hits: {hits}, estimated cost: {cost_s}" + replay_note,
         "figures": ["figures/sage_selection.png"],
         "usage": usage,
     }
+    if replayed:
+        card["replayed_from"] = replayed
+    return card

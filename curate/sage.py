@@ -36,8 +36,10 @@ product per question. The reference embeds the four texts of every pair separate
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -49,6 +51,8 @@ import polars as pl
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = {DEFAULT_EMBEDDING_MODEL, "all-MiniLM-L6-v2"}
@@ -312,8 +316,14 @@ def sage_scores(
     rot_idx = (
         np.array([unique.setdefault(t, len(unique)) for t in rots], dtype=np.int64) if rots else None
     )
+    n_questions = frame["question_id"].n_unique()
+    # Loading the model and embedding are the long silent part of scoring: say what is happening.
+    logger.info("SaGE: embedding %d distinct texts of %d questions with %s ...", len(unique), n_questions,
+                model if isinstance(model, str | Path) else type(model).__name__)
+    started = time.perf_counter()
     encoder = resolve_embedding_model(model, device=device)
     emb = embed_texts(list(unique), encoder, batch_size=batch_size)
+    logger.info("SaGE: embedded %d texts in %.1f s", len(unique), time.perf_counter() - started)
 
     qids = frame["question_id"].to_list()
     rows_of: dict[object, list[int]] = {}

@@ -121,7 +121,9 @@ def test_killed_midway_resumes_without_repeats(openai_server: OpenAIServer, q100
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert openai_server.calls >= 30
-    cache = ResponseCache(store_dir / "llm_cache" / "responses.sqlite")
+    assert not (store_dir / "llm_cache" / "responses.sqlite").exists(), "replays never touch the real cache"
+    (replay_cache,) = (store_dir / "llm_cache").glob("replay-*/responses.sqlite")
+    cache = ResponseCache(replay_cache)
     done_before = len(cache)
     cache.close()
     assert 0 < done_before < 2 * 5 * N_QUESTIONS
@@ -151,6 +153,50 @@ def test_one_paraphrase_and_plain_question_rules(openai_server: OpenAIServer, q1
     with pytest.raises(InputError, match="plain.csv: no 'paraphrased' column: give --paraphrases N"):
         build_sage_responses(DatasetStore(tmp_path / "s2"),
                              SageResponsesParams(questions=str(plain), base_url=openai_server.base_url))
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_replayed_build_is_labelled_cached_apart_and_rerun_reports_no_calls(
+    openai_server: OpenAIServer, q100: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """No --base-url: the endpoint comes from $OPENAI_BASE_URL and is recorded as such (not None); the
+    replay server is recognised, its replies go to their own cache, and `replayed_from` names the recording
+    files with their sha256 (computed here independently). A rerun says it made no calls."""
+    store_dir = tmp_path / "s"
+    real_cache = ResponseCache(store_dir / "llm_cache" / "responses.sqlite")  # a store with real paid replies
+    real_cache.close()
+    monkeypatch.setenv("OPENAI_BASE_URL", openai_server.base_url)
+    args = ["build", "sage-responses", "--questions", str(q100 / "q100.csv"), "--limit-questions", "3",
+            "--store", str(store_dir)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "SaGE: embedding" in res.output  # the long silent step says what it does
+    assert "answers: 15 calls" in res.output and "(replayed)" in res.output
+    version = DatasetStore(store_dir).get("sage-responses")
+    manifest = json.loads((version.path / "manifest.json").read_text())
+    assert manifest["params"]["base_url"] == openai_server.base_url
+    expected = [{"name": f, "sha256": _sha256(q100 / f)} for f in ("q100_gpt_3.5.csv", "q100_gpt_3.5_rot.csv")]
+    got = [{"name": Path(s["location"]).name, "sha256": s["sha256"]} for s in manifest["params"]["replayed_from"]]
+    assert got == expected and manifest["card"]["replayed_from"] == manifest["params"]["replayed_from"]
+    assert {s["sha256"] for s in manifest["sources"]} >= {e["sha256"] for e in expected}
+    card = version.card_path.read_text()
+    assert "replayed offline" in card and all(e["sha256"][:16] in card for e in expected)
+    real = ResponseCache(store_dir / "llm_cache" / "responses.sqlite")
+    assert len(real) == 0, "replayed replies never land in the real cache"
+    real.close()
+    assert len(list((store_dir / "llm_cache").glob("replay-*/responses.sqlite"))) == 1
+
+    openai_server.reset_counts()
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert openai_server.calls == 0
+    assert "answers: 0 calls (all cached" in again.output and "rots: 0 calls (all cached" in again.output
+    assert "15 calls" not in again.output  # not the stored usage of the first run
 
 
 MALFORMED = {

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from curate.commands._app import StoreOpt, app, build_app, console, friendly_errors
+from curate.commands._app import StoreOpt, app, build_app, console, err_console, friendly_errors, safe
 from curate.commands.build import report
 from curate.errors import CurateError
 from curate.store import DatasetStore
@@ -54,6 +54,8 @@ def build_sage_responses_cmd(
     """Collect answers + Rules of Thumb, score SaGE per question, select with a decaying threshold.
 
     Every reply is cached under <store>/llm_cache: a rerun or a resumed run never pays for a call twice.
+    Against the offline replay server (`python -m curate.replay`) replies are cached apart and the version
+    records `replayed_from`. Credentials in --base-url (user:password@, ?api_key=) are never written.
     """
     from builders.sage_responses import SageResponsesParams, build_sage_responses
 
@@ -67,13 +69,20 @@ def build_sage_responses_cmd(
     result = build_sage_responses(DatasetStore(store), params, name=name,
                                   execution={"timeout": timeout, "max_retries": max_retries})
     report(result)
-    usage = result.version.manifest["card"].get("usage", {})
-    for step, u in usage.items():
-        cost = u.get("estimated_cost_usd")
-        console.print(f"  {step}: {u['completed'] + u.get('batch_completed', 0)} calls, {u['cache_hits']} cached, "
-                      f"{u['retries']} retries, {u['prompt_tokens'] + u.get('batch_prompt_tokens', 0):,} prompt + "
-                      f"{u['completion_tokens'] + u.get('batch_completion_tokens', 0):,} completion tokens, "
-                      f"cost {'unknown' if cost is None else f'${cost:.4f}'}")
+    for step, u in result.usage.items():
+        console.print(f"  {step}: {usage_line(u)}", highlight=False)
+
+
+def usage_line(u: dict) -> str:
+    """One step's usage as this run spent it: ``0 calls (all cached)`` when nothing was asked."""
+    calls = u["completed"] + u.get("batch_completed", 0)
+    if calls == 0 and u.get("failures", 0) == 0:
+        return f"0 calls (all cached: {u['cache_hits']} replies), cost $0"
+    cost = u.get("estimated_cost_usd")
+    cost_s = "unknown" if cost is None else f"${cost:.4f}" + (" (replayed)" if u.get("replayed") else "")
+    return (f"{calls} calls, {u['cache_hits']} cached, {u['retries']} retries, "
+            f"{u['prompt_tokens'] + u.get('batch_prompt_tokens', 0):,} prompt + "
+            f"{u['completion_tokens'] + u.get('batch_completion_tokens', 0):,} completion tokens, cost {cost_s}")
 
 
 @sage_app.command("score")
@@ -104,7 +113,8 @@ def score_cmd(
         v = DatasetStore(store).get(source)
         df, origin = v.read_polars(config), f"{v.ref} [{config}]"
     try:
-        scores = sage_scores(df, model=model, w_answer=w_answer, w_rot=w_rot, source=origin)
+        with err_console.status(f"SaGE: loading {safe(model)} and embedding {df.height:,} rows of {safe(origin)} ..."):
+            scores = sage_scores(df, model=model, w_answer=w_answer, w_rot=w_rot, source=origin)
     except ValueError as e:
         raise CurateError(str(e)) from None
     mean = mean_sage(scores)
