@@ -80,7 +80,7 @@ def _print_table(t: Table) -> None:
 
 def _write_raw(text: str) -> None:
     """csv/json go out exactly as they are, except that a terminal gets control characters made visible
-    (a pipe or file gets the bytes unchanged)."""
+    (a pipe or file gets the bytes unchanged). Not `safe()`: escaping Rich markup would change the data."""
     if sys.stdout.isatty():
         text = "".join(ch if ch in "\n\t" or (ch.isprintable() and ord(ch) >= 32) else f"\\x{ord(ch):02x}"
                        for ch in text)
