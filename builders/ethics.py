@@ -26,7 +26,7 @@ import pyarrow as pa
 from rich.progress import Progress
 
 from builders.base import BuildResult
-from curate.csvfile import iter_csv_rows
+from curate.csvfile import extra_columns, iter_checked_rows
 from curate.errors import CurateError, InputError
 from curate.sources import fetch_tree, is_url, resolve_files, source_record
 from curate.store import DatasetStore
@@ -47,6 +47,13 @@ LABEL_MEANING = {
     "justice": "1 = the justification is reasonable, 0 = unreasonable",
     "virtue": "1 = the trait describes the character in the scenario, 0 = it does not",
     "utilitarianism": "no label: the first scenario is always the more pleasant one",
+}
+# Columns each subset's header must have (utilitarianism and cm_ambig.csv have no header).
+REQUIRED: dict[str, list[str]] = {
+    "commonsense": ["label", "input", "is_short", "edited"],
+    "deontology": ["label", "scenario", "excuse"],
+    "justice": ["label", "scenario"],
+    "virtue": ["label", "scenario"],
 }
 
 
@@ -78,7 +85,7 @@ def _commonsense(path: Path, split: str) -> list[dict[str, Any]]:
     if split == "ambig":
         return [
             {"id": _id(rec["text"]), "text": rec["text"], "label": None, "is_short": None, "edited": None}
-            for _, rec in iter_csv_rows(path, header=False, columns=["text"])
+            for _, rec in iter_checked_rows(path, (), header=False, columns=["text"])
         ]
     return [
         {
@@ -88,7 +95,7 @@ def _commonsense(path: Path, split: str) -> list[dict[str, Any]]:
             "is_short": _bool(path, n, "is_short", rec["is_short"]),
             "edited": _bool(path, n, "edited", rec["edited"]),
         }
-        for n, rec in iter_csv_rows(path, ["label", "input", "is_short", "edited"])
+        for n, rec in iter_checked_rows(path, REQUIRED["commonsense"])
     ]
 
 
@@ -100,20 +107,20 @@ def _deontology(path: Path, split: str) -> list[dict[str, Any]]:
             "excuse": rec["excuse"],
             "label": _label(path, n, rec["label"]),
         }
-        for n, rec in iter_csv_rows(path, ["label", "scenario", "excuse"])
+        for n, rec in iter_checked_rows(path, REQUIRED["deontology"])
     ]
 
 
 def _justice(path: Path, split: str) -> list[dict[str, Any]]:
     return [
         {"id": _id(rec["scenario"]), "scenario": rec["scenario"], "label": _label(path, n, rec["label"])}
-        for n, rec in iter_csv_rows(path, ["label", "scenario"])
+        for n, rec in iter_checked_rows(path, REQUIRED["justice"])
     ]
 
 
 def _utilitarianism(path: Path, split: str) -> list[dict[str, Any]]:
     rows = []
-    for n, rec in iter_csv_rows(path, header=False, columns=["baseline", "less_pleasant"]):
+    for n, rec in iter_checked_rows(path, (), header=False, columns=["baseline", "less_pleasant"]):
         if not rec["baseline"].strip() or not rec["less_pleasant"].strip():
             raise InputError(path, "empty scenario in a pair", row=n)
         rows.append({"id": _id(rec["baseline"], rec["less_pleasant"]), **rec})
@@ -122,7 +129,7 @@ def _utilitarianism(path: Path, split: str) -> list[dict[str, Any]]:
 
 def _virtue(path: Path, split: str) -> list[dict[str, Any]]:
     rows = []
-    for n, rec in iter_csv_rows(path, ["label", "scenario"]):
+    for n, rec in iter_checked_rows(path, REQUIRED["virtue"]):
         scenario, sep, trait = rec["scenario"].rpartition("[SEP]")
         if not sep:
             raise InputError(path, "scenario has no '[SEP] trait' suffix", row=n)
@@ -216,7 +223,12 @@ def build_ethics(store: DatasetStore, source: str | Path, params: EthicsParams |
             for split, rel in FILES[subset].items():
                 if rel not in found:
                     continue
-                rows = READERS[subset](found[rel][0], split)
+                path = found[rel][0]
+                if subset in REQUIRED and split != "ambig":
+                    extra = extra_columns(path, REQUIRED[subset])
+                    if extra:
+                        notes.append(f"{rel}: extra column(s) {', '.join(extra)} dropped")
+                rows = READERS[subset](path, split)
                 if params.limit:
                     rows = rows[: params.limit]
                 tables.setdefault(subset, {})[split] = pa.Table.from_pylist(rows, schema=SCHEMAS[subset])

@@ -29,8 +29,8 @@ def test_python_api_returns_polars(built_dfar) -> None:
 
 def test_version_views(built_dfar) -> None:
     v, st = built_dfar
-    assert query('SELECT count(*) FROM "dfar@v1__l"', st).item() == 5000
-    assert query(f'SELECT count(*) FROM "dfar@{v.tag}"', st).item() == 5000
+    assert query('SELECT count(*) FROM "dfar@v1__l"', st).item() == 4811  # 4500 - 189 overlap + 500
+    assert query(f'SELECT count(*) FROM "dfar@{v.tag}"', st).item() == 4811
 
 
 def test_bad_sql_is_one_clear_error(built_dfar) -> None:
@@ -44,7 +44,7 @@ def test_csv_format(built_dfar) -> None:
     res = CliRunner().invoke(app, ["query", "SELECT split, count(*) AS n FROM dfar GROUP BY 1 ORDER BY 1",
                                    "--store", str(st.root), "--format", "csv"])
     assert res.exit_code == 0
-    assert res.stdout.splitlines() == ["split,n", "test,500", "train,4500"]
+    assert res.stdout.splitlines() == ["split,n", "test,500", "train,4311"]
 
 
 def test_hub_paths() -> None:

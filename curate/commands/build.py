@@ -36,9 +36,13 @@ def build_dfar_cmd(
     store: StoreOpt = None,
     name: Annotated[str, typer.Option(help="Dataset name in the store.")] = "dfar",
     dedupe: Annotated[
-        str, typer.Option(help="none (report only), within-split (drop repeats), train-test (also drop "
-                               "train statements that appear in test).")
+        str, typer.Option(help="Within-split duplicate statements: none (report only) or within-split (drop "
+                               "repeats). Legacy train-test = within-split (dropping the overlap is now the default).")
     ] = "none",
+    keep_overlap: Annotated[
+        bool, typer.Option("--keep-overlap", help="Keep train statements that also appear in test (upstream's "
+                                                  "layout); by default they are dropped from train and counted.")
+    ] = False,
     prompt_template: Annotated[
         str | None, typer.Option(help="Prompt for the l/lr configs; fields: {statement}.")
     ] = None,
@@ -51,7 +55,7 @@ def build_dfar_cmd(
     """Build DFAR (label + reason): configs default, l (label only) and lr (label + reason)."""
     from builders.dfar import DfarParams, build_dfar
 
-    params = DfarParams(dedupe=dedupe, limit=limit)
+    params = DfarParams(dedupe=dedupe, drop_overlap=not keep_overlap, limit=limit)
     if prompt_template:
         params.prompt_template = prompt_template
     if l_template:
