@@ -4,18 +4,23 @@ The real ``huggingface_hub`` client (and ``datasets``) talk to it through ``HF_E
 Everything a client commits is stored on disk under ``root`` and served back exactly:
 
 * ``root/blobs/<sha256[:2]>/<sha256>``: content-addressed store for every file (regular or LFS).
-* ``root/repos/<type>s/<namespace>/<name>/repo.json``: visibility, branches, tags, PR refs and the LFS objects
-  uploaded to that repo (LFS objects are scoped per repo, as on the Hub).
+* ``root/repos/datasets/<namespace>/<name>/repo.json``: visibility, branches, tags and the LFS objects uploaded to
+  that repo (LFS objects are scoped per repo, as on the Hub).
 * ``root/repos/.../commits/<oid>.json``: one snapshot per commit (the full file tree, parents, message).
 
 Commit, tree and blob ids are computed the way git does (blob oid = sha1 of ``blob <len>\\0<content>``, LFS files
 are hashed through their pointer file), so ETags and cache keys look like the Hub's.
 
 Routing is done on the *raw* (still percent-encoded) request path: the client quotes revisions with ``safe=""``,
-so ``refs%2Fpr%2F1`` is one path segment and must not be split on the decoded ``/``.
+so ``refs%2Fheads%2Fmain`` is one path segment and must not be split on the decoded ``/``.
 
-What is deliberately not implemented: Xet storage (clients must run with ``HF_HUB_DISABLE_XET=1``), the LFS
-multipart transfer, gated repos, discussions, and ``hf://`` access from DuckDB (hard-codes huggingface.co).
+Only what the toolkit, ``huggingface_hub`` (``HfApi``, ``hf_hub_download``, ``snapshot_download``, ``HfFileSystem``)
+and ``datasets`` call in the tests is implemented, for dataset repos: create repo, repo info (with file metadata),
+validate-yaml, preupload, commit (with ``parentCommit``: 412 when the branch moved, as on the Hub), LFS batch +
+object upload, tree, paths-info, refs, commits, tag create/delete, branch create, resolve (GET/HEAD, ``Range``).
+Not implemented: model/space repos, PR refs, listing pagination, settings, whoami, Xet
+(clients must run with ``HF_HUB_DISABLE_XET=1``), LFS multipart and verify, gated repos, discussions, and
+``hf://`` access from DuckDB (hard-codes huggingface.co).
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import tempfile
 import threading
 import time
@@ -48,8 +52,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-REPO_TYPES: dict[str, str] = {"models": "model", "datasets": "dataset", "spaces": "space", "kernels": "kernel"}
-URL_PREFIXES: dict[str, str] = {"model": "", "dataset": "datasets/", "space": "spaces/", "kernel": "kernels/"}
+REPO_TYPE = "dataset"  # the only repo type the toolkit publishes
 DEFAULT_BRANCH = "main"
 COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -236,7 +239,7 @@ def iso(ts: float) -> str:
 
 @dataclass
 class RepoMeta:
-    """Everything about a repo that is not a snapshot: visibility and refs."""
+    """Everything about a repo that is not a snapshot: visibility, refs, uploaded LFS objects."""
 
     type: str
     namespace: str
@@ -245,7 +248,6 @@ class RepoMeta:
     created_at: str
     branches: dict[str, str] = field(default_factory=dict)
     tags: dict[str, dict[str, str]] = field(default_factory=dict)
-    prs: dict[str, str] = field(default_factory=dict)
     lfs_objects: set[str] = field(default_factory=set)
 
     @property
@@ -261,7 +263,6 @@ class RepoMeta:
             "createdAt": self.created_at,
             "branches": self.branches,
             "tags": self.tags,
-            "prs": self.prs,
             "lfsObjects": sorted(self.lfs_objects),
         }
 
@@ -275,7 +276,6 @@ class RepoMeta:
             created_at=raw["createdAt"],
             branches=dict(raw["branches"]),
             tags=dict(raw["tags"]),
-            prs=dict(raw["prs"]),
             lfs_objects=set(raw["lfsObjects"]),
         )
 
@@ -341,10 +341,6 @@ class Storage:
         path = self.repo_dir(meta.type, meta.namespace, meta.name) / "repo.json"
         _write_atomic(path, json.dumps(meta.to_json(), indent=1).encode())
 
-    def delete_repo(self, meta: RepoMeta) -> None:
-        shutil.rmtree(self.repo_dir(meta.type, meta.namespace, meta.name))
-        self._commit_cache = {k: v for k, v in self._commit_cache.items() if k[0] != self._key(meta)}
-
     def _key(self, meta: RepoMeta) -> str:
         return f"{meta.type}s/{meta.repo_id}"
 
@@ -379,7 +375,7 @@ class Storage:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Path rules (LFS / gitignore)
+# Path rules (LFS)
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -393,27 +389,6 @@ def _glob_match(path: str, pattern: str) -> bool:
 
 def lfs_patterns(gitattributes: str) -> list[str]:
     return [line.split()[0] for line in gitattributes.splitlines() if "filter=lfs" in line and line.strip()]
-
-
-def gitignored(path: str, gitignore: str | None) -> bool:
-    """A small subset of gitignore: plain globs, directory patterns (``dir/``); negations are not supported."""
-    if not gitignore:
-        return False
-    parts = path.split("/")
-    for raw in gitignore.splitlines():
-        line = raw.strip()
-        if not line or line.startswith(("#", "!")):
-            continue
-        if line.endswith("/"):
-            name = line.rstrip("/").lstrip("/")
-            if any(fnmatch.fnmatchcase(part, name) for part in parts[:-1]):
-                return True
-        elif "/" in line.rstrip("/"):
-            if fnmatch.fnmatchcase(path, line.lstrip("/")):
-                return True
-        elif any(fnmatch.fnmatchcase(part, line) for part in parts):
-            return True
-    return False
 
 
 def looks_binary(sample: bytes) -> bool:
@@ -632,9 +607,9 @@ async def _abort(receive: Receive, send: Send, graceful: bool = False) -> None:
 
 Handler = Callable[[Request, dict[str, str]], Awaitable[Response]]
 REPO = r"(?P<ns>[^/]+)/(?P<name>[^/]+)"
-API_REPO = r"/api/(?P<rtype>models|datasets|spaces|kernels)/" + REPO
-URL_REPO = r"/(?:(?P<prefix>datasets|spaces|kernels)/)?(?P<ns>[^/]+)/(?P<name>[^/]+?)"
-LFS_REPO = r"/__lfs/(?P<rtype>models|datasets|spaces|kernels)/" + REPO  # our stand-in for the S3 bucket
+API_REPO = r"/api/datasets/" + REPO
+URL_REPO = r"/datasets/(?P<ns>[^/]+)/(?P<name>[^/]+?)"
+LFS_REPO = r"/__lfs/datasets/" + REPO  # our stand-in for the S3 bucket
 
 
 @dataclass
@@ -643,8 +618,6 @@ class HubConfig:
 
     tokens: dict[str, str]  # token -> user name
     lfs_threshold: int = 10 * 1024 * 1024  # files larger than this go through LFS whatever their type
-    tree_page_size: int = 1000  # the Hub pages the tree listing by 1000 (50 with expand=True)
-    commits_page_size: int = 50
 
 
 class HubApp:
@@ -658,14 +631,10 @@ class HubApp:
         self._secret = secrets.token_bytes(32)
         self.routes: list[tuple[frozenset[str], re.Pattern[str], Handler]] = []
         for methods, pattern, handler in (
-            ("GET", r"/api/whoami-v2", self.whoami),
-            ("GET", r"/api/agent-harnesses", self.agent_harnesses),
             ("POST", r"/api/validate-yaml", self.validate_yaml),
             ("POST", r"/api/repos/create", self.create_repo),
-            ("DELETE POST", r"/api/repos/delete", self.delete_repo),
             ("GET", API_REPO, self.repo_info),
             ("GET", API_REPO + r"/revision/(?P<rev>[^/]+)", self.repo_info),
-            ("PUT", API_REPO + r"/settings", self.update_settings),
             ("GET", API_REPO + r"/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?", self.tree),
             ("POST", API_REPO + r"/paths-info/(?P<rev>[^/]+)", self.paths_info),
             ("POST", API_REPO + r"/preupload/(?P<rev>[^/]+)", self.preupload),
@@ -675,10 +644,8 @@ class HubApp:
             ("POST", API_REPO + r"/tag/(?P<rev>[^/]+)", self.create_tag),
             ("DELETE", API_REPO + r"/tag/(?P<rev>[^/]+)", self.delete_tag),
             ("POST", API_REPO + r"/branch/(?P<rev>[^/]+)", self.create_branch),
-            ("DELETE", API_REPO + r"/branch/(?P<rev>[^/]+)", self.delete_branch),
             ("POST", URL_REPO + r"\.git/info/lfs/objects/batch", self.lfs_batch),
             ("PUT", LFS_REPO + r"/(?P<oid>[0-9a-f]{64})", self.lfs_put),
-            ("POST", LFS_REPO + r"/verify", self.lfs_verify),
             ("GET HEAD", URL_REPO + r"/resolve/(?P<rev>[^/]+)/(?P<path>.+)", self.resolve),
         ):
             self.routes.append((frozenset(methods.split()), re.compile(pattern), handler))
@@ -730,7 +697,7 @@ class HubApp:
     def readable(self, request: Request, p: dict[str, str]) -> RepoMeta:
         """Load a repo the caller may read. Unauthenticated callers get 401 RepoNotFound, like on the Hub."""
         user = self.user(request)
-        meta = self.storage.load_repo(self.rtype(p), p["ns"], p["name"])
+        meta = self.storage.load_repo(REPO_TYPE, p["ns"], p["name"])
         if meta is None or (meta.private and user is None):
             err = repo_not_found()
             if user is None:
@@ -741,25 +708,20 @@ class HubApp:
     def writable(self, request: Request, p: dict[str, str]) -> tuple[RepoMeta, str]:
         """Any valid token may write anywhere: the server is single-tenant on purpose."""
         user = self.require_user(request)
-        meta = self.storage.load_repo(self.rtype(p), p["ns"], p["name"])
+        meta = self.storage.load_repo(REPO_TYPE, p["ns"], p["name"])
         if meta is None:
             raise repo_not_found()
         return meta, user
-
-    @staticmethod
-    def rtype(p: dict[str, str]) -> str:
-        """'datasets' (API path) or the URL prefix ('datasets/', none for models) -> 'dataset'."""
-        return REPO_TYPES[p.get("rtype") or p.get("prefix") or "models"]
 
     @staticmethod
     def base_url(request: Request) -> str:
         return f"{request.url.scheme}://{request.headers.get('host', request.url.netloc)}"
 
     def repo_url(self, request: Request, meta: RepoMeta) -> str:
-        return f"{self.base_url(request)}/{URL_PREFIXES[meta.type]}{meta.repo_id}"
+        return f"{self.base_url(request)}/datasets/{meta.repo_id}"
 
     def resolve_rev(self, meta: RepoMeta, rev: str | None) -> Commit:
-        """Branch names, tag names, refs/heads|tags|pr/..., and full commit ids (in that order)."""
+        """Branch names, tag names, refs/heads|tags/..., and full commit ids (in that order)."""
         rev = rev or DEFAULT_BRANCH
         oid: str | None = None
         if rev.startswith("refs/heads/"):
@@ -767,8 +729,6 @@ class HubApp:
         elif rev.startswith("refs/tags/"):
             tag = meta.tags.get(rev[len("refs/tags/") :])
             oid = tag["commit"] if tag else None
-        elif (m := re.fullmatch(r"refs/pr/(\d+)", rev)) is not None:
-            oid = meta.prs.get(m.group(1))
         elif rev in meta.branches:
             oid = meta.branches[rev]
         elif rev in meta.tags:
@@ -787,26 +747,6 @@ class HubApp:
         return self.storage.read_blob(entry.sha256).decode("utf-8", "replace")
 
     # misc -----------------------------------------------------------------------------------------------------
-    async def whoami(self, request: Request, p: dict[str, str]) -> Response:
-        user = self.require_user(request)
-        return JSONResponse(
-            {
-                "type": "user",
-                "id": hashlib.sha1(user.encode()).hexdigest()[:24],
-                "name": user,
-                "fullname": user,
-                "email": None,
-                "emailVerified": False,
-                "isPro": False,
-                "orgs": [],
-                "auth": {"type": "access_token", "accessToken": {"displayName": "hub-server", "role": "write"}},
-            }
-        )
-
-    async def agent_harnesses(self, request: Request, p: dict[str, str]) -> Response:
-        """Fetched by the client when it builds its user agent; an empty registry disables detection."""
-        return JSONResponse({"standardEnvVars": [], "harnesses": {}})
-
     async def validate_yaml(self, request: Request, p: dict[str, str]) -> Response:
         """Called by ``create_commit`` whenever README.md is part of the commit."""
         body = await request.json()
@@ -824,8 +764,8 @@ class HubApp:
         name = str(body.get("name") or "")
         namespace = str(body.get("organization") or user)
         rtype = str(body.get("type") or "model")
-        if rtype not in URL_PREFIXES:
-            raise HubError(400, f"Invalid repo type: {rtype}")
+        if rtype != REPO_TYPE:
+            raise HubError(400, f"This test server only hosts dataset repos, not {rtype!r}")
         for part in (namespace, name):
             if not NAME_RE.fullmatch(part) or "--" in part or ".." in part or part.endswith(".git"):
                 raise HubError(400, f"Invalid repo name: '{namespace}/{name}'")
@@ -852,29 +792,6 @@ class HubApp:
             self.storage.save_repo(meta)
         url = self.repo_url(request, meta)
         return JSONResponse({"url": url, "name": meta.repo_id, "id": meta.repo_id})
-
-    async def delete_repo(self, request: Request, p: dict[str, str]) -> Response:
-        user = self.require_user(request)
-        body = await request.json()
-        rtype = str(body.get("type") or "model")
-        namespace = str(body.get("organization") or user)
-        with self.storage.lock:
-            meta = self.storage.load_repo(rtype, namespace, str(body.get("name") or ""))
-            if meta is None:
-                raise repo_not_found()
-            self.storage.delete_repo(meta)
-        return JSONResponse({})
-
-    async def update_settings(self, request: Request, p: dict[str, str]) -> Response:
-        body = await request.json()
-        with self.storage.lock:
-            meta, _ = self.writable(request, p)
-            if "visibility" in body:
-                meta.private = body["visibility"] == "private"
-            elif "private" in body:
-                meta.private = bool(body["private"])
-            self.storage.save_repo(meta)
-        return JSONResponse({})
 
     async def repo_info(self, request: Request, p: dict[str, str]) -> Response:
         meta = self.readable(request, p)
@@ -910,9 +827,6 @@ class HubApp:
         }
         if card is not None:
             info["cardData"] = card
-        expand = request.query_params.getlist("expand") + request.query_params.getlist("expand[]")
-        if expand:
-            info = {k: v for k, v in info.items() if k in ("_id", "id") or k in expand}
         return JSONResponse(info)
 
     # listing --------------------------------------------------------------------------------------------------
@@ -928,15 +842,9 @@ class HubApp:
             out = {"type": "directory", "oid": dirs[path], "size": 0, "path": path}
         else:
             return None
-        if expand:
+        if expand:  # `HfFileSystem.modified()` (which DuckDB calls through fsspec) reads lastCommit
             last = self.last_commit(meta, commit, path)
             out["lastCommit"] = {"id": last.id, "title": last.title, "date": last.date}
-            if out["type"] == "file":
-                out["securityFileStatus"] = {
-                    "status": "safe",
-                    "avScan": {"virusFound": False, "virusNames": None},
-                    "pickleImportScan": None,
-                }
         return out
 
     def last_commit(self, meta: RepoMeta, commit: Commit, path: str) -> Commit:
@@ -972,34 +880,15 @@ class HubApp:
         recursive = query.get("recursive", "").lower() in ("1", "true")
         expand = query.get("expand", "").lower() in ("1", "true")
         paths = self.list_paths(meta, commit, p.get("path", "").strip("/"), recursive)
-        page_size = min(50, self.config.tree_page_size) if expand else self.config.tree_page_size
-        if "limit" in query:
-            page_size = max(1, min(page_size, int(query["limit"])))
-        start = int(query.get("cursor", "0") or 0)
-        page = paths[start : start + page_size]
-        items = [self.entry_json(meta, commit, path, expand) for path in page]
-        headers = {}
-        if start + page_size < len(paths):
-            params = {"recursive": str(recursive).lower(), "expand": str(expand).lower()}
-            params["cursor"] = str(start + page_size)
-            raw = (request.scope.get("raw_path") or b"").decode("latin-1")
-            headers["Link"] = f'<{self.base_url(request)}{raw}?{urlencode(params)}>; rel="next"'
-        return JSONResponse(items, headers=headers)
+        return JSONResponse([self.entry_json(meta, commit, path, expand) for path in paths])
 
     async def paths_info(self, request: Request, p: dict[str, str]) -> Response:
         meta = self.readable(request, p)
         commit = self.resolve_rev(meta, p["rev"])
-        body = await request.body()
-        if request.headers.get("content-type", "").startswith("application/json"):
-            data = json.loads(body or b"{}")
-            paths = data.get("paths", [])
-            expand = bool(data.get("expand", False))
-        else:
-            form = parse_qs(body.decode(), keep_blank_values=True)
-            paths = form.get("paths", [])
-            expand = form.get("expand", ["false"])[0].lower() in ("1", "true")
+        form = parse_qs((await request.body()).decode(), keep_blank_values=True)  # the client posts a form
         out = []
-        for path in dict.fromkeys(str(x).strip("/") for x in (paths if isinstance(paths, list) else [paths])):
+        expand = form.get("expand", ["false"])[0].lower() in ("1", "true")
+        for path in dict.fromkeys(x.strip("/") for x in form.get("paths", [])):
             item = self.entry_json(meta, commit, path, expand)
             if item is not None:
                 out.append(item)
@@ -1016,7 +905,7 @@ class HubApp:
                 "branches": [ref("heads", name, oid) for name, oid in sorted(meta.branches.items())],
                 "converts": [],
                 "tags": [ref("tags", name, tag["commit"]) for name, tag in sorted(meta.tags.items())],
-                "pullRequests": [ref("pr", num, oid) for num, oid in sorted(meta.prs.items(), key=lambda x: int(x[0]))],
+                "pullRequests": [],
             }
         )
 
@@ -1027,13 +916,6 @@ class HubApp:
         while commit is not None:
             history.append(commit)
             commit = self.storage.load_commit(meta, commit.parents[0]) if commit.parents else None
-        page_num = int(request.query_params.get("p", "0") or 0)
-        size = self.config.commits_page_size
-        page = history[page_num * size : (page_num + 1) * size]
-        headers = {}
-        if (page_num + 1) * size < len(history):
-            raw = (request.scope.get("raw_path") or b"").decode("latin-1")
-            headers["Link"] = f'<{self.base_url(request)}{raw}?p={page_num + 1}>; rel="next"'
         items = [
             {
                 "id": c.id,
@@ -1042,9 +924,9 @@ class HubApp:
                 "authors": [{"user": c.author, "avatar": None}],
                 "date": c.date,
             }
-            for c in page
+            for c in history
         ]
-        return JSONResponse(items, headers=headers)
+        return JSONResponse(items)
 
     async def create_tag(self, request: Request, p: dict[str, str]) -> Response:
         body = await request.json()
@@ -1082,16 +964,6 @@ class HubApp:
             self.storage.save_repo(meta)
         return JSONResponse({})
 
-    async def delete_branch(self, request: Request, p: dict[str, str]) -> Response:
-        with self.storage.lock:
-            meta, _ = self.writable(request, p)
-            if p["rev"] == DEFAULT_BRANCH:
-                raise HubError(403, "Cannot delete the default branch")
-            if meta.branches.pop(p["rev"], None) is None:
-                raise revision_not_found(p["rev"])
-            self.storage.save_repo(meta)
-        return JSONResponse({})
-
     # uploads --------------------------------------------------------------------------------------------------
     def upload_mode(self, commit: Commit, path: str, size: int, sample: bytes) -> Literal["lfs", "regular"]:
         """LFS if the revision's .gitattributes says so, if the file is large, or if it looks binary."""
@@ -1104,9 +976,9 @@ class HubApp:
         return "lfs" if any(_glob_match(path, pattern) for pattern in patterns) else "regular"
 
     def target_branch(self, meta: RepoMeta, rev: str) -> tuple[str, Commit]:
-        """Commits only go to branches (or PR refs); tags and commit ids are read-only."""
+        """Commits only go to branches; tags and commit ids are read-only."""
         name = rev[len("refs/heads/") :] if rev.startswith("refs/heads/") else rev
-        if name in meta.branches or re.fullmatch(r"refs/pr/\d+", name):
+        if name in meta.branches:
             return name, self.resolve_rev(meta, name)
         if name in meta.tags or COMMIT_RE.fullmatch(name):
             self.resolve_rev(meta, name)
@@ -1117,9 +989,6 @@ class HubApp:
         meta, _ = self.writable(request, p)
         _, commit = self.target_branch(meta, p["rev"])
         body = await request.json()
-        gitignore = body.get("gitIgnore")
-        if gitignore is None:
-            gitignore = self.read_text(commit, ".gitignore")
         files = []
         for item in body.get("files", []):
             path = validate_path(str(item["path"]))
@@ -1127,7 +996,7 @@ class HubApp:
             mode = self.upload_mode(commit, path, int(item["size"]), sample)
             existing = commit.tree.get(path)
             oid = None if existing is None else (existing.sha256 if existing.lfs else existing.oid)
-            files.append({"path": path, "uploadMode": mode, "shouldIgnore": gitignored(path, gitignore), "oid": oid})
+            files.append({"path": path, "uploadMode": mode, "shouldIgnore": False, "oid": oid})
         return JSONResponse({"files": files, "commitOid": commit.id})
 
     async def lfs_batch(self, request: Request, p: dict[str, str]) -> Response:
@@ -1160,7 +1029,6 @@ class HubApp:
                     "authenticated": True,
                     "actions": {
                         "upload": {"href": f"{where}/{oid}?{query}", "expires_in": 3600},
-                        "verify": {"href": f"{where}/verify", "expires_in": 3600},
                     },
                 }
             )
@@ -1175,7 +1043,7 @@ class HubApp:
 
     async def lfs_put(self, request: Request, p: dict[str, str]) -> Response:
         """The 'S3' side of LFS: pre-signed URL, body streamed to disk, sha256 and size verified before storing."""
-        meta = self.storage.load_repo(self.rtype(p), p["ns"], p["name"])
+        meta = self.storage.load_repo(REPO_TYPE, p["ns"], p["name"])
         oid = p["oid"]
         size = int(request.query_params.get("size", "-1"))
         sig = request.query_params.get("sig", "")
@@ -1203,22 +1071,17 @@ class HubApp:
             tmp.unlink(missing_ok=True)
         return Response(status_code=200, headers={"ETag": f'"{oid}"'})
 
-    async def lfs_verify(self, request: Request, p: dict[str, str]) -> Response:
-        meta, _ = self.writable(request, p)
-        body = await request.json()
-        oid, size = str(body.get("oid")), body.get("size")
-        if oid not in meta.lfs_objects or not self.storage.has_blob(oid, size):
-            raise HubError(404, f"LFS object {oid} not found")
-        return JSONResponse({"success": True})
-
     async def commit(self, request: Request, p: dict[str, str]) -> Response:
-        """NDJSON commit: header, then file / lfsFile / deletedFile / deletedFolder lines, applied in order."""
+        """NDJSON commit: header, then file / lfsFile / deletedFile lines, applied in order.
+
+        ``parentCommit`` in the header makes the commit conditional, as on the Hub: if the branch has moved
+        since, the answer is 412 and nothing is applied (the client raises ``HfHubHTTPError``).
+        """
         raw = await request.body()
         lines = [json.loads(line) for line in raw.splitlines() if line.strip()]
         if not lines or lines[0].get("key") != "header":
             raise HubError(400, "The first line of the commit payload must be the header")
         header = lines[0]["value"]
-        create_pr = request.query_params.get("create_pr", "").lower() in ("1", "true")
         with self.storage.lock:
             meta, user = self.writable(request, p)
             branch, head = self.target_branch(meta, p["rev"])
@@ -1233,30 +1096,15 @@ class HubApp:
                 raise HubError(400, f"A file and a folder cannot share a path: {conflicts[0]}")
             title = str(header.get("summary") or "").strip() or "Update"
             commit = self.storage.new_commit(meta, [head.id], tree, title, str(header.get("description") or ""), user)
-            pr_url = None
-            if create_pr:
-                number = str(max((int(n) for n in meta.prs), default=0) + 1)
-                meta.prs[number] = commit.id
-                pr_url = f"{self.repo_url(request, meta)}/discussions/{number}"
-            elif branch.startswith("refs/pr/"):
-                meta.prs[branch.rsplit("/", 1)[1]] = commit.id
-            else:
-                meta.branches[branch] = commit.id
+            meta.branches[branch] = commit.id
             self.storage.save_repo(meta)
-        out: dict[str, Any] = {
-            "success": True,
-            "commitOid": commit.id,
-            "commitUrl": f"{self.repo_url(request, meta)}/commit/{commit.id}",
-            "hookOutput": "",
-        }
-        if pr_url is not None:
-            out["pullRequestUrl"] = pr_url
-        return JSONResponse(out)
+        url = f"{self.repo_url(request, meta)}/commit/{commit.id}"
+        return JSONResponse({"success": True, "commitOid": commit.id, "commitUrl": url, "hookOutput": ""})
 
     def apply_operation(
         self, meta: RepoMeta, head: Commit, tree: dict[str, FileEntry], key: str | None, value: dict[str, Any]
     ) -> None:
-        path = str(value.get("path", "")).strip("/") if key == "deletedFolder" else str(value.get("path", ""))
+        path = str(value.get("path", ""))
         if key == "file":
             validate_path(path)
             content = str(value.get("content", ""))
@@ -1280,12 +1128,6 @@ class HubApp:
         elif key == "deletedFile":
             if tree.pop(path, None) is None:
                 raise entry_not_found(f"A file with this name doesn't exist: {path}", head.id)
-        elif key == "deletedFolder":
-            doomed = [x for x in tree if not path or x.startswith(path + "/")]
-            if not doomed:
-                raise entry_not_found(f"A folder with this name doesn't exist: {path}", head.id)
-            for x in doomed:
-                del tree[x]
         else:
             raise HubError(400, f"Unknown commit operation: {key}")
 

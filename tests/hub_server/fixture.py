@@ -171,12 +171,10 @@ def run_hub_server(
     *,
     user: str = "hub-tester",
     lfs_threshold: int = 10 * 1024 * 1024,
-    tree_page_size: int = 1000,
-    commits_page_size: int = 50,
 ) -> Iterator[HubServer]:
     """Start uvicorn on 127.0.0.1 (a free port) in a daemon thread; stop it on exit. Usable outside pytest."""
     token = f"hf_test_{uuid.uuid4().hex}"
-    config = HubConfig({token: user}, lfs_threshold, tree_page_size, commits_page_size)
+    config = HubConfig({token: user}, lfs_threshold)
     asgi, hub = create_app(root, config)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
