@@ -180,7 +180,10 @@ class _RedactURLs(logging.Filter):
 
 
 def _install_log_redaction() -> None:
-    for name in ("httpx", "openai"):
+    # httpx, or the fork of it some openai releases ship (its logger is named after its package)
+    sdk_http = openai.DefaultAsyncHttpxClient.__mro__[1].__module__.split(".")[0]
+    names = {"httpx", "openai", sdk_http}
+    for name in names:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _RedactURLs) for f in logger.filters):
             logger.addFilter(_RedactURLs())
