@@ -10,7 +10,7 @@ import jinja2
 from huggingface_hub import DatasetCardData
 from markupsafe import Markup, escape
 
-CARDS_DIR = Path(__file__).resolve().parents[1] / "cards"
+CARDS_DIR = Path(__file__).resolve().parent / "templates"  # package data: ships in the wheel
 # Templates whose every `{{ value }}` is HTML-escaped: dataset cards quote data rows (duplicate statements,
 # source paths, a pulled manifest's fields), and the Hub renders a card's Markdown, raw HTML included.
 AUTOESCAPED = ("dataset_card.md.j2",)
