@@ -81,8 +81,52 @@ def test_packing_keeps_masks_and_respects_max_length(tok) -> None:
     n = len(rows.examples[0]["input_ids"])
     blocks = pack(rows.examples, 3 * n)
     assert [len(b["input_ids"]) for b in blocks] == [3 * n, 2 * n]
+    assert blocks[0]["position_ids"] == list(range(n)) * 3
     assert sum(x != IGNORE for b in blocks for x in b["labels"]) == sum(
         x != IGNORE for e in rows.examples for x in e["labels"])
+
+
+def test_packed_examples_do_not_attend_to_each_other(tok, tmp_path: Path) -> None:
+    """Per-example completion losses of a packed batch equal the unpacked ones (and the SFT loss too);
+    the old plain concatenation, where later examples attend to earlier ones, did not."""
+    import torch
+    from transformers import TrainingArguments
+
+    from tests.tiny import tiny_llama
+    from train.data import CompletionCollator
+    from train.sft import SFTTrainer
+    from train.token_rows import logprobs_at, supervised_positions
+
+    model = tiny_llama(len(tok), hidden=32, seed=2, pad_token_id=tok.pad_token_id).eval()
+    prompts = ["Statement: I lied to my boss.\nAnswer:", "Is it fine to steal?\nAnswer:",
+               "Statement: I helped a stranger.\nAnswer:", "Ok?\nAnswer:"]
+    completions = [" unethical. Reason: it breaks trust.", " unethical", " ethical. Reason: kind.", " ethical"]
+    rows = tokenize_rows(tok, prompts, completions, template="plain", max_length=64, append_eos=True)
+    collate = CompletionCollator(tok.pad_token_id)
+    plain, packed = collate(rows.examples), collate(pack(rows.examples, 48))
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed  # two blocks, flattened
+
+    def per_example(batch: dict, example_of: torch.Tensor) -> list[float]:
+        rows_, pos, targets = supervised_positions(batch["labels"])
+        with torch.no_grad():
+            lp = logprobs_at(model, batch["input_ids"], batch.get("attention_mask"), rows_, pos,
+                             batch.get("position_ids")).gather(-1, targets[:, None])[:, 0]
+        owner = example_of[rows_, pos]
+        return [float(-lp[owner == i].mean()) for i in range(len(prompts))]
+
+    plain_owner = torch.arange(len(prompts))[:, None].expand_as(plain["input_ids"])
+    packed_owner = (packed["position_ids"] == 0).cumsum(-1) - 1
+    want = per_example(plain, plain_owner)
+    assert per_example(packed, packed_owner) == pytest.approx(want, rel=1e-5, abs=1e-5)
+    crosstalk = per_example({"input_ids": packed["input_ids"], "labels": packed["labels"],
+                             "attention_mask": torch.ones_like(packed["input_ids"])}, packed_owner)
+    assert max(abs(a - b) for a, b in zip(crosstalk, want, strict=True)) > 1e-2  # the old `pack` concatenation
+
+    trainer = SFTTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                             report_to="none"))
+    with torch.no_grad():
+        assert float(trainer.compute_loss(model, packed)) == pytest.approx(float(trainer.compute_loss(model, plain)),
+                                                                           rel=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from train.data import ListDataset
 from train.kd_data import KDCollator, kd_features
 from train.losses import DistillationLoss, get_loss
 from train.run_folder import RunFolder, version_record
-from train.runner import Prepared, RunResult, train_and_save
+from train.runner import Prepared, RunResult, step_token_scale, train_and_save
 from train.token_rows import completion_ce, logprobs_at, supervised_positions
 
 
@@ -57,7 +57,7 @@ def ce_and_distillation(logprobs: torch.Tensor, rows: torch.Tensor, pos: torch.T
 class KDTrainer(Trainer):
     """`transformers.Trainer` whose loss mixes gold-token CE with a sparse distillation divergence."""
 
-    loss_is_scaled_for_ga = False  # a per-batch mean: Trainer divides by the accumulation steps
+    loss_is_scaled_for_ga = None  # scaled by `step_token_scale` exactly when Trainer passes num_items_in_batch
 
     def __init__(self, *args: Any, kd_loss: DistillationLoss, alpha: float, temperature: float,
                  kd_target: str = "tokens", label_token_ids: list[int] | None = None, **kwargs: Any) -> None:
@@ -75,15 +75,19 @@ class KDTrainer(Trainer):
                      num_items_in_batch: Any = None) -> Any:
         rows, pos, targets = supervised_positions(inputs["labels"])
         logprobs = logprobs_at(model, inputs["input_ids"], inputs["attention_mask"], rows, pos)
+        scale = step_token_scale(self, targets.numel(), num_items_in_batch)
         if self.alpha < 1.0 and rows.numel():
             ce, kd = ce_and_distillation(logprobs, rows, pos, targets, inputs, kd_loss=self.kd_loss,
                                          temperature=self.temperature, kd_target=self.kd_target,
                                          label_token_ids=self.label_token_ids)
-            loss = self.alpha * ce + (1.0 - self.alpha) * kd
+            # label KD is a mean over examples, not tokens: its share of an accumulated step is 1 / steps
+            kd_scale = (scale if self.kd_target == "tokens" or num_items_in_batch is None
+                        else 1.0 / self.current_gradient_accumulation_steps)
+            loss = self.alpha * ce * scale + (1.0 - self.alpha) * kd * kd_scale
         else:  # the no-teacher baseline: same data and code path, no KD term computed
             ce = completion_ce(logprobs, targets)
             kd = torch.zeros((), device=ce.device)
-            loss = ce
+            loss = ce * scale
         if model.training:
             self._parts["ce"] += float(ce.detach())
             self._parts["kd"] += float(kd.detach())

@@ -36,6 +36,25 @@ class RunResult:
     metrics: dict[str, Any]
 
 
+def step_token_scale(trainer: Any, n_tokens: int, num_items_in_batch: Any) -> Any:
+    """Factor that turns a micro-batch's token-mean loss into its share of the whole optimizer step's token mean.
+
+    Trainer counts the supervised tokens of every accumulated micro-batch (``num_items_in_batch``, over
+    ``labels[..., 1:]``, exactly our supervised positions) when the model takes loss kwargs, and then treats the
+    loss as already scaled for accumulation (``loss_is_scaled_for_ga = None``): mean · n / N = sum / N, so batch
+    8 and 2 × 4 accumulation give the same gradient even when micro-batches hold different numbers of tokens.
+    Across processes the count is global while DDP averages gradients, hence the process factor (as
+    `Trainer.compute_loss` does). Without a count (evaluation) the plain mean stays.
+    """
+    if num_items_in_batch is None:
+        return 1.0
+    args = trainer.args
+    scale = n_tokens / num_items_in_batch
+    if args.average_tokens_across_devices:
+        scale = scale * (trainer.accelerator.num_processes if args.n_gpu <= 1 else args.n_gpu)
+    return scale
+
+
 def training_arguments(cfg: TrainConfig, run: RunFolder, has_eval: bool) -> Any:
     import torch
     from transformers import TrainingArguments

@@ -12,7 +12,7 @@ from train.config import SFTConfig
 from train.data import CompletionCollator, ListDataset, pack, tokenize_rows
 from train.modeling import load_student
 from train.run_folder import RunFolder, version_record
-from train.runner import Prepared, RunResult, train_and_save
+from train.runner import Prepared, RunResult, step_token_scale, train_and_save
 from train.token_rows import completion_ce, logprobs_at, supervised_positions
 
 SFT_COLUMNS = ("prompt", "completion")
@@ -25,13 +25,14 @@ class SFTTrainer(Trainer):
     the same mean NLL over completion tokens from the completion logits alone.
     """
 
-    loss_is_scaled_for_ga = False  # a per-batch mean: Trainer divides by the accumulation steps
+    loss_is_scaled_for_ga = None  # scaled by `step_token_scale` exactly when Trainer passes num_items_in_batch
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         rows, pos, targets = supervised_positions(inputs["labels"])
-        logprobs = logprobs_at(model, inputs["input_ids"], inputs["attention_mask"], rows, pos)
-        loss = completion_ce(logprobs, targets)
+        logprobs = logprobs_at(model, inputs["input_ids"], inputs.get("attention_mask"), rows, pos,
+                               inputs.get("position_ids"))
+        loss = completion_ce(logprobs, targets) * step_token_scale(self, targets.numel(), num_items_in_batch)
         return (loss, {"loss": loss}) if return_outputs else loss
 
 

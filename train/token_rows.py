@@ -34,10 +34,14 @@ def accepts_logits_to_keep(model: Any) -> bool:
     return "logits_to_keep" in inspect.signature(_base_forward(model)).parameters
 
 
-def logprobs_at(model: Any, input_ids: Tensor, attention_mask: Tensor, rows: Tensor, pos: Tensor) -> Tensor:
-    """[N, V] float32 log-softmax of the student's logits at (rows, pos)."""
+def logprobs_at(model: Any, input_ids: Tensor, attention_mask: Tensor | None, rows: Tensor, pos: Tensor,
+                position_ids: Tensor | None = None) -> Tensor:
+    """[N, V] float32 log-softmax of the student's logits at (rows, pos); packed rows come with restarting
+    ``position_ids`` and no attention mask (see `train.data.pack`)."""
     width = input_ids.shape[1]
     kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
     offset = 0
     if rows.numel() and accepts_logits_to_keep(model):
         keep = width - int(pos.min())
