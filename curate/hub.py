@@ -143,7 +143,8 @@ def _explain(e: Exception, repo_id: str, revision: str | None = None, endpoint: 
                 f"not authorised for {repo_id} (HTTP {status}): set HF_TOKEN to a valid token (with write access "
                 "to push) or run `hf auth login`"
             )
-        return CurateError(f"Hub request for {repo_id} failed: {_first_line(e)}")
+        detail = getattr(e, "server_message", None) or _first_line(e)
+        return CurateError(f"Hub request for {repo_id} failed (HTTP {status}): {_first_line(Exception(detail))}")
     if isinstance(e, HFValidationError):
         return CurateError(f"invalid Hub repo or revision {repo_id}@{revision or 'main'}: {_first_line(e)}")
     if isinstance(e, _transport_errors()):
@@ -293,6 +294,8 @@ def push(
     the branch head already holds them (a previous push committed but failed before tagging), only the tag is
     created.
     """
+    if repo_id.count("/") != 1 or "@" in repo_id or not all(repo_id.split("/")):  # a bare NAME would go to the
+        raise CurateError(f"expected ORG/NAME for the repo to push to, got {repo_id!r}")  # token's own namespace
     version = store.get(ref)
     problems = store.verify(version)
     if problems:

@@ -31,10 +31,10 @@ def push_cmd(
 ) -> None:
     """Upload a version (parquet, manifest, card) in one checked commit and tag it (v1, v2, …).
 
-    The local version is verified first; the commit is made on the branch head it was computed from (retried
-    if another push lands meanwhile) and tagged only after its files were checked against the version.
-    The token comes from $HF_TOKEN or `hf auth login`; it is never printed or written anywhere.
-    Pushing a version that is already there commits nothing.
+    The local version is verified first. The commit is made on the branch head it was computed from (retried if
+    another push lands meanwhile) and tagged only after its files were checked against the version. Pushing a
+    version that is already there commits nothing. The token comes from $HF_TOKEN or `hf auth login`; it is
+    never printed or written anywhere.
     """
     from curate.hub import push
 
