@@ -35,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks._common import RESULTS, SHARED_DATA, emit  # noqa: E402
 from builders.dfar import build_dfar  # noqa: E402
-from builders.teacher_logits import LogitCacheParams, Plan, cache_teacher_logits, plan_cache, unit_table  # noqa: E402
+from builders.teacher_logits import LogitCacheConfig, Plan, cache_teacher_logits, plan_cache, unit_table  # noqa: E402
 from curate.logit_codec import SCHEMES, decode_logprobs, encode_logprobs, reconstruct_topk  # noqa: E402
 from curate.models import SMOLLM2, ModelRef, load_causal_lm, load_tokenizer  # noqa: E402
 from curate.store import DatasetStore  # noqa: E402
@@ -98,7 +98,7 @@ def fidelity(model: Any, plan: Plan) -> tuple[list[dict], dict[str, float]]:
         for k in KS:
             trunc = [truncate(s, k, s.full_logprobs) for s in scored]
             for name in SCHEMES:
-                kplan = replace(plan, params=replace(plan.params, k=k, quantization=name))
+                kplan = replace(plan, params=replace(plan.params, k=k, quantization=name), scheme=SCHEMES[name])
                 tables[(k, name)].append(unit_table(kplan, idx, trunc).drop_columns(["_row"]))
         print(f"  fidelity batch {bi + 1}: {tokens} tokens, {time.perf_counter() - t0:.0f}s", flush=True)
     rows = []
@@ -120,20 +120,21 @@ def fidelity(model: Any, plan: Plan) -> tuple[list[dict], dict[str, float]]:
     return rows, breakdown
 
 
-def cached_run(model: Any, tok: Any, store: DatasetStore, params: LogitCacheParams) -> tuple[float, float, Any]:
+def cached_run(model: Any, tok: Any, store: DatasetStore, params: LogitCacheConfig) -> tuple[float, float, Any]:
     wall, cpu = time.perf_counter(), time.process_time()
     result = cache_teacher_logits(store, params, model=model, tokenizer=tok, progress=False)
     return time.perf_counter() - wall, time.process_time() - cpu, result.version
 
 
-def measure_overhead(model: Any, tok: Any, store: DatasetStore, plan: Plan, base: LogitCacheParams) -> dict[str, Any]:
+def measure_overhead(model: Any, tok: Any, store: DatasetStore, plan: Plan, base: LogitCacheConfig) -> dict[str, Any]:
     """Per batch, interleaved (order rotated each batch): a bare forward with full logits, a bare forward with
     completion logits only, and the caching step (forward + reduce + encode + parquet). Interleaving puts all
     three under the same machine load, which a shared CPU box needs. The end-to-end pipeline (tokenize, plan,
     units, merge, version) is timed once on top."""
     from builders.teacher_logits import unit_table
 
-    kplan = replace(plan, params=replace(plan.params, k=base.k, quantization=base.quantization))
+    kplan = replace(plan, params=replace(plan.params, k=base.k, quantization=base.quantization),
+                    scheme=SCHEMES[base.quantization])
     steps = {
         "full": lambda seqs, plens, idx: _bare(model, seqs, plens, plan.pad_id, keep=False),
         "keep": lambda seqs, plens, idx: _bare(model, seqs, plens, plan.pad_id, keep=True),
@@ -229,7 +230,7 @@ def main() -> None:
         ref = ModelRef.parse(SMOLLM2)
         tok = load_tokenizer(ref)
         model = load_causal_lm(ref, dtype="float32", device="cpu").eval()
-        base = LogitCacheParams(teacher=SMOLLM2, splits=["train"], limit=args.examples, batch_size=BATCH,
+        base = LogitCacheConfig(model=SMOLLM2, splits=["train"], limit=args.examples, batch_size=BATCH,
                                 dtype="float32", k=64, quantization="u8-delta")
         plan = plan_cache(store, replace(base, k=max(KS)), tok)
         n_tokens = sum(len(e.input_ids) - e.prompt_len for e in plan.examples)

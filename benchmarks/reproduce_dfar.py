@@ -53,7 +53,7 @@ def main() -> None:
     import torch
 
     from builders.dfar import build_dfar
-    from builders.teacher_logits import LogitCacheParams, cache_teacher_logits
+    from builders.teacher_logits import LogitCacheConfig, cache_teacher_logits
     from curate.models import ModelRef, load_causal_lm, load_tokenizer
     from curate.store import DatasetStore
     from train.config import KDConfig, SFTConfig
@@ -113,8 +113,8 @@ def main() -> None:
 
     t = time.perf_counter()
     cache_name = "dfar-lr-logits-repro"
-    cache_teacher_logits(store, LogitCacheParams(dataset=f"dfar@{dfar.tag}", config="lr", splits=["train"],
-                                                 teacher=str(runs["L+R"] / "merged"), k=a.k, limit=a.train,
+    cache_teacher_logits(store, LogitCacheConfig(dataset=f"dfar@{dfar.tag}", config="lr", splits=["train"],
+                                                 model=str(runs["L+R"] / "merged"), k=a.k, limit=a.train,
                                                  max_length=a.max_length, name=cache_name),
                          model=teacher, tokenizer=teacher_tok, progress=False)
     del teacher

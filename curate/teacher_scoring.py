@@ -7,12 +7,13 @@ full-vocabulary log-softmax computed here in float32.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+from curate.models import accepts_logits_to_keep
 
 ROWS_PER_REDUCTION = 512  # completion positions reduced at once: bounds the [rows, vocab] float32 buffers
 
@@ -38,10 +39,6 @@ def pad_batch(seqs: list[list[int]], pad_id: int, device: str | torch.device) ->
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
     return ids.to(device), mask.to(device)
-
-
-def accepts_logits_to_keep(model: Any) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 @torch.inference_mode()

@@ -17,7 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 from builders.dfar import DfarParams, build_dfar
-from builders.teacher_logits import BuildResult, LogitCacheParams, ShardReport, cache_teacher_logits
+from builders.teacher_logits import BuildResult, LogitCacheConfig, ShardReport, cache_teacher_logits
 from curate.cli import app
 from curate.errors import CurateError
 from curate.logit_codec import SCHEMES, decode_logprobs, encode_logprobs, load_cache, reconstruct_logprobs
@@ -72,7 +72,7 @@ def _fresh_store(tmp_path: Path, small_dfar: Path) -> DatasetStore:
 def _run(store: DatasetStore, teacher: tuple[Path, Any, Any], **kw: Any) -> BuildResult | ShardReport:
     folder, model, tok = teacher
     run_kw = {k: kw.pop(k) for k in ("shard", "num_shards", "merge", "merge_only", "max_units") if k in kw}
-    params = LogitCacheParams(teacher=str(folder), dtype="float32", chunk_size=4, batch_size=3, **kw)
+    params = LogitCacheConfig(model=str(folder), dtype="float32", chunk_size=4, batch_size=3, **kw)
     return cache_teacher_logits(store, params, model=model, tokenizer=tok, progress=False, **run_kw)
 
 
@@ -139,6 +139,39 @@ def test_topk_residual_labels_match_full_softmax(reference_cache: BuildResult, t
         assert np.allclose(ex.label_logprobs, full[0, p["label_token_ids"]].numpy(), atol=1e-4)
 
 
+def test_tiny_residual_keeps_its_relative_precision() -> None:
+    """A peaked teacher (residual ~1e-9, below float32's resolution of 1 - sum(top-k) ~ 6e-8): the cached
+    residual must be the mass outside the top-k to a relative 1e-4, which `1 - sum(top-k probs)` cannot do."""
+    from curate.teacher_scoring import reduce_logits
+
+    g = torch.Generator().manual_seed(0)
+    vocab, k = 4096, 8
+    logits = torch.randn(16, vocab, generator=g)
+    logits[:, :k] += torch.linspace(27.0, 25.0, k)  # the top-k carry all but ~1e-9 of the mass
+    x = logits.double()
+    lse_all = torch.logsumexp(x, dim=-1)
+    top = torch.topk(x, k, dim=-1).indices
+    rest = x.scatter(-1, top, float("-inf"))  # every logit outside the top-k
+    expected = torch.exp(torch.logsumexp(rest, dim=-1) - lse_all).numpy()
+    assert 1e-10 < expected.min() and expected.max() < 1e-8
+    reduced = reduce_logits(logits.clone(), k)
+    np.testing.assert_allclose(reduced.residual.numpy(), expected, rtol=1e-4, atol=0)
+    naive = 1 - reduced.topk_logprobs.exp().sum(-1).numpy()  # what this test exists to catch
+    assert not np.allclose(naive, expected, rtol=1e-4, atol=0)
+
+
+def test_kd_takes_the_caches_template_and_refuses_another(reference_cache: BuildResult) -> None:
+    from curate.logit_codec import cache_params
+    from train.config import KDConfig
+    from train.kd import cache_template
+
+    v = reference_cache.version
+    assert cache_template(KDConfig(), v, cache_params(v)) == "plain"
+    assert cache_template(KDConfig(template="plain"), v, cache_params(v)) == "plain"
+    with pytest.raises(CurateError, match=r"template 'chat' differs from dfar-lr-logits@v1's 'plain'"):
+        cache_template(KDConfig(template="chat"), v, cache_params(v))
+
+
 def v_parent_rows(v: Any) -> list[dict]:
     store = DatasetStore(v.path.parents[3])
     parent = store.get(f"{v.manifest['parents'][0]['name']}@{v.manifest['parents'][0]['tag']}")
@@ -172,9 +205,12 @@ def test_resume_after_crash_is_byte_identical(tmp_path: Path, small_dfar: Path, 
     first = _run(store, tiny_teacher, quantization="fp16", k=16, max_units=2)  # the run "dies" after 2 units
     assert isinstance(first, ShardReport) and first.computed == 2 and first.done_units == 2
     assert first.total_units == 3 and store.names() == ["dfar"]  # nothing in the store yet
+    units_tokens = first.tokens
     (first.work_dir / ".unit-00002.parquet.tmp-deadbeef").write_bytes(b"PAR1 half a file")  # killed mid-write
     resumed = _run(store, tiny_teacher, quantization="fp16", k=16, merge=False)
     assert isinstance(resumed, ShardReport) and (resumed.computed, resumed.skipped) == (1, 2)
+    # progress and rates count completion tokens, the number the finished version reports
+    assert units_tokens + resumed.tokens == reference_cache.version.manifest["params"]["completion_tokens"]
     assert not list(first.work_dir.glob(".*tmp*"))
     final = _run(store, tiny_teacher, quantization="fp16", k=16, merge_only=True)
     assert isinstance(final, BuildResult) and final.created
@@ -280,7 +316,7 @@ def test_smollm2_gguf_teacher_on_dfar(tmp_path: Path, dfar_source: Path, smollm2
     store = DatasetStore(tmp_path / "store")
     build_dfar(store, dfar_source, DfarParams(limit=10))
     model = load_causal_lm(ModelRef.parse(SMOLLM2), dtype="float32", device="cpu").eval()
-    params = LogitCacheParams(teacher=SMOLLM2, k=64, batch_size=4)
+    params = LogitCacheConfig(model=SMOLLM2, k=64, batch_size=4)
     result = cache_teacher_logits(store, params, model=model, tokenizer=smollm2_tokenizer, progress=False)
     v = result.version
     p = v.manifest["params"]

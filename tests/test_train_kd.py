@@ -36,7 +36,7 @@ def tok():
 def world(tmp_path_factory: pytest.TempPathFactory, tok) -> dict[str, Path]:
     """A tiny DFAR version, a tiny student folder and a k=16 cache from a different tiny teacher."""
     from builders.dfar import build_dfar
-    from builders.teacher_logits import LogitCacheParams, cache_teacher_logits
+    from builders.teacher_logits import LogitCacheConfig, cache_teacher_logits
 
     root = tmp_path_factory.mktemp("kd")
     store = DatasetStore(root / "store")
@@ -45,7 +45,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, tok) -> dict[str, Path]:
     teacher = tiny_llama(len(tok), hidden=32, seed=1, pad_token_id=tok.pad_token_id).eval()
     with torch.no_grad():  # a random model is near-uniform over 49k tokens; sharpen it into a real "opinion"
         teacher.model.norm.weight.mul_(40.0)
-    params = LogitCacheParams(dataset="dfar", config="lr", teacher=str(student), k=16, max_length=64,
+    params = LogitCacheConfig(dataset="dfar", config="lr", model=str(student), k=16, max_length=64,
                               batch_size=8, chunk_size=16)
     cache_teacher_logits(store, params, model=teacher, tokenizer=tok, progress=False)
     return {"root": root, "store": store.root, "student": student}
@@ -158,7 +158,7 @@ def test_cli_kd_and_bad_options(world: dict[str, Path], tmp_path: Path) -> None:
 def self_cache(tmp_path_factory: pytest.TempPathFactory, tok) -> dict[str, Path]:
     """A sharpened tiny model whose own logits are cached (fp16, k=16) by the real builder, loaded from its folder."""
     from builders.dfar import build_dfar
-    from builders.teacher_logits import LogitCacheParams, cache_teacher_logits
+    from builders.teacher_logits import LogitCacheConfig, cache_teacher_logits
 
     root = tmp_path_factory.mktemp("self-kd")
     store = DatasetStore(root / "store")
@@ -169,7 +169,7 @@ def self_cache(tmp_path_factory: pytest.TempPathFactory, tok) -> dict[str, Path]
     folder = root / "model"
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
-    params = LogitCacheParams(dataset="dfar", config="lr", splits=["train"], teacher=str(folder), k=16,
+    params = LogitCacheConfig(dataset="dfar", config="lr", splits=["train"], model=str(folder), k=16,
                               quantization="fp16", max_length=64, batch_size=4, chunk_size=8, dtype="float32",
                               device="cpu")
     cache_teacher_logits(store, params, tokenizer=tok, progress=False)
@@ -206,7 +206,7 @@ def test_distilling_a_model_into_itself_has_zero_kd_at_step_zero(self_cache: dic
 
     def kd_with_shift(shift: int) -> float:
         keep = (pos - batch["answer_pos"][rows] - shift >= 0) & (pos - batch["answer_pos"][rows] - shift
-                                                                 < batch["kd_mask"].sum(-1)[rows])
+                                                                 < (batch["labels"] != -100).sum(-1)[rows])
         shifted = {**batch, "answer_pos": batch["answer_pos"] + shift}
         _, kd = ce_and_distillation(logprobs[keep], rows[keep], pos[keep], targets[keep], shifted, kd_loss=kd_loss,
                                     temperature=cfg.temperature)

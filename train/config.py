@@ -1,145 +1,149 @@
 """Run configuration: one flat dataclass per method, loadable from YAML and overridable from CLI flags.
 
-Flat (no nesting) so that a YAML key, a ``--set key=value`` and a dataclass field are the same name, and a
-resolved config can be written back to the run folder and replayed verbatim.
+Flat (no nesting) so that a YAML key, a ``--set key=value``, a ``--flag`` and a dataclass field are the same
+name, and a resolved config can be written back to the run folder and replayed verbatim. Each field is
+declared once with its type, limits and help (`curate.configs.opt`); `load_config` checks YAML and flags
+by the same rules, and the CLI options are generated from these fields.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, fields
-from pathlib import Path
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 import yaml
 
-from curate.errors import CurateError
+from curate.configs import ConfigError, at, load_config, opt
+from curate.models import SMOLLM2, ModelSpec, Template
 
-TEMPLATES = ("plain", "chat")
-KD_TARGETS = ("tokens", "labels")
 # Fields that say where / how a run is kept, not what it computes: left out of the run's identity hash.
-RUN_CONTROL = frozenset({"run_dir", "runs_dir", "resume", "overwrite", "store", "device"})
+RUN_CONTROL = frozenset({"run_dir", "runs_dir", "resume", "overwrite", "allow_changes", "store", "device"})
+# Fields added after run folders were first named by `identity()`: hashed only when set, so an existing
+# run's default folder name (and `--resume` into it) does not change.
+HASHED_WHEN_SET = frozenset({"revision"})
+
+PositiveInt = Annotated[int, at.Ge(1)]
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ModelSpec):
     """Settings shared by every method (model, LoRA, optimisation, run folder, post-training evaluation)."""
 
-    method: str = "sft"
-    # model
-    model: str = "smollm2"  # hub id, folder, .gguf path, `smollm2`, or a previous run folder (merged weights)
-    gguf_file: str | None = None
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    device: str = "auto"
-    load_in_8bit: bool = False
-    load_in_4bit: bool = False
-    student_layers: int | None = None  # keep this many decoder layers (evenly spaced) of the loaded model
-    template: str = "plain"  # plain: prompt + completion ids; chat: the tokenizer's chat template around the prompt
+    model: str = opt(SMOLLM2, "Student: smollm2, hub id, folder, .gguf, or a run folder saved with --save-merged.")
+    method: str = opt("sft", "Training method (set by the command).", cli=False, fixed=True)
+    student_layers: PositiveInt | None = opt(None, "Keep N evenly spaced decoder layers of the model.")
+    template: Template = opt("plain", "plain (prompt + completion ids) or chat (the tokenizer's chat template "
+                                      "around the prompt).")
     # LoRA (use_lora false: full fine-tuning)
-    use_lora: bool = True
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] | str = "all-linear"
+    use_lora: bool = opt(True, "LoRA adapters or full fine-tuning.", flags=("--lora/--full",))
+    lora_r: int = opt(16, "LoRA rank.")
+    lora_alpha: int = opt(32, "LoRA alpha.")
+    lora_dropout: Annotated[float, at.Interval(ge=0, lt=1)] = opt(0.05, "LoRA dropout.")
+    lora_target_modules: list[str] | str = opt("all-linear", "LoRA target modules: all-linear or q_proj,v_proj,...")
     # data
-    max_length: int = 256
-    limit: int | None = None  # first N training rows (quick runs)
-    eval_limit: int | None = 64  # first N rows of the eval split (eval loss and post-training metrics)
+    max_length: Annotated[int, at.Ge(2)] = opt(256, "Max tokens per example (completions are cut).")
+    limit: Annotated[int, at.Ge(0)] | None = opt(None, "Train on the first N rows only (quick runs).")
+    eval_limit: Annotated[int, at.Ge(0)] | None = opt(64, "Rows of the eval split for eval loss / metrics.")
     # optimisation
-    epochs: float = 1.0
-    max_steps: int = -1
-    learning_rate: float = 2e-4
-    batch_size: int = 8
-    grad_accum: int = 1
-    warmup: float = 0.0  # a ratio of all steps when < 1, else a number of steps
-    weight_decay: float = 0.0
-    lr_scheduler: str = "linear"
-    max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    logging_steps: int = 5
-    save_steps: int = 200
-    save_total_limit: int | None = 2
-    eval_steps: int | None = None  # eval loss every N steps (None: once at the end)
+    epochs: Annotated[float, at.Gt(0)] = opt(1.0, "Training epochs.")
+    max_steps: Annotated[int, at.Ge(-1)] = opt(-1, "Stop after N optimizer steps (overrides --epochs; -1: off).")
+    learning_rate: Annotated[float, at.Gt(0)] = opt(2e-4, "Learning rate.", flags=("--lr", "--learning-rate"))
+    batch_size: PositiveInt = opt(8, "Per-device batch size.")
+    grad_accum: PositiveInt = opt(1, "Gradient accumulation steps.")
+    warmup: Annotated[float, at.Ge(0)] = opt(0.0, "Warmup: a ratio of all steps when < 1, else a number of steps.")
+    weight_decay: Annotated[float, at.Ge(0)] = opt(0.0, "AdamW weight decay.")
+    lr_scheduler: str = opt("linear", "transformers learning-rate scheduler (linear, cosine, constant, ...).")
+    max_grad_norm: Annotated[float, at.Ge(0)] = opt(1.0, "Gradient clipping norm.")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass (less memory).")
+    seed: int = opt(0, "Random seed (data order, LoRA init).")
+    logging_steps: PositiveInt = opt(5, "Log the training loss every N steps.")
+    save_steps: PositiveInt = opt(200, "Checkpoint every N steps.")
+    save_total_limit: PositiveInt | None = opt(2, "Checkpoints kept (null: all).")
+    eval_steps: PositiveInt | None = opt(None, "Eval loss every N steps (default: only at the end).")
     # after training
-    evaluate: bool = True  # accuracy / P / R / F1 / reason perplexity on the eval split
-    gen_max_new_tokens: int = 48
-    judge: str = "none"  # misalignment judge for the post-training eval (see `curate eval --judge`)
-    save_merged: bool = False  # also write merged full weights (usable as a teacher or a student init)
+    evaluate: bool = opt(True, "Accuracy / F1 on the eval split after training.", flags=("--eval/--no-eval",))
+    gen_max_new_tokens: PositiveInt = opt(48, "Greedy generation length of the post-training evaluation.")
+    judge: str = opt("none", "Misalignment judge for the post-training eval: none, self, local:<model>, "
+                             "openai:<model>.")
+    save_merged: bool = opt(False, "Also save merged full weights (to use the run as a teacher or a student init).")
     # run folder
-    runs_dir: str = "runs"
-    run_dir: str | None = None
-    resume: bool = False
-    overwrite: bool = False
-    store: str | None = None
+    runs_dir: str = opt("runs", "Folder of default run folders.")
+    run_dir: str | None = opt(None, "Run folder (default <runs-dir>/<method>-<data>-<config hash>).")
+    resume: bool = opt(False, "Continue from the run folder's last checkpoint.")
+    overwrite: bool = opt(False, "Delete an existing run folder first.")
+    allow_changes: bool = opt(False, "With --resume: continue even if options differ from the run's (recorded as "
+                                     "a new segment).")
+    store: str | None = opt(None, "Store folder (default: $CURATE_STORE, else ./.curate).")
 
     def validate(self) -> None:
-        if self.template not in TEMPLATES:
-            raise CurateError(f"template must be one of {', '.join(TEMPLATES)}, not {self.template!r}")
+        """Rules across fields (single values are checked by their types)."""
         if self.use_lora and self.lora_r < 1:
-            raise CurateError(f"lora_r must be >= 1, got {self.lora_r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise CurateError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.max_length < 2:
-            raise CurateError(f"max_length must be >= 2, got {self.max_length}")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise CurateError("batch_size and grad_accum must be >= 1")
-        if self.student_layers is not None and self.student_layers < 1:
-            raise CurateError(f"student_layers must be >= 1, got {self.student_layers}")
+            raise ConfigError("lora_r", f"lora_r must be >= 1, got {self.lora_r}")
+        if self.load_in_8bit and self.load_in_4bit:
+            raise ConfigError("load_in_4bit", "choose one of --load-in-8bit and --load-in-4bit")
         if self.resume and self.overwrite:
-            raise CurateError("choose one of --resume and --overwrite")
+            raise ConfigError("overwrite", "choose one of --resume and --overwrite")
 
     def identity(self) -> str:
         """Short hash of everything that changes what is computed (names the default run folder)."""
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in RUN_CONTROL}
+        d = {k: v for k, v in self.to_dict().items()
+             if k not in RUN_CONTROL and not (k in HASHED_WHEN_SET and v is None)}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Field values, `method` first (the order of a written config.yaml)."""
+        from dataclasses import asdict
+
+        d = asdict(self)
+        return {"method": d.pop("method"), **d}
 
 
 @dataclass
 class SFTConfig(TrainConfig):
     """Supervised fine-tuning on prompt/completion rows: `l` (label only) or `lr` (label + reason) of dfar."""
 
-    method: str = "sft"
-    dataset: str = "dfar"  # name or name@tag in the store
-    dataset_config: str = "l"
-    train_split: str = "train"
-    eval_split: str = "test"
-    packing: bool = False
-    append_eos: bool = True  # end each completion with EOS so generation learns to stop
+    method: str = opt("sft", "Training method (set by the command).", cli=False, fixed=True)
+    dataset: str = opt("dfar", "Dataset (name or name@tag) with prompt/completion.")
+    dataset_config: str = opt("l", "Dataset config: l (label only) or lr (label + reason).")
+    train_split: str = opt("train", "Split to train on.")
+    eval_split: str = opt("test", "Split for eval loss and the post-training evaluation.")
+    packing: bool = opt(False, "Pack examples into max-length blocks.")
+    append_eos: bool = opt(True, "End each completion with EOS so generation learns to stop.")
 
 
 @dataclass
 class KDConfig(TrainConfig):
     """Offline KD from a teacher-logit cache version (and its parent dataset for evaluation)."""
 
-    method: str = "kd"
-    cache: str = "dfar-lr-logits"  # name or name@tag of the cache version
-    train_split: str = "train"
-    eval_split: str = "test"
-    alpha: float = 0.5  # weight of CE on gold tokens; 1 - alpha weighs T² · D(teacher_T ‖ student_T)
-    temperature: float = 2.0
-    loss: str = "forward_kl"  # forward_kl | reverse_kl | jsd (train/losses/)
-    kd_target: str = "tokens"  # tokens: sparse top-k KD per completion token; labels: label verbalizers only
+    method: str = opt("kd", "Training method (set by the command).", cli=False, fixed=True)
+    # KD trains on the cache's own token ids, so the template is the cache's; another value is refused.
+    template: Template | None = opt(None, "Must match the cache's template (default: the cache's).")
+    cache: str = opt("dfar-lr-logits", "Teacher-logit cache version (name or name@tag).")
+    train_split: str = opt("train", "Cache split to train on.")
+    eval_split: str = opt("test", "Split for eval loss and the post-training evaluation (of the cache's parent).")
+    alpha: Annotated[float, at.Interval(ge=0, le=1)] = opt(
+        0.5, "Weight of gold-token CE; 1 - alpha weighs the KD term (1 = the no-teacher baseline).")
+    temperature: Annotated[float, at.Gt(0)] = opt(2.0, "KD temperature T (loss scaled by T²).")
+    loss: str = opt("forward_kl", "Divergence: forward_kl, reverse_kl or jsd (train/losses/).")
+    kd_target: Literal["tokens", "labels"] = opt(
+        "tokens", "tokens (sparse top-k per completion token) or labels (label verbalizers at the answer position).")
 
     def validate(self) -> None:
         super().validate()
-        if not 0.0 <= self.alpha <= 1.0:
-            raise CurateError(f"alpha must be in [0, 1], got {self.alpha}")
-        if self.temperature <= 0:
-            raise CurateError(f"temperature must be > 0, got {self.temperature}")
-        if self.kd_target not in KD_TARGETS:
-            raise CurateError(f"kd_target must be one of {', '.join(KD_TARGETS)}, not {self.kd_target!r}")
-        from train.losses import get_loss
+        from train.losses import LOSSES
 
-        get_loss(self.loss)
+        if self.loss not in LOSSES:
+            raise ConfigError("loss", f"loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
 
+    def identity(self) -> str:
+        # Before `template` could be left to the cache it defaulted to "plain": hash it so, keeping folder names.
+        if self.template is None:
+            from dataclasses import replace
 
-C = TypeVar("C", bound=TrainConfig)
+            return replace(self, template="plain").identity()
+        return super().identity()
 
 
 def parse_value(text: str) -> Any:
@@ -147,49 +151,9 @@ def parse_value(text: str) -> Any:
     return yaml.safe_load(text) if text != "" else ""
 
 
-def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> C:
-    """Defaults < YAML file < overrides (CLI flags); unknown keys are refused with the list of known ones."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise CurateError(f"config file {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise CurateError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise CurateError(f"{p}: expected a mapping of option: value at the top level")
-        values.update(data)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise CurateError(f"unknown {cls.__name__} option(s): {', '.join(unknown)} (known: {', '.join(known)})")
-    if "method" in values and values["method"] != known["method"].default:
-        raise CurateError(f"config says method {values['method']!r} but this command trains "
-                          f"{known['method'].default!r}")
-    cfg = cls(**values)
-    _check_types(cfg)
-    cfg.validate()
-    return cfg
-
-
-def _check_types(cfg: TrainConfig) -> None:
-    """YAML gives ints for floats and strings for anything: coerce the harmless cases, refuse the rest."""
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        default = f.default if f.default is not dataclasses.MISSING else None
-        if value is None or default is None:
-            continue
-        if isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise CurateError(f"option {f.name} must be true or false, not {value!r}")
-        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            setattr(cfg, f.name, float(value))
-        elif isinstance(default, (int, float)) and not isinstance(value, (int, float)):
-            raise CurateError(f"option {f.name} must be a number, not {value!r}")
-
-
 def dump_config(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+__all__ = ["KDConfig", "RUN_CONTROL", "SFTConfig", "TrainConfig", "dump_config", "load_config",
+           "parse_value"]

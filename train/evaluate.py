@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from curate.errors import CurateError
+from curate.models import ModelSpec
 from curate.store import DatasetStore, Version
 from train.judge import Judge, make_judge
 from train.metrics import classification_metrics, misalignment
@@ -33,9 +34,10 @@ REQUIRED = ("id", "prompt", "completion", "label", "label_text")
 
 
 @dataclass
-class EvalConfig:
-    model: str = "smollm2"  # a run folder, hub id, folder, .gguf path or `smollm2`
-    gguf_file: str | None = None
+class EvalConfig(ModelSpec):
+    """What to evaluate where; the model fields (`curate.models.ModelSpec`: a run folder or any model spec,
+    dtype, device, 8/4-bit) are the ones training and the logit cache use."""
+
     dataset: str = "dfar"
     dataset_config: str = "lr"
     split: str = "test"
@@ -49,8 +51,6 @@ class EvalConfig:
     judge_base_url: str | None = None
     out_dir: str | None = None
     store: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
 
 
 @dataclass
@@ -200,12 +200,14 @@ def run_eval(cfg: EvalConfig) -> tuple[dict[str, Any], Path]:
     run = Path(cfg.model)
     template = cfg.template
     if (run / RUN_FILE).is_file():
-        model, tok, info = load_run(run, device=cfg.device, dtype=cfg.dtype)
+        quant = cfg.weight_quantization(strict=False)
+        model, tok, info = load_run(run, device=cfg.device, dtype=cfg.dtype, quant=quant)
         template = template or info.get("template", "plain")
         out = Path(cfg.out_dir) if cfg.out_dir else run / "eval" / f"{rows.version.name}-{cfg.split}"
     else:
-        ref = model_ref(cfg.model, cfg.gguf_file)
-        model, tok = load_causal_lm(ref, dtype=cfg.dtype, device=cfg.device), load_tokenizer(ref)
+        ref = model_ref(cfg.model, cfg.gguf_file, cfg.revision)
+        model = load_causal_lm(ref, dtype=cfg.dtype, device=cfg.device, quant=cfg.weight_quantization(strict=False))
+        tok = load_tokenizer(ref)
         template = template or "plain"
         name = Path(ref.gguf_file or ref.location).name
         out = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / "eval" / f"{name}-{rows.version.name}-{cfg.split}"

@@ -10,6 +10,7 @@ positions mean different tokens) and the cache's parent dataset version must be 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -140,17 +141,35 @@ def check_tokenizer(tok: Any, params: dict[str, Any], cache: Version, student: s
     return fp
 
 
-def prepare_kd(cfg: KDConfig, tokenizer: Any | None = None) -> Prepared:
+@dataclass
+class KDPrepared(Prepared):
+    """`Prepared` plus what the KD trainer needs from the cache, read once."""
+
+    cache: Version | None = None
+    label_token_ids: list[int] = field(default_factory=list)
+
+
+def cache_template(cfg: KDConfig, cache: Version, params: dict[str, Any]) -> str:
+    """The cache's template: KD trains on the cache's own token ids, so a different `template` is refused."""
+    template = params.get("template", "plain")
+    if cfg.template is not None and cfg.template != template:
+        raise CurateError(f"template {cfg.template!r} differs from {cache.ref}'s {template!r}: KD trains on the "
+                          "cache's tokenization; leave template out (or set it to the cache's)")
+    return template
+
+
+def prepare_kd(cfg: KDConfig, tokenizer: Any | None = None, *, cache: Version | None = None) -> KDPrepared:
     """Resolve cache + parent, refuse a mismatched tokenizer, build features, then load the student."""
     from curate.logit_codec import cache_params, load_cache
     from curate.models import load_tokenizer
     from train.modeling import load_student, model_ref
 
     store = DatasetStore(cfg.store)
-    cache = get_cache(store, cfg.cache)
+    cache = cache if cache is not None else get_cache(store, cfg.cache)
     params = cache_params(cache)
+    template = cache_template(cfg, cache, params)
     parent, parent_rec = resolve_parent(store, cache)
-    tok = tokenizer if tokenizer is not None else load_tokenizer(model_ref(cfg.model, cfg.gguf_file))
+    tok = tokenizer if tokenizer is not None else load_tokenizer(model_ref(cfg.model, cfg.gguf_file, cfg.revision))
     fingerprint = check_tokenizer(tok, params, cache, cfg.model)
     label_ids = [int(x) for x in params.get("label_token_ids") or []]
     if cfg.kd_target == "labels" and not label_ids:
@@ -185,18 +204,18 @@ def prepare_kd(cfg: KDConfig, tokenizer: Any | None = None) -> Prepared:
     facts.update(tokenizer_fingerprint=fingerprint, teacher=params.get("teacher"), cache_k=params.get("k"),
                  cache_quantization=params.get("quantization"))
     datasets = [version_record(cache, "default", used), version_record(parent, parent_config)]
-    return Prepared(model=model, tokenizer=tok, train_dataset=ListDataset(feats), eval_dataset=eval_ds,
-                    collator=KDCollator(tok.pad_token_id, num_labels=len(label_ids)), datasets=datasets,
-                    facts=facts, eval_rows=eval_rows, template=params.get("template", "plain"), notes=notes)
+    return KDPrepared(model=model, tokenizer=tok, train_dataset=ListDataset(feats), eval_dataset=eval_ds,
+                      collator=KDCollator(tok.pad_token_id, num_labels=len(label_ids)), datasets=datasets,
+                      facts=facts, eval_rows=eval_rows, template=template, notes=notes,
+                      label_prefix=params.get("label_prefix", " "), cache=cache, label_token_ids=label_ids)
 
 
 def run_kd(cfg: KDConfig, *, tokenizer: Any | None = None, console: Any = None) -> RunResult:
     """One KD run end to end: checks first (cache, parent, tokenizer), then train, save, evaluate."""
-    store = DatasetStore(cfg.store)
-    cache = get_cache(store, cfg.cache)
+    cache = get_cache(DatasetStore(cfg.store), cfg.cache)
     run = RunFolder.prepare(cfg, f"{cache.name}-{cache.tag}")
-    prep = prepare_kd(cfg, tokenizer)  # every refusal (parent, tokenizer, labels) happens here, before a step
-    label_ids = [int(x) for x in cache.manifest["params"].get("label_token_ids") or []]
+    # Every refusal (template, parent, tokenizer, labels) happens here, before a step.
+    prep = prepare_kd(cfg, tokenizer, cache=cache)
     kwargs = {"kd_loss": get_loss(cfg.loss), "alpha": cfg.alpha, "temperature": cfg.temperature,
-              "kd_target": cfg.kd_target, "label_token_ids": label_ids}
+              "kd_target": cfg.kd_target, "label_token_ids": prep.label_token_ids}
     return train_and_save(cfg, prep, KDTrainer, run, trainer_kwargs=kwargs, console=console)

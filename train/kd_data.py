@@ -15,8 +15,6 @@ import torch
 
 from train.data import IGNORE
 
-KD_KEYS = ("kd_ids", "kd_logprobs", "kd_residual", "kd_mask", "label_logprobs", "label_mask", "answer_pos")
-
 
 def kd_features(ex: Any, max_length: int) -> dict[str, Any] | None:
     """One `CachedExample` -> features, cut to ``max_length`` tokens (None if no completion token is left)."""
@@ -42,7 +40,8 @@ def kd_features(ex: Any, max_length: int) -> dict[str, Any] | None:
 
 @dataclass
 class KDCollator:
-    """Pads ids / labels like `CompletionCollator` and the cache rows to [B, T_max, k] with a mask."""
+    """Pads ids / labels like `CompletionCollator` and the cache rows to [B, T_max, k] (a row's cached
+    positions are its supervised ones: ``labels != IGNORE``)."""
 
     pad_id: int
     num_labels: int = 0
@@ -59,7 +58,6 @@ class KDCollator:
             "kd_ids": torch.zeros((n, t_max, k), dtype=torch.long),
             "kd_logprobs": torch.zeros((n, t_max, k), dtype=torch.float32),
             "kd_residual": torch.zeros((n, t_max), dtype=torch.float32),
-            "kd_mask": torch.zeros((n, t_max), dtype=torch.bool),
             "answer_pos": torch.tensor([f["answer_pos"] for f in features], dtype=torch.long),
             "label_logprobs": torch.zeros((n, max(self.num_labels, 1)), dtype=torch.float32),
             "label_mask": torch.zeros(n, dtype=torch.bool),
@@ -72,7 +70,6 @@ class KDCollator:
             out["kd_ids"][i, :t] = torch.from_numpy(f["kd_ids"])
             out["kd_logprobs"][i, :t] = torch.from_numpy(f["kd_logprobs"])
             out["kd_residual"][i, :t] = torch.from_numpy(f["kd_residual"])
-            out["kd_mask"][i, :t] = True
             if "label_logprobs" in f and self.num_labels:
                 out["label_logprobs"][i] = torch.from_numpy(f["label_logprobs"])
                 out["label_mask"][i] = True

@@ -4,19 +4,16 @@ rebuilding a trained run (base + adapter) for evaluation or as a teacher."""
 from __future__ import annotations
 
 import json
-import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
 from curate.errors import CurateError
-from curate.models import ModelRef, QuantDecision, decide_quantization, load_causal_lm, load_tokenizer
+from curate.models import ModelRef, QuantDecision, load_causal_lm, load_tokenizer
 
 RUN_FILE = "run.json"
-log = logging.getLogger(__name__)
 
 
-def model_ref(spec: str, gguf_file: str | None = None) -> ModelRef:
+def model_ref(spec: str, gguf_file: str | None = None, revision: str | None = None) -> ModelRef:
     """A run folder's merged weights, else whatever `ModelRef.parse` understands."""
     p = Path(spec)
     if (p / RUN_FILE).is_file() and (p / "merged").is_dir():
@@ -24,17 +21,7 @@ def model_ref(spec: str, gguf_file: str | None = None) -> ModelRef:
     if (p / RUN_FILE).is_file():
         raise CurateError(f"{p} is a run folder without merged weights; rerun it with --save-merged, or evaluate "
                           f"it directly with `curate eval --model {p}`")
-    return ModelRef.parse(spec, gguf_file)
-
-
-def quantization(load_in_8bit: bool, load_in_4bit: bool) -> QuantDecision:
-    """bitsandbytes on CUDA; on CPU a warning and full precision (training never refuses to start)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        decision = decide_quantization(load_in_8bit, load_in_4bit, strict=False)
-    if decision.mode == "none" and (load_in_8bit or load_in_4bit):
-        log.warning(decision.reason)
-    return decision
+    return ModelRef.parse(spec, gguf_file, revision)
 
 
 def clear_gguf_marker(model: Any) -> None:
@@ -88,8 +75,8 @@ def add_lora(model: Any, *, r: int, alpha: int, dropout: float, target_modules: 
 
 def load_student(cfg: Any, tokenizer: Any | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """(model ready to train, tokenizer, facts for the run record) from a `TrainConfig`."""
-    ref = model_ref(cfg.model, cfg.gguf_file)
-    quant = quantization(cfg.load_in_8bit, cfg.load_in_4bit)
+    ref = model_ref(cfg.model, cfg.gguf_file, cfg.revision)
+    quant = cfg.weight_quantization(strict=False)  # training never refuses to start: a warning and full precision
     tok = tokenizer if tokenizer is not None else load_tokenizer(ref)
     # Trainer / accelerate place the model (one device per process); quantised loads use device_map.
     model = load_causal_lm(ref, dtype=cfg.dtype, device="cpu", quant=quant)
@@ -114,16 +101,18 @@ def load_student(cfg: Any, tokenizer: Any | None = None) -> tuple[Any, Any, dict
     return model, tok, facts
 
 
-def load_run(run_dir: str | Path, *, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any, dict[str, Any]]:
+def load_run(run_dir: str | Path, *, device: str = "auto", dtype: str = "auto",
+             quant: QuantDecision | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """A trained run as an inference model: merged weights if saved (always for full fine-tuning), else the
-    base model (pruned the same way) with the LoRA adapter merged in."""
+    base model (pruned the same way) with the LoRA adapter merged in. ``quant`` applies to merged weights
+    (an adapter is merged into full-precision base weights)."""
     import torch
 
     run = Path(run_dir)
     info = json.loads((run / RUN_FILE).read_text())
     if (run / "merged").is_dir():
         ref = ModelRef(str((run / "merged").resolve()))
-        model = load_causal_lm(ref, dtype=dtype, device=device)
+        model = load_causal_lm(ref, dtype=dtype, device=device, quant=quant)
         return model, load_tokenizer(ref), info
     adapter = run / "adapter"
     if not adapter.is_dir():

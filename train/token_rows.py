@@ -7,31 +7,21 @@ it, which keeps the KD-vs-SFT step-time comparison about the KD term alone.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from curate.models import accepts_logits_to_keep
 from train.data import IGNORE
+
+__all__ = ["accepts_logits_to_keep", "completion_ce", "logprobs_at", "supervised_positions"]
 
 
 def supervised_positions(labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(row, logit position, target id) per supervised token: logits at position p predict labels[p + 1]."""
     rows, pos = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
     return rows, pos, labels[rows, pos + 1]
-
-
-def _base_forward(model: Any) -> Any:
-    while hasattr(model, "module"):  # DDP / accelerate wrappers
-        model = model.module
-    if hasattr(model, "get_base_model"):  # peft
-        model = model.get_base_model()
-    return model.forward
-
-
-def accepts_logits_to_keep(model: Any) -> bool:
-    return "logits_to_keep" in inspect.signature(_base_forward(model)).parameters
 
 
 def logprobs_at(model: Any, input_ids: Tensor, attention_mask: Tensor | None, rows: Tensor, pos: Tensor,

@@ -4,17 +4,20 @@ perplexity and the misalignment rate of generated reasons, for a run folder or a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from curate.commands._app import StoreOpt, app, console, friendly_errors
+from curate.commands._options import config_options
+from curate.configs import COMMAND_LINE, build_config
+from curate.models import ModelSpec
 
 
 @app.command("eval")
 @friendly_errors
+@config_options(ModelSpec)  # --model, --gguf-file, --dtype, --device, --load-in-8bit ... as for cache-logits
 def eval_cmd(
-    model: Annotated[str, typer.Option(help="A run folder, smollm2, hub id, folder or .gguf file.")] = "smollm2",
     dataset: Annotated[str, typer.Option(help="Dataset (name or name@tag).")] = "dfar",
     dataset_config: Annotated[str, typer.Option(help="Config with prompt, completion, label, label_text.")] = "lr",
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
@@ -26,16 +29,17 @@ def eval_cmd(
         "local:smollm2"),
     judge_base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint for openai:<model>.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default <run>/eval/… or runs/eval/…).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda …")] = "auto",
     store: StoreOpt = None,
+    options: dict[str, Any] | None = None,
 ) -> None:
     """Evaluate a model on a labelled split; writes metrics.json, predictions.jsonl, confusion_matrix.png."""
     from train.evaluate import EvalConfig, run_eval
 
-    cfg = EvalConfig(model=model, dataset=dataset, dataset_config=dataset_config, split=split,
-                     limit=limit or None, batch_size=batch_size, max_new_tokens=max_new_tokens, template=template,
-                     judge=judge, judge_base_url=judge_base_url, out_dir=str(out) if out else None,
-                     store=str(store) if store else None, device=device)
+    given = dict(dataset=dataset, dataset_config=dataset_config, split=split, limit=limit or None,
+                 batch_size=batch_size, max_new_tokens=max_new_tokens, template=template, judge=judge,
+                 judge_base_url=judge_base_url, out_dir=str(out) if out else None,
+                 store=str(store) if store else None, **(options or {}))
+    cfg = build_config(EvalConfig, [(given, COMMAND_LINE)])
     metrics, folder = run_eval(cfg)
     for reading in ("verbalizer", "generation"):
         r = metrics[reading]

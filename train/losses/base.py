@@ -23,15 +23,15 @@ over the labels (a C-way classifier, no bucket), tempered the same way.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-RESIDUAL_FLOOR = 1e-8  # smallest bucket mass: below fp16 resolution of the cached residual (6e-8)
-LOG_RESIDUAL_FLOOR = math.log(RESIDUAL_FLOOR)
+from curate.logit_codec import RESIDUAL_FLOOR  # smallest bucket mass, the same number the cache reader uses
+
+__all__ = ["RESIDUAL_FLOOR", "DistillationLoss", "kl", "label_log_distributions", "sparse_log_distributions"]
 
 
 def sparse_log_distributions(student_topk: Tensor, topk_logprobs: Tensor, residual: Tensor, temperature: float,
