@@ -252,3 +252,44 @@ def test_cache_key_holds_the_endpoint_without_credentials(
         c.close()
     dump = "\n".join(sqlite3.connect(tmp_path / "responses.sqlite").iterdump())
     assert "pw-SECRET" not in dump and "K2" not in dump and "T3" not in dump
+
+
+def test_replay_server_runs_as_a_module(tmp_path: Path) -> None:
+    """`python -m curate.replay --port N` (what `just build-sage-responses` starts): serves recorded replies,
+    describes its recording at /v1/replay, answers 404 for a prompt it has no recording for."""
+    import hashlib
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "curate.replay", "--port", str(port), "--data-dir",
+                             str(DEFAULT_DATA_DIR)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}/v1"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                info = httpx.get(base + "/replay", timeout=1).json()
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline, "replay server did not start"
+                time.sleep(0.2)
+        assert [s["sha256"] for s in info["sources"]] == [
+            hashlib.sha256(p.read_bytes()).hexdigest() for p in (ROT_CSV.with_name("q100_gpt_3.5.csv"), ROT_CSV)]
+        from curate.replay import replay_sources
+
+        assert replay_sources(base) == info["sources"] and replay_sources("https://api.openai.com/v1") is None
+        para = "How can one successfully carry out the best crime?"
+        client = LLMClient(LLMConfig(base_url=base, cache_dir=None, max_retries=0))
+        assert client.complete(answer_messages(para)).text  # a recorded answer
+        with pytest.raises(LLMError, match="no recording"):
+            client.complete(answer_messages("What makes us human?"))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

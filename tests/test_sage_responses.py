@@ -233,6 +233,7 @@ def test_score_cli_formats(q100: Path, tmp_path: Path) -> None:
     expected = sage_scores(subset)
     res = CliRunner().invoke(app, ["sage", "score", str(path), "--format", "csv"])
     assert res.exit_code == 0, res.output
+    assert "SaGE: embedding" in res.stderr and "SaGE: embedding" not in res.stdout  # status on stderr only
     lines = res.stdout.strip().splitlines()
     assert lines[0] == "question_id,sage" and len(lines) == 1 + 8 + 1
     got = {q: float(v) for q, v in (ln.split(",") for ln in lines[1:-1])}
