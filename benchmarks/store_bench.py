@@ -1,21 +1,32 @@
 """Store benchmark: build DFAR and ETHICS, then the same group-by through DuckDB views vs polars.
 
 Run: ``python benchmarks/store_bench.py`` (reads ../shared/data). Prints a table, writes
-benchmarks/results/store_bench.json.
+benchmarks/results/store_bench.json. ``--scale 1000000,10000000`` adds scale rows: a DFAR-layout source
+of that many rows (real DFAR rows with numbered statements, 90 % train / 10 % test, 1 % of test
+repeated in train) is generated in a temp dir and built by `curate build dfar` in a child process;
+input rows/s and the child's peak RSS are reported (goal: >= 150k rows/s, <= 1.5 GB at 10 M rows).
+Scale rows from an earlier run are kept in the JSON when a run adds none.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import platform
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import SHARED_DATA, emit, timeit  # noqa: E402
+from benchmarks._common import RESULTS, SHARED_DATA, emit, timeit  # noqa: E402
 from builders.dfar import build_dfar  # noqa: E402
 from builders.ethics import build_ethics  # noqa: E402
 from curate.sql_views import connect  # noqa: E402
@@ -38,7 +49,126 @@ QUERIES = {
 }
 
 
+GOAL_ROWS_PER_S = 150_000
+GOAL_PEAK_RSS_MB = 1536
+CHILD = """
+import json, logging, resource, sys, time
+t0 = time.perf_counter()
+mark = {}
+class Mark(logging.Handler):
+    def emit(self, record):
+        if record.getMessage().startswith("dfar: streamed"):
+            mark.update(stream_s=time.perf_counter() - t0,
+                        stream_peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+logging.getLogger("builders.dfar").addHandler(Mark())
+logging.getLogger("builders.dfar").setLevel(logging.INFO)
+from builders.dfar import build_dfar
+from curate.store import DatasetStore
+r = build_dfar(DatasetStore(sys.argv[2]), sys.argv[1])
+print(json.dumps(mark | {"total_s": time.perf_counter() - t0, "summary": r.summary(), "notes": r.notes[:5],
+                        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                        "train_rows": r.version.manifest["configs"]["default"]["train"]["num_rows"]}))
+"""
+
+
+def machine_info() -> dict[str, Any]:
+    """What the figures depend on: cores, CPU model, memory, library versions, load while measuring."""
+    import duckdb
+    import pyarrow
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    mem_kb = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                   if line.startswith("MemTotal")), 0) if Path("/proc/meminfo").exists() else 0
+    return {"cpu_count": os.cpu_count(), "cpu_model": model, "memory_gb": round(mem_kb / 2**20, 1),
+            "python": platform.python_version(), "pyarrow": pyarrow.__version__, "polars": pl.__version__,
+            "duckdb": duckdb.__version__, "platform": platform.platform()}
+
+
+def generate_dfar(folder: Path, n: int, chunk: int = 500_000) -> None:
+    """n rows in DFAR's layout from the real rows, statements numbered so they are distinct; every 100th
+    test statement is also a train statement (the overlap the default build drops)."""
+    real = pl.read_csv(SHARED_DATA / "dfar" / "DFAR_trainset.csv", infer_schema=False).with_row_index("k")
+    real = real.with_columns(pl.col("k").cast(pl.Int64))
+    n_train = n * 9 // 10
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, total, tag in (("DFAR_trainset.csv", n_train, "tr"), ("DFAR_testset.csv", n - n_train, "te")):
+        with open(folder / name, "wb") as fh:
+            for start in range(0, total, chunk):
+                i = pl.DataFrame({"i": pl.int_range(start, min(total, start + chunk), eager=True)})
+                df = i.with_columns((pl.col("i") % real.height).alias("k")).join(real, on="k", maintain_order="left")
+                own = pl.col("Statement") + f" [{tag} " + pl.col("i").cast(pl.String) + "]"
+                if tag == "te":  # test row i (every 100th) repeats train row i's statement
+                    own = pl.when(pl.col("i") % 100 == 0).then(pl.col("Statement") + " [tr " + pl.col("i")
+                                                                .cast(pl.String) + "]").otherwise(own)
+                df.select(own.alias("Statement"), "Label", "Reason").write_csv(fh, include_header=start == 0)
+
+
+def run_child(source: Path, store: Path, max_rss_mb: int) -> dict[str, Any]:
+    """Build in a child process, which reports its own peak RSS; a watchdog stops it past `max_rss_mb`."""
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(source), str(store)], cwd=Path(__file__).parents[1],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = threading.Event()
+
+    def watch() -> None:
+        while proc.poll() is None:
+            try:
+                rss_kb = next(int(x.split()[1]) for x in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                              if x.startswith("VmRSS"))
+            except (OSError, StopIteration):
+                return
+            if rss_kb / 1024 > max_rss_mb:
+                killed.set()
+                proc.kill()
+                return
+            time.sleep(0.2)
+
+    threading.Thread(target=watch, daemon=True).start()
+    out, err = proc.communicate()
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        last = (err.strip().splitlines() or ["?"])[-1]
+        why = f"killed past the {max_rss_mb} MB RSS guard" if killed.is_set() else last
+        return {"error": why, "wall_s": wall, "peak_rss_mb": max_rss_mb if killed.is_set() else None}
+    # the child's own ru_maxrss at exit is its peak: exact, and not mixed with other children
+    return json.loads(out.strip().splitlines()[-1]) | {"wall_s": wall}
+
+
+def scale(sizes: list[int], max_rss_mb: int) -> list[dict[str, Any]]:
+    out = []
+    for n in sizes:
+        with tempfile.TemporaryDirectory(prefix="store-bench-") as tmp:
+            src = Path(tmp) / "src"
+            t = time.perf_counter()
+            generate_dfar(src, n)
+            gen_s = time.perf_counter() - t
+            input_mb = sum(p.stat().st_size for p in src.iterdir()) / 2**20
+            load_before = os.getloadavg()
+            res = run_child(src, Path(tmp) / "store", max_rss_mb)
+            row = {"rows": n, "input_mb": round(input_mb), "generate_s": round(gen_s, 1),
+                   "load_avg_before": [round(x, 2) for x in load_before],
+                   "load_avg_after": [round(x, 2) for x in os.getloadavg()]} | res
+            row["rows_per_s"] = round(n / res["wall_s"]) if "error" not in res else None
+            if "stream_s" in res:
+                row["stream_rows_per_s"] = round(n / res["stream_s"])
+            out.append(row)
+            print(json.dumps(row, default=str), flush=True)
+    return out
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scale", default="", help="comma-separated DFAR sizes for scale rows, e.g. 1000000,10000000 "
+                                                "(default: none, a quick run)")
+    ap.add_argument("--max-rss-mb", type=int, default=6000,
+                    help="stop a scale build past this RSS (protects a shared machine; default 6000)")
+    args = ap.parse_args()
+    scale_rows = scale([int(x) for x in args.scale.split(",") if x.strip()], args.max_rss_mb)
+    previous = RESULTS / "store_bench.json"
+    if not scale_rows and previous.exists():
+        scale_rows = json.loads(previous.read_text()).get("scale", [])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         store = DatasetStore(tmp)
@@ -81,8 +211,28 @@ def main() -> None:
          "cold/polars", "warm/polars", "duckdb warm rows/s", "polars rows/s"],
         rows,
         {"note": "cold = connect + register every store view + query, as each CLI call does; "
-                 "warm = the query alone on an open connection"},
+                 "warm = the query alone on an open connection",
+         "machine_info": machine_info(), "scale": scale_rows,
+         "scale_goal": {"rows_per_s": GOAL_ROWS_PER_S, "peak_rss_mb": GOAL_PEAK_RSS_MB, "at_rows": 10_000_000},
+         "scale_note": "rows_per_s = input rows / wall time of `build_dfar` in a child process (start-up, "
+                       "streaming, content hash and commit); stream_* = up to the last parquet byte, before "
+                       "the store's commit; peak_rss_mb = the child's ru_maxrss"},
     )
+    if scale_rows:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="DFAR build at scale (child process)")
+        for c in ("rows", "input MB", "wall s", "rows/s", "peak RSS MB", "stream s", "stream rows/s",
+                  "RSS at stream end MB", "goal"):
+            table.add_column(c)
+        for r in scale_rows:
+            ok = (r.get("rows_per_s") or 0) >= GOAL_ROWS_PER_S and (r.get("peak_rss_mb") or 1e9) <= GOAL_PEAK_RSS_MB
+            table.add_row(f"{r['rows']:,}", str(r["input_mb"]), f"{r['wall_s']:.1f}", f"{r.get('rows_per_s') or 0:,}",
+                          f"{r['peak_rss_mb']:,.0f}", f"{r.get('stream_s', 0):.1f}",
+                          f"{r.get('stream_rows_per_s', 0):,}", f"{r.get('stream_peak_rss_mb', 0):,.0f}",
+                          "met" if ok else ("error: " + str(r["error"]) if "error" in r else "missed"))
+        Console(width=200).print(table)
 
 
 if __name__ == "__main__":

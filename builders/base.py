@@ -87,9 +87,14 @@ class IdSet:
         return hit
 
     def add(self, ids: np.ndarray) -> None:
+        self.add_sorted(np.unique(ids))
+
+    def add_sorted(self, ids: np.ndarray) -> None:
+        """Add ids already sorted and unique (ids present in earlier runs are harmless)."""
         if len(ids) == 0:
             return
-        self.runs.append(np.unique(ids))
+        self.runs.append(ids)
         while len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1]):
             last = self.runs.pop()
-            self.runs[-1] = np.union1d(self.runs[-1], last)
+            # a stable sort of two sorted runs is a linear merge (timsort)
+            self.runs[-1] = np.sort(np.concatenate([self.runs[-1], last]), kind="stable")

@@ -17,8 +17,10 @@ DuckDB rejects a file (or a batch holds a bad row) the exact reader re-reads it 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import string
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -42,6 +44,8 @@ from curate.csvfile import (
 from curate.errors import CurateError, InputError
 from curate.sources import resolve_files, source_record
 from curate.store import DatasetStore
+
+log = logging.getLogger(__name__)
 
 BUILDER_VERSION = "1.1.0"
 UPSTREAM_COMMIT = "main"
@@ -218,11 +222,15 @@ def _stream_split(con: Any, path: Path, split: str, names: list[str], params: Df
         stats.rows_read += n
         stats.reasons_seen += pc.sum(batch.column("has_reason")).as_py() or 0
         ids = batch.column("id64").to_numpy()
-        first_in_batch = np.unique(ids, return_index=True)[1]
-        dup = np.ones(n, dtype=bool)
-        dup[first_in_batch] = False
+        ordered = np.sort(ids)
+        if (ordered[1:] == ordered[:-1]).any():  # rare: repeats within the batch; mark all but the first
+            uniq, first_in_batch = np.unique(ids, return_index=True)
+            dup = np.ones(n, dtype=bool)
+            dup[first_in_batch] = False
+        else:
+            uniq, dup = ordered, np.zeros(n, dtype=bool)
         dup |= seen.contains(ids)
-        seen.add(ids[first_in_batch])
+        seen.add_sorted(uniq)
         keep = np.ones(n, dtype=bool)
         if dup.any():
             where = np.flatnonzero(dup)
@@ -293,7 +301,8 @@ def build_dfar(store: DatasetStore, source: str | Path, params: DfarParams | Non
     run_params = _params_dict(params)
     sources = [source_record(*found[f]) for f in FILES.values()]
     con = duckdb.connect(config={"threads": max(1, os.cpu_count() or 1)})
-    # The store renders `card` and `run_params` when the block exits, so what the stream finds goes in them.
+    started = time.perf_counter()
+    # The store renders `card` when the block exits, so what the stream finds goes in it (and in add_params).
     with store.new_version(
         name, builder="dfar", builder_version=BUILDER_VERSION, params=run_params,
         sources=sources, card=card,
@@ -318,9 +327,11 @@ def build_dfar(store: DatasetStore, source: str | Path, params: DfarParams | Non
                 raise CurateError(f"{found[FILES[split]][0]}: no rows left after dropping duplicates/overlap")
         for sink in sinks.values():  # registration order = manifest order: default, l, lr x train, test
             sink.close()
+        log.info("dfar: streamed %d rows (%d kept) in %.2f s; committing", sum(s.rows_read for s in stats.values()),
+                 sum(s.rows_kept for s in stats.values()), time.perf_counter() - started)
         overlap = stats["train"].overlap
-        run_params["train_test_overlap"] = {"train_statements_in_test": overlap,
-                                            "dropped": overlap if params.drop_overlap else 0}
+        w.add_params({"train_test_overlap": {"train_statements_in_test": overlap,
+                                             "dropped": overlap if params.drop_overlap else 0}})
         card["build_notes"] = "\n".join(f"- {n}" for n in notes[:50]) if notes else \
             "No duplicates, overlap, empty reasons or extra columns found."
     return BuildResult(w.result.version, w.result.created, notes)
