@@ -66,6 +66,7 @@ SHORT_RE = re.compile(rf"^[0-9a-f]{{{HASH_LEN}}}$")
 HASH_SCHEME = "arrow-canonical-v1"  # sha256 over each data file's Arrow data in a layout-free form
 LEGACY_SCHEME = "file-sha256"  # sha256 over each data file's bytes (manifests without `hash_scheme`)
 STALE_UNLOCKED_S = 24 * 3600  # a staging folder without a lock file is left alone for a day
+STALE_GRACE_S = 60  # younger temps are never removed: a writer may be between creating its lock and taking it
 
 
 def check_name(name: object, what: str = "dataset name") -> str:
@@ -278,7 +279,7 @@ def verify_folder(folder: Path, manifest: dict[str, Any]) -> list[str]:
             except CurateError:
                 raise  # an unknown hash scheme is not a damaged file
             except Exception as e:  # noqa: BLE001 - any unreadable parquet is one problem line
-                problems.append(f"{p}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+                problems.append(f"{p}: cannot be read ({_reason(e, p)})")
                 continue
             if got != want:
                 problems.append(f"{p}: content differs from the manifest ({scheme})")
@@ -897,6 +898,12 @@ class DatasetStore:
             yield
 
 
+def _reason(e: BaseException, path: Path) -> str:
+    """A reader's error as a short clause (the path is already at the start of the line)."""
+    text = (str(e).splitlines() or [""])[0].replace(f"'{path}'", "").replace(str(path), "").strip()
+    return f"{type(e).__name__}: {text[:120]}" if text else type(e).__name__
+
+
 def _remove_path(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -907,6 +914,9 @@ def _remove_path(path: Path) -> None:
 def _remove_if_unlocked(entry: Path) -> None:
     """Remove `entry` (and its lock file) when its writer's lock can be taken, i.e. the writer is gone."""
     lock_path = Path(str(entry) + ".lock")
+    now = time.time()
+    if any(now - p.lstat().st_mtime < STALE_GRACE_S for p in (entry, lock_path) if p.exists() or p.is_symlink()):
+        return
     lock = FileLock(str(lock_path))
     try:
         lock.acquire(timeout=0)
@@ -948,7 +958,7 @@ def _verify_rebuild(version: Version, writer: VersionWriter, digests: dict[str, 
         try:
             same = file_digest(stored, scheme) == digest
         except Exception as e:  # noqa: BLE001 - any unreadable parquet is one problem line
-            problems.append(f"{stored}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+            problems.append(f"{stored}: cannot be read ({_reason(e, stored)})")
             continue
         if not same:
             problems.append(f"{stored}: content differs from the manifest ({scheme})")

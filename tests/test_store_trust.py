@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -40,6 +41,13 @@ def dfar(tmp_path: Path, dfar_source: Path):
     """A fresh store holding one real DFAR build: (store, version, source)."""
     st = DatasetStore(tmp_path / "store")
     return st, build_dfar(st, dfar_source).version, dfar_source
+
+
+def _age(*paths: Path) -> None:
+    """Make paths look an hour old (a crash long ago rather than a writer starting up right now)."""
+    then = time.time() - 3600
+    for p in paths:
+        os.utime(p, (then, then), follow_symlinks=False)
 
 
 def _tree(root: Path) -> dict[str, tuple[int, int]]:
@@ -162,6 +170,7 @@ def test_kill_between_rename_and_tags_is_adopted(tmp_path: Path, dfar_source: Pa
     [folder] = list((ds / "versions").iterdir())
     assert not (ds / "tags.json").exists()  # killed before the tag was written
     assert list(ds.glob(".tmp-*.lock"))  # the dead writer's lock file is left behind
+    _age(*ds.glob(".tmp-*"))  # (temps younger than a minute are spared: their writer may be starting up)
 
     res = cli("show", "dfar", "--store", root)  # reads see the complete version
     assert res.exit_code == 0 and "dfar@v1" in res.stdout, res.output
@@ -174,6 +183,7 @@ def test_kill_between_rename_and_tags_is_adopted(tmp_path: Path, dfar_source: Pa
 
     # A second killed commit whose folder then rots is replaced by the next identical build.
     _killed_build(root, dfar_source, limit=5)
+    _age(*ds.glob(".tmp-*"))
     [orphan] = [p for p in (ds / "versions").iterdir() if p != folder]
     assert json.loads((ds / "tags.json").read_text()) == {"v1": folder.name}
     (orphan / "default" / "train-00000-of-00001.parquet").write_bytes(b"PAR1 rotten")
@@ -206,19 +216,24 @@ def test_stale_temp_folders_are_removed_live_ones_kept(dfar, tmp_path: Path) -> 
     (staging / "dead").mkdir()
     (staging / "dead.lock").touch()
     (staging / "live").mkdir()
+    _age(*ds.glob(".*tmp-*"), *staging.iterdir())
+    fresh = ds / f".tmp-{uuid.uuid4().hex}"  # just created: its writer may not have taken its lock yet
+    fresh.mkdir()
     holders = [subprocess.Popen([sys.executable, "-c", HOLD_LOCK, f"{p}.lock"], stdout=subprocess.PIPE, text=True)
                for p in (live, staging / "live")]
     try:
         assert all(h.stdout.readline().strip() == "held" for h in holders)
+        _age(*ds.glob(".tmp-*.lock"), *staging.glob("*.lock"))
         r = build_dfar(st, source, DfarParams(limit=3))  # any write of the dataset cleans up
         assert r.created and r.version.tag == "v2"
         assert not dead.exists() and not Path(f"{dead}.lock").exists() and not half_tags.exists()
-        assert live.is_dir() and (staging / "live").is_dir()
+        assert live.is_dir() and (staging / "live").is_dir() and fresh.is_dir()
         assert not (staging / "dead").exists() and not (staging / "dead.lock").exists()
     finally:
         for h in holders:
             h.kill()
             h.wait()
+    _age(*ds.glob(".tmp-*.lock"), *staging.glob("*.lock"))
     build_dfar(st, source)  # the writers are gone now: their folders are stale
     assert not live.exists() and not (staging / "live").exists()
 
