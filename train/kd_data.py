@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from train.data import IGNORE
+from train.data import IGNORE, pad_right
 
 
 def kd_features(ex: Any, max_length: int) -> dict[str, Any] | None:
@@ -40,36 +40,28 @@ def kd_features(ex: Any, max_length: int) -> dict[str, Any] | None:
 
 @dataclass
 class KDCollator:
-    """Pads ids / labels like `CompletionCollator` and the cache rows to [B, T_max, k] (a row's cached
-    positions are its supervised ones: ``labels != IGNORE``)."""
+    """Pads ids / labels like `CompletionCollator` and the cache rows to [B, T_max, k] with a mask."""
 
     pad_id: int
     num_labels: int = 0
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         n = len(features)
-        width = max(len(f["input_ids"]) for f in features)
-        t_max = max(len(f["kd_ids"]) for f in features)
-        k = features[0]["kd_ids"].shape[1]
+        lengths = [len(f["input_ids"]) for f in features]
+        t_lengths = [len(f["kd_ids"]) for f in features]
         out = {
-            "input_ids": torch.full((n, width), self.pad_id, dtype=torch.long),
-            "attention_mask": torch.zeros((n, width), dtype=torch.long),
-            "labels": torch.full((n, width), IGNORE, dtype=torch.long),
-            "kd_ids": torch.zeros((n, t_max, k), dtype=torch.long),
-            "kd_logprobs": torch.zeros((n, t_max, k), dtype=torch.float32),
-            "kd_residual": torch.zeros((n, t_max), dtype=torch.float32),
+            "input_ids": pad_right([f["input_ids"] for f in features], self.pad_id),
+            "attention_mask": pad_right([[1] * m for m in lengths], 0),
+            "labels": pad_right([f["labels"] for f in features], IGNORE),
+            "kd_ids": pad_right([f["kd_ids"] for f in features], 0),
+            "kd_logprobs": pad_right([f["kd_logprobs"] for f in features], 0.0, torch.float32),
+            "kd_residual": pad_right([f["kd_residual"] for f in features], 0.0, torch.float32),
+            "kd_mask": pad_right([[True] * t for t in t_lengths], False, torch.bool),
             "answer_pos": torch.tensor([f["answer_pos"] for f in features], dtype=torch.long),
             "label_logprobs": torch.zeros((n, max(self.num_labels, 1)), dtype=torch.float32),
             "label_mask": torch.zeros(n, dtype=torch.bool),
         }
         for i, f in enumerate(features):
-            m, t = len(f["input_ids"]), len(f["kd_ids"])
-            out["input_ids"][i, :m] = torch.from_numpy(f["input_ids"])
-            out["attention_mask"][i, :m] = 1
-            out["labels"][i, :m] = torch.from_numpy(f["labels"])
-            out["kd_ids"][i, :t] = torch.from_numpy(f["kd_ids"])
-            out["kd_logprobs"][i, :t] = torch.from_numpy(f["kd_logprobs"])
-            out["kd_residual"][i, :t] = torch.from_numpy(f["kd_residual"])
             if "label_logprobs" in f and self.num_labels:
                 out["label_logprobs"][i] = torch.from_numpy(f["label_logprobs"])
                 out["label_mask"][i] = True
