@@ -1,14 +1,19 @@
 """Find a builder's input files: a local folder (`--source`), or the canonical upstream URLs.
 
 Downloads land in a cache (``$CURATE_CACHE`` or ``~/.cache/curate/sources``) keyed by URL, so a rebuild
-does not fetch twice. The manifest records each file's location and sha256 either way.
+does not fetch twice. Dropped connections, timeouts, 408/429 and 5xx answers are retried with exponential
+backoff (``$CURATE_DOWNLOAD_RETRIES`` retries, default 4; first wait ``$CURATE_DOWNLOAD_BACKOFF_S``, default
+1 s, doubling up to 8 s; a ``Retry-After`` is honoured up to 30 s). The manifest records each file's location
+and sha256 either way.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tarfile
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -29,17 +34,61 @@ def is_url(s: str | os.PathLike[str]) -> bool:
     return str(s).startswith(("http://", "https://"))
 
 
-def download(url: str) -> Path:
-    """Fetch `url` into the cache (atomically) and return the local path."""
+RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+log = logging.getLogger(__name__)
+
+
+def download(url: str, *, retries: int | None = None, backoff_s: float | None = None) -> Path:
+    """Fetch `url` into the cache (atomically) and return the local path; transient failures are retried.
+
+    Any failure that remains is one `CurateError` line naming the URL.
+    """
     name = Path(urllib.parse.urlparse(url).path).name or "download"
     dest = cache_dir() / hashlib.sha256(url.encode()).hexdigest()[:16] / urllib.parse.unquote(name)
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(dest.suffix + ".part")
+    retries = int(os.environ.get("CURATE_DOWNLOAD_RETRIES", 4)) if retries is None else retries
+    wait = float(os.environ.get("CURATE_DOWNLOAD_BACKOFF_S", 1.0)) if backoff_s is None else backoff_s
+    # A hand-written loop, not huggingface_hub's http_backoff: its session refuses every URL while
+    # HF_HUB_OFFLINE is set, and these are GitHub/university URLs, not the Hub.
+    for attempt in range(retries + 1):
+        last = attempt == retries
+        try:
+            _fetch(url, tmp, name)
+            break
+        except _Retry as e:
+            tmp.unlink(missing_ok=True)
+            if last:
+                raise CurateError(f"could not download {url}: {e.reason} (after {retries + 1} attempts)") from None
+            pause = min(e.retry_after, 30.0) if e.retry_after is not None else wait
+            log.warning("download %s: %s; retrying in %.1f s (%d/%d)", url, e.reason, pause, attempt + 1, retries)
+            time.sleep(pause)
+            wait = min(wait * 2, 8.0)
+        except httpx.HTTPError as e:
+            tmp.unlink(missing_ok=True)
+            raise CurateError(f"could not download {url}: {e}") from None
+    tmp.replace(dest)
+    return dest
+
+
+class _Retry(Exception):
+    """A transient failure: worth another attempt."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason, self.retry_after = reason, retry_after
+
+
+def _fetch(url: str, tmp: Path, name: str) -> None:
     try:
         with httpx.stream("GET", url, follow_redirects=True, timeout=60) as r:
-            r.raise_for_status()
+            if r.status_code in RETRY_STATUS:
+                after = r.headers.get("retry-after", "")
+                raise _Retry(f"HTTP {r.status_code}", float(after) if after.isdigit() else None)
+            if r.status_code >= 400:
+                raise CurateError(f"could not download {url}: HTTP {r.status_code}")
             total = int(r.headers.get("content-length", 0)) or None
             with Progress(BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True) as bar, \
                     open(tmp, "wb") as f:
@@ -47,11 +96,8 @@ def download(url: str) -> Path:
                 for chunk in r.iter_bytes():
                     f.write(chunk)
                     bar.advance(task, len(chunk))
-    except httpx.HTTPError as e:
-        tmp.unlink(missing_ok=True)
-        raise CurateError(f"could not download {url}: {e}") from None
-    tmp.replace(dest)
-    return dest
+    except httpx.TransportError as e:  # refused, reset, timed out, cut off mid-body
+        raise _Retry(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from None
 
 
 def fetch_tree(url: str) -> Path:
