@@ -133,3 +133,19 @@ def test_card_escapes_html_from_data(evil_source: Path, tmp_path: Path) -> None:
     assert "alert(1)" in body  # the note is there ...
     assert "<script>" not in body and "&lt;script&gt;" in body  # ... escaped
     assert "\x1b" not in body
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        ("\x1b[31mred", "\\x1b[31mred"),  # 7-bit CSI
+        ("\x9b31mred", "\\x9b31mred"),  # 8-bit CSI
+        ("\x1b]8;;https://evil.example\x07x", "\\x1b]8;;https://evil.example\\x07x"),  # OSC-8 hyperlink
+        ("abc\u202edef", "abc\\u202edef"),  # right-to-left override
+        ("[/bold] é 中\tok\n", "\\[/bold] é 中\tok\n"),  # markup escaped; ordinary text, tab, newline kept
+    ],
+)
+def test_safe_makes_controls_visible(raw: str, shown: str) -> None:
+    from curate.commands._app import safe
+
+    assert safe(raw) == shown

@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import sys
+import unicodedata
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -95,11 +96,16 @@ def setup_output() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
+def _visible(ch: str) -> str:
+    # C0/C1 controls (ESC, 8-bit CSI/OSC) and format characters such as bidi overrides are shown as escapes.
+    if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cf"):
+        return ch
+    return f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}"
+
+
 def safe(text: object) -> str:
     """Data text as it is: Rich markup escaped and control characters made visible (no ANSI/OSC-8 through)."""
-    s = str(text)
-    s = "".join(ch if ch in "\n\t" or (ord(ch) >= 32 and ord(ch) != 127) else f"\\x{ord(ch):02x}" for ch in s)
-    return escape(s)
+    return escape("".join(_visible(ch) for ch in str(text)))
 
 
 def error_line(message: str) -> None:
