@@ -172,6 +172,23 @@ def test_kd_takes_the_caches_template_and_refuses_another(reference_cache: Build
         cache_template(KDConfig(template="chat"), v, cache_params(v))
 
 
+def test_kd_prepared_state_carries_the_caches_version_labels_and_prefix(tmp_path: Path, small_dfar: Path,
+                                                                       tiny_teacher) -> None:
+    """KD reads the cache once: its version, label ids, template and label prefix (used by the evaluation
+    after training, instead of the default " ")."""
+    from train.config import KDConfig
+    from train.kd import prepare_kd
+
+    folder, _, tok = tiny_teacher
+    store = _fresh_store(tmp_path, small_dfar)
+    result = _run(store, tiny_teacher, quantization="fp16", k=4, label_prefix="")
+    cfg = KDConfig(model=str(folder), store=str(store.root), limit=2, eval_limit=2, max_length=64)
+    prep = prepare_kd(cfg, tok)
+    assert prep.cache.hash == result.version.hash and prep.template == "plain" and prep.label_prefix == ""
+    assert prep.label_token_ids == [tok("ethical").input_ids[0], tok("unethical").input_ids[0]]
+    assert prep.label_token_ids == result.version.manifest["params"]["label_token_ids"]
+
+
 def v_parent_rows(v: Any) -> list[dict]:
     store = DatasetStore(v.path.parents[3])
     parent = store.get(f"{v.manifest['parents'][0]['name']}@{v.manifest['parents'][0]['tag']}")
