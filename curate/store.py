@@ -863,11 +863,23 @@ class DatasetStore:
             atomic_write_json(ds_dir / TAGS, tags)
 
     def _find_existing(self, name: str, full_hash: str, legacy_hash: str) -> Version | None:
-        """The stored version with this content (current scheme, or an old manifest with the same bytes)."""
-        for v in self._versions(name):
-            h = v.manifest.get("content_hash")
-            if h == full_hash or (h == legacy_hash and "hash_scheme" not in v.manifest):
-                return v
+        """The stored version with this content (current scheme, or an old manifest with the same bytes),
+        tagged or left untagged by a crash. Looked up by folder name, so a damaged sibling does not matter;
+        a folder that is a symlink or has a damaged manifest is not a match (the caller replaces it)."""
+        ds_dir = self._ds_dir(name)
+        tags = self._read_tags(name)
+        for h, scheme in ((full_hash, HASH_SCHEME), (legacy_hash, LEGACY_SCHEME)):
+            path = ds_dir / "versions" / h[:HASH_LEN]
+            if path.is_symlink() or not path.is_dir():
+                continue
+            try:
+                manifest = _read_manifest(path)
+            except CurateError:
+                continue
+            if manifest["content_hash"] != h or manifest_scheme(manifest) != scheme:
+                continue
+            tag = next((t for t, short in tags.items() if short == path.name), None) or _orphan_tag(manifest, tags)
+            return Version(name=name, tag=tag, hash=h, path=path, manifest=manifest)
         return None
 
     def _clean_stale(self, ds_dir: Path) -> None:

@@ -127,7 +127,11 @@ def test_damaged_manifest_or_tags_is_one_line_naming_the_file(dfar, tmp_path: Pa
     assert f"{manifest}: missing" in one_line_error(cli("show", "dfar", "--store", st.root))
     with pytest.raises(CurateError, match="manifest.json"):
         st.versions("dfar")
-    manifest.write_text(text)
+    res = cli("verify", "--store", st.root)
+    assert res.exit_code == 1 and f"{manifest}: missing" in res.stderr
+    r = build_dfar(st, source)  # an identical rebuild replaces the folder and keeps its tag
+    assert not r.created and r.version.tag == "v1" and r.version.path == v.path
+    assert st.verify(st.get("dfar")) == [] and json.loads(manifest.read_text())["content_hash"] == v.hash
 
     tags = st.root / "datasets" / "other" / "tags.json"
     tags.write_text('{"v1": "abc')  # truncated
