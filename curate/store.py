@@ -102,7 +102,8 @@ def _zero_scalar(t: pa.DataType) -> pa.Scalar:
 
 def _canonical_update(h: Any, arr: pa.Array) -> None:
     """Feed one column to `h` independently of its memory layout: type, length, validity, then the values
-    with null slots zeroed (parquet readers leave whatever bytes they like under nulls)."""
+    with null slots zeroed (parquet readers leave whatever bytes they like under nulls). Numbers are fed in
+    the machine's byte order, little-endian on every platform the toolkit supports."""
     t = arr.type
     n = len(arr)
     h.update(f"{t}|{n}|{arr.null_count}\n".encode())
