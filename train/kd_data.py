@@ -40,7 +40,8 @@ def kd_features(ex: Any, max_length: int) -> dict[str, Any] | None:
 
 @dataclass
 class KDCollator:
-    """Pads ids / labels like `CompletionCollator` and the cache rows to [B, T_max, k] with a mask."""
+    """Pads ids / labels like `CompletionCollator` and the cache rows to [B, T_max, k] (a row's cached
+    positions are its supervised ones: ``labels != IGNORE``)."""
 
     pad_id: int
     num_labels: int = 0
@@ -48,7 +49,6 @@ class KDCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         n = len(features)
         lengths = [len(f["input_ids"]) for f in features]
-        t_lengths = [len(f["kd_ids"]) for f in features]
         out = {
             "input_ids": pad_right([f["input_ids"] for f in features], self.pad_id),
             "attention_mask": pad_right([[1] * m for m in lengths], 0),
@@ -56,7 +56,6 @@ class KDCollator:
             "kd_ids": pad_right([f["kd_ids"] for f in features], 0),
             "kd_logprobs": pad_right([f["kd_logprobs"] for f in features], 0.0, torch.float32),
             "kd_residual": pad_right([f["kd_residual"] for f in features], 0.0, torch.float32),
-            "kd_mask": pad_right([[True] * t for t in t_lengths], False, torch.bool),
             "answer_pos": torch.tensor([f["answer_pos"] for f in features], dtype=torch.long),
             "label_logprobs": torch.zeros((n, max(self.num_labels, 1)), dtype=torch.float32),
             "label_mask": torch.zeros(n, dtype=torch.bool),
