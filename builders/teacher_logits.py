@@ -24,12 +24,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
+import annotated_types as at
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from builders.base import BuildResult
-from curate.configs import at, opt, validated
+from curate.configs import opt, validated
 from curate.errors import CurateError
 from curate.logit_codec import CACHE_CONFIG, DEFAULT_SCHEME, SCHEMES, Scheme, cache_schema, encode_logprobs, get_scheme
 from curate.models import (

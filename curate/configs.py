@@ -18,7 +18,6 @@ from dataclasses import MISSING, Field, field, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
-import annotated_types as at
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
@@ -202,5 +201,5 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-__all__ = ["COMMAND_LINE", "ConfigError", "at", "build_config", "check_value", "describe_type", "load_config",
+__all__ = ["COMMAND_LINE", "ConfigError", "build_config", "check_value", "describe_type", "load_config",
            "opt", "read_yaml", "to_dict", "validated"]

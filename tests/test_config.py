@@ -124,3 +124,12 @@ def test_one_quantisation_rule_strict_for_the_cache_lenient_for_training(caplog:
     assert decide_quantization(True, False, strict=True, cuda_available=True, bnb_available=True).mode == "8bit"
     with pytest.raises(CurateError, match="needs bitsandbytes"):
         decide_quantization(False, True, strict=True, cuda_available=True, bnb_available=False)
+
+
+def test_set_pairs_are_read_like_flags() -> None:
+    from curate.commands.train import _overrides
+
+    got = _overrides(SFTConfig, {"seed": 3}, ["lora_target_modules=q_proj,v_proj", "limit=8", "lora-r=4",
+                                              "eval_steps=null"], Path("/tmp/s"))
+    assert got == {"seed": 3, "store": "/tmp/s", "lora_target_modules": ["q_proj", "v_proj"], "limit": 8,
+                   "lora_r": 4, "eval_steps": None}

@@ -13,9 +13,10 @@ import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+import annotated_types as at
 import yaml
 
-from curate.configs import ConfigError, at, load_config, opt
+from curate.configs import ConfigError, load_config, opt
 from curate.models import SMOLLM2, ModelSpec, Template
 
 # Fields that say where / how a run is kept, not what it computes: left out of the run's identity hash.

@@ -10,6 +10,7 @@ dataclasses (`train/config.py`), where each is declared once with its help text.
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,10 +30,14 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Any option as k
                                                                 "repeatable: --set warmup=0.1")]
 
 
-def _overrides(options: dict[str, Any], sets: list[str] | None, store: Path | None) -> dict[str, Any]:
-    """Flags given on the command line, then `--set` pairs (YAML values), as one layer of config values."""
+def _overrides(cls: type, options: dict[str, Any], sets: list[str] | None, store: Path | None) -> dict[str, Any]:
+    """Flags given on the command line, then `--set` pairs (YAML values, text read as the flag's would be:
+    ``--set lora_target_modules=q_proj,v_proj`` is a list), as one layer of config values."""
+    from curate.commands._options import from_text
+    from curate.configs import field_types
     from train.config import parse_value
 
+    known = {f.name: f for f in fields(cls)}
     out = dict(options)
     if store is not None:
         out["store"] = str(store)
@@ -40,7 +45,9 @@ def _overrides(options: dict[str, Any], sets: list[str] | None, store: Path | No
         key, eq, raw = spec.partition("=")
         if not eq or not key.strip():
             raise CurateError(f"--set wants key=value, got {spec!r}")
-        out[key.strip().replace("-", "_")] = parse_value(raw)
+        key = key.strip().replace("-", "_")
+        value = parse_value(raw)
+        out[key] = from_text(known[key], field_types(cls)[key], value) if key in known else value
     return out
 
 
@@ -59,7 +66,8 @@ def _report(result: Any) -> None:
             r = ev[reading]
             console.print(f"  {reading:<11} acc {r['accuracy']:.3f}  P {r['precision']:.3f}  R {r['recall']:.3f}  "
                           f"F1 {r['f1']:.3f}  (n={r['n']})", highlight=False)
-        console.print(f"  gold-reason perplexity {ev['reason_perplexity']:.2f}", highlight=False)
+        if ev.get("reason_perplexity") is not None:  # none for label-only runs
+            console.print(f"  gold-reason perplexity {ev['reason_perplexity']:.2f}", highlight=False)
 
 
 def _sft(config: Path | None, overrides: dict[str, Any]) -> None:
@@ -75,7 +83,7 @@ def _sft(config: Path | None, overrides: dict[str, Any]) -> None:
 def sft_cmd(config: ConfigOpt = None, store: StoreOpt = None, set_: SetOpt = None,
             options: dict[str, Any] | None = None) -> None:
     """SFT on prompt/completion rows, loss on completion tokens only (dfar `l`: the label-only baseline)."""
-    _sft(config, _overrides(options or {}, set_, store))
+    _sft(config, _overrides(SFTConfig, options or {}, set_, store))
 
 
 @train_app.command("lr")
@@ -84,7 +92,7 @@ def sft_cmd(config: ConfigOpt = None, store: StoreOpt = None, set_: SetOpt = Non
 def lr_cmd(config: ConfigOpt = None, store: StoreOpt = None, set_: SetOpt = None,
            options: dict[str, Any] | None = None) -> None:
     """L+R fine-tuning: SFT on dfar `lr` (label word + reason), the stronger recipe of the DFAR paper."""
-    _sft(config, {**_overrides(options or {}, set_, store), "dataset_config": "lr"})
+    _sft(config, {**_overrides(SFTConfig, options or {}, set_, store), "dataset_config": "lr"})
 
 
 @train_app.command("kd")
@@ -96,4 +104,5 @@ def kd_cmd(config: ConfigOpt = None, store: StoreOpt = None, set_: SetOpt = None
     from train.config import load_config
     from train.kd import run_kd
 
-    _report(run_kd(load_config(KDConfig, config, _overrides(options or {}, set_, store)), console=console))
+    _report(run_kd(load_config(KDConfig, config, _overrides(KDConfig, options or {}, set_, store)),
+                   console=console))
