@@ -112,6 +112,8 @@ def test_help_shows_each_default_once_declared(tmp_path: Path) -> None:
         assert flag in text, flag
     cache = " ".join(CliRunner().invoke(app, ["cache-logits", "--help"], env={"COLUMNS": "250"}).output.split())
     assert "--teacher" in cache and "[default: u8-delta]" in cache and "--revision" in cache
+    for cmd in (["train", "sft"], ["train", "lr"], ["train", "kd"], ["cache-logits"], ["eval"]):
+        assert "seeds" not in CliRunner().invoke(app, [*cmd, "--help"]).output, cmd  # no in-house jargon
 
 
 def test_one_quantisation_rule_strict_for_the_cache_lenient_for_training(caplog: pytest.LogCaptureFixture) -> None:
@@ -133,3 +135,12 @@ def test_set_pairs_are_read_like_flags() -> None:
                                               "eval_steps=null"], Path("/tmp/s"))
     assert got == {"seed": 3, "store": "/tmp/s", "lora_target_modules": ["q_proj", "v_proj"], "limit": 8,
                    "lora_r": 4, "eval_steps": None}
+
+
+@pytest.mark.parametrize(("name", "cls"), [("sft_l", SFTConfig), ("lr", SFTConfig), ("kd", KDConfig)])
+def test_example_configs_load(name: str, cls: type) -> None:
+    path = Path(__file__).parents[1] / "configs" / f"{name}.yaml"
+    cfg = load_config(cls, path)
+    for key, value in yaml.safe_load(path.read_text()).items():
+        assert getattr(cfg, key) == value, key
+    assert "seeds" not in path.read_text()
