@@ -138,6 +138,7 @@ def generate_paraphrases(
     ]
     with rich_progress("paraphrasing") as tick:
         replies = client.complete_many(prompts, progress=tick)
+    logger.info("paraphrases: embedding %d questions and their rewrites with %s ...", plain.height, embedding_model)
     encoder = resolve_embedding_model(embedding_model)
     rows, dropped = [], 0
     for qid, question, reply in zip(plain["question_id"], plain["question"], replies, strict=True):

@@ -69,7 +69,7 @@ class LLMConfig:
     """Endpoint, sampling and reliability settings. ``base_url=None`` means ``$OPENAI_BASE_URL`` or OpenAI."""
 
     model: str = "gpt-3.5-turbo"
-    base_url: str | None = None
+    base_url: str | None = field(default=None, repr=False)  # may hold credentials (user:pw@, ?api_key=)
     api_key_env: str = "OPENAI_API_KEY"
     temperature: float = 0.8
     max_tokens: int | None = 512

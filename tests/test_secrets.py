@@ -36,6 +36,9 @@ SECRETS = {
 @pytest.fixture
 def log_file(tmp_path: Path) -> Iterator[Path]:
     """Every log record of the toolkit, the SDK and httpx, at DEBUG, into one file."""
+    from curate.commands._app import setup_output
+
+    setup_output()  # the CLI's own logging set-up first, so what is saved and restored below is its state
     path = tmp_path / "all.log"
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setLevel(logging.DEBUG)
@@ -103,3 +106,6 @@ def test_redact_url_cases() -> None:
     assert redact_url("/data/q100.csv") == "/data/q100.csv" and redact_url(None) is None
     assert redact_url("http://[::1]:8080/v1?access_token=z&sig=y") == "http://[::1]:8080/v1"
     assert redact_url("http://host:99999999/v1") == "REDACTED"  # unparseable: nothing of it is kept
+    from curate.llm import LLMConfig
+
+    assert SECRETS["userinfo_password"] not in repr(LLMConfig(base_url=f"http://u:{SECRETS['userinfo_password']}@h"))
