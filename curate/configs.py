@@ -9,7 +9,6 @@ A field is declared once with `opt(default, help)` and a type that may carry lim
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import types
 import typing
@@ -197,9 +196,5 @@ def validated(cfg: C) -> C:
     return build_config(type(cfg), [(values, f"{type(cfg).__name__} arguments")])
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
 __all__ = ["COMMAND_LINE", "ConfigError", "build_config", "check_value", "describe_type", "load_config",
-           "opt", "read_yaml", "to_dict", "validated"]
+           "opt", "read_yaml", "validated"]
