@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from curate.store import Version, VersionWriter
 
-ROW_GROUP_ROWS = 131_072  # fixed row-group size: bytes depend on the rows only, never on how they were batched
+ROW_GROUP_ROWS = 65_536  # fixed row-group size: bytes depend on the rows only, never on how they were batched
 
 
 @dataclass

@@ -59,7 +59,7 @@ LABEL_WORDS = {0: "ethical", 1: "unethical"}
 DEDUPE_POLICIES = ("none", "within-split")
 LEGACY_DEDUPE = "train-test"  # before overlap dropping became the default: within-split + drop the overlap
 TEMPLATE_FIELDS = ("statement", "label", "label_text", "reason", "id")
-BATCH_ROWS = 65_536
+BATCH_ROWS = 32_768
 MAX_ROW_NOTES = 20  # per-row notes per kind and split; the rest are counted
 
 DEFAULT_PROMPT = (
