@@ -134,9 +134,10 @@ def main() -> None:
     for name, m in results.items():
         v, g = m["verbalizer"], m["generation"]
         mis = (m.get("misalignment") or {}).get("rate")
+        ppl = m["reason_perplexity"]  # None for a label-only model
         table.append([name, round(100 * v["accuracy"], 1), round(100 * v["precision"], 1),
                       round(100 * v["recall"], 1), round(100 * v["f1"], 1), round(100 * g["accuracy"], 1),
-                      round(100 * g["f1"], 1), round(m["reason_perplexity"], 2),
+                      round(100 * g["f1"], 1), "-" if ppl is None else round(ppl, 2),
                       "-" if mis is None else round(100 * mis, 1)])
     emit("reproduce_dfar",
          f"DFAR, SmolLM2-135M-Instruct, {a.train} train / {len(rows.labels)} test rows, CPU "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -162,3 +163,74 @@ def test_batched_scoring_matches_one_sequence_at_a_time(world: dict[str, Path]) 
         assert got == pytest.approx(want, **np_close)
     for got, want in zip(sequence_logprobs(model, tok, prompts, cont, batch_size=3), want_seq, strict=True):
         assert got == pytest.approx(want, **np_close)
+
+
+@pytest.fixture(scope="module")
+def runs(world: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two 2-step SFT runs of the tiny model: L+R (not evaluated) and label-only L (evaluated after training)."""
+    from train.config import SFTConfig
+    from train.sft import run_sft
+
+    root = tmp_path_factory.mktemp("eval-runs")
+    common = dict(model=str(world["model"]), store=str(world["store"]), max_steps=2, batch_size=2, max_length=64,
+                  lora_r=4, lora_alpha=8, logging_steps=1, eval_limit=3, gen_max_new_tokens=2)
+    lr = run_sft(SFTConfig(**common, dataset_config="lr", evaluate=False, run_dir=str(root / "lr")),
+                 tokenizer=smollm2_tokenizer())
+    label = run_sft(SFTConfig(**common, dataset_config="l", run_dir=str(root / "l")), tokenizer=smollm2_tokenizer())
+    return {"lr": lr.run.path, "l": label.run.path, "l_metrics": label.metrics}
+
+
+def test_eval_warns_when_evaluated_prompts_were_trained_on(world: dict[str, Path], runs: dict[str, Any],
+                                                           tmp_path: Path) -> None:
+    from curate.cli import app
+
+    args = ["eval", "--model", str(runs["lr"]), "--store", str(world["store"]), "--limit", "3", "--judge", "none",
+            "--max-new-tokens", "2"]
+    seen = CliRunner().invoke(app, [*args, "--split", "train", "--out", str(tmp_path / "train")])
+    assert seen.exit_code == 0, seen.output
+    warning = "3 of 3 evaluated prompts were in the run's training data (dfar@v1 lr/train)"
+    assert warning in " ".join(seen.output.split())
+    saved = json.loads((tmp_path / "train" / "metrics.json").read_text())
+    assert saved["train_overlap"]["rows"] == 3 and warning in saved["warnings"][0]
+    unseen = CliRunner().invoke(app, [*args, "--split", "test", "--out", str(tmp_path / "test")])
+    assert unseen.exit_code == 0 and "training data" not in unseen.output
+    saved = json.loads((tmp_path / "test" / "metrics.json").read_text())
+    assert saved["train_overlap"]["rows"] == 0 and saved["warnings"] == []
+
+
+def test_label_only_runs_report_no_reason_perplexity(world: dict[str, Path], runs: dict[str, Any],
+                                                     tmp_path: Path) -> None:
+    from curate.cli import app
+
+    after_training = runs["l_metrics"]["eval"]
+    assert after_training["reason_perplexity"] is None and "label-only" in after_training["reason_perplexity_skipped"]
+    assert "Gold-reason perplexity: not reported (label-only run" in (runs["l"] / "README.md").read_text()
+    res = CliRunner().invoke(app, ["eval", "--model", str(runs["l"]), "--store", str(world["store"]), "--limit", "2",
+                                   "--judge", "none", "--max-new-tokens", "2", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert "perplexity" not in res.output
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["reason_perplexity"] is None
+
+
+@pytest.mark.parametrize("spec", ["runs/typo", "./nowhere/model", "/no/such/folder", "missing.gguf"])
+def test_a_missing_local_model_is_refused_at_once(world: dict[str, Path], spec: str) -> None:
+    import time
+
+    from curate.cli import app
+
+    t0 = time.perf_counter()
+    res = CliRunner().invoke(app, ["eval", "--model", spec, "--store", str(world["store"])])
+    assert res.exit_code == 1 and f"no such run folder or model path: {spec}" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and time.perf_counter() - t0 < 5
+
+
+def test_eval_shows_progress_for_its_long_steps(world: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    from curate.models import ModelRef, load_causal_lm
+    from curate.store import DatasetStore
+    from train.evaluate import evaluate_model, read_eval_rows
+
+    rows = read_eval_rows(DatasetStore(world["store"]), "dfar", "lr", "test", 3)
+    model = load_causal_lm(ModelRef(str(world["model"])), device="cpu")
+    evaluate_model(model, smollm2_tokenizer(), rows, template="plain", max_new_tokens=2, progress=True)
+    err = capsys.readouterr().err
+    assert "generating" in err and "reason perplexity" in err and "3/3" in err

@@ -9,9 +9,14 @@ the gold label (see `train/judge.py`).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
+import re
+import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +36,7 @@ from train.scoring import (
 )
 
 REQUIRED = ("id", "prompt", "completion", "label", "label_text")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -110,8 +116,93 @@ def read_eval_rows(store: DatasetStore, dataset: str, config: str, split: str, l
                     statements, starts, words, span, version)
 
 
+def check_model_spec(spec: str) -> None:
+    """Refuse at once a spec that names a local path (starts with / . ~, ends with .gguf, has more than one
+    `/`, or its first folder exists here, as `runs/` does) that does not exist, instead of trying it as a
+    Hub id with network retries."""
+    p = Path(spec).expanduser()
+    if p.exists():
+        return
+    first = Path(p.parts[0]) if len(p.parts) > 1 else None
+    if (spec.startswith(("/", ".", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
+            or (first is not None and (first.is_dir() or first.name == "runs"))):
+        raise CurateError(f"no such run folder or model path: {spec}")
+
+
+@dataclass
+class TrainingData:
+    """The prompts a run trained on (from its datasets.json, by content hash) and whether its completions
+    were label words only."""
+
+    ref: str
+    prompts: set[str]
+    label_only: bool
+
+
+def is_label_only(completions: list[str], words: list[str]) -> bool:
+    """Every completion is just a label word (dfar `l`): there is no reason to score."""
+    lower = {w.lower() for w in words}
+    return bool(completions) and all(re.sub(r"[\s.!]+$", "", c).strip().lower() in lower for c in completions)
+
+
+def training_data(run: str | Path, store: DatasetStore, words: list[str]) -> TrainingData | None:
+    """What a run folder trained on: the first datasets.json record (for KD the cache, whose rows are found by
+    id in the parent record's config), its train split, the rows used. None (with a warning) when unknown."""
+    from train.run_folder import RunFolder
+
+    folder = RunFolder(Path(run))
+    records = folder.read_json("datasets.json") or []
+    split = (folder.effective_config() or {}).get("train_split", "train")
+    if not records:
+        return None
+    first = records[0]
+    version = store.find_by_hash(first["name"], first["content_hash"])
+    if version is None or split not in version.splits(first.get("config") or "default"):
+        log.warning("cannot compare with the training data: %s (%s) is not in store %s", first["name"],
+                    str(first["content_hash"])[:12], store.root)
+        return None
+    table = version.read(first.get("config") or "default", split)
+    n = (first.get("rows_used") or {}).get(split)
+    if n:
+        table = table.slice(0, n)
+    ref = f"{version.name}@{version.tag} {first.get('config')}/{split}"
+    if "prompt" not in table.column_names and len(records) > 1 and "id" in table.column_names:
+        parent = records[1]
+        pv = store.find_by_hash(parent["name"], parent["content_hash"])
+        if pv is None or not parent.get("config"):
+            log.warning("cannot compare with the training data: the parent of %s is not in store", version.ref)
+            return None
+        ids = set(table["id"].to_pylist())
+        d = pv.read(parent["config"], split).to_pydict()
+        keep = [i for i, x in enumerate(d["id"]) if x in ids]
+        prompts, completions = [d["prompt"][i] for i in keep], [d["completion"][i] for i in keep]
+        ref = f"{pv.name}@{pv.tag} {parent['config']}/{split} via {version.name}@{version.tag}"
+    elif "prompt" in table.column_names and "completion" in table.column_names:
+        prompts, completions = table["prompt"].to_pylist(), table["completion"].to_pylist()
+    else:
+        return None
+    return TrainingData(ref, set(prompts), is_label_only(completions, words))
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool) -> Iterator[Callable[[str, int], Callable[[int], None]]]:
+    """One rich progress bar per long step on stderr; nothing when off (not a terminal)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), disable=not enabled) as bar:
+
+        def step(description: str, total: int) -> Callable[[int], None]:
+            task = bar.add_task(description, total=total)
+            return lambda k: bar.advance(task, k)
+
+        yield step
+
+
 def reason_perplexity(model: Any, tok: Any, prompt_ids: list[list[int]], completions: list[str],
-                      starts: list[int], *, max_length: int, batch_size: int) -> dict[str, float]:
+                      starts: list[int], *, max_length: int, batch_size: int,
+                      on_batch: Callable[[int], None] | None = None) -> dict[str, float]:
     """exp(mean NLL) over the gold reason tokens (tokens whose text starts at or after `starts[i]`)."""
     prefixes, conts = [], []
     for p, comp, start in zip(prompt_ids, completions, starts, strict=True):
@@ -121,7 +212,7 @@ def reason_perplexity(model: Any, tok: Any, prompt_ids: list[list[int]], complet
         room = max(max_length - len(p), 0)
         prefixes.append(p + ids[:first])
         conts.append(ids[first:][: max(room - first, 0)])
-    lps = sequence_logprobs(model, tok, prefixes, conts, batch_size)
+    lps = sequence_logprobs(model, tok, prefixes, conts, batch_size, on_batch)
     total = sum(sum(x) for x in lps)
     n = sum(len(x) for x in lps)
     nll = -total / n if n else float("nan")
@@ -130,8 +221,21 @@ def reason_perplexity(model: Any, tok: Any, prompt_ids: list[list[int]], complet
 
 def evaluate_model(model: Any, tok: Any, rows: EvalRows, *, template: str, batch_size: int = 16,
                    max_new_tokens: int = 48, max_length: int = 512, label_prefix: str = " ",
-                   judge: Judge | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """All metrics for one model on `rows` and one prediction record per row."""
+                   judge: Judge | None = None, training: TrainingData | None = None, progress: bool = False,
+                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """All metrics for one model on `rows` and one prediction record per row.
+
+    With ``training`` (what the evaluated run trained on), evaluated prompts that were training prompts are
+    counted and warned about, and a run trained on label words only gets no gold-reason perplexity.
+    """
+    with _progress(progress) as step:
+        return _evaluate(model, tok, rows, template=template, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                         max_length=max_length, label_prefix=label_prefix, judge=judge, training=training, step=step)
+
+
+def _evaluate(model: Any, tok: Any, rows: EvalRows, *, template: str, batch_size: int, max_new_tokens: int,
+              max_length: int, label_prefix: str, judge: Judge | None, training: TrainingData | None,
+              step: Callable[[str, int], Callable[[int], None]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     model.eval()
     t0 = time.perf_counter()
     labels = list(rows.label_words)
@@ -139,10 +243,13 @@ def evaluate_model(model: Any, tok: Any, rows: EvalRows, *, template: str, batch
     prompt_ids = tokenize_prompts(tok, rows.prompts, template, max_length)
     word_ids = verbalizer_ids(tok, words, label_prefix)
     single = all(len(w) == 1 for w in word_ids)
+    n = len(rows.labels)
     texts, scores = generate(model, tok, prompt_ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             first_token_ids=[w[0] for w in word_ids] if single else None)
+                             first_token_ids=[w[0] for w in word_ids] if single else None,
+                             on_batch=step("generating", n))
     if scores is None:  # multi-token label words: score each word sequence
-        scores = score_label_words(model, tok, prompt_ids, words, prefix=label_prefix, batch_size=batch_size)
+        scores = score_label_words(model, tok, prompt_ids, words, prefix=label_prefix, batch_size=batch_size,
+                                   on_batch=step("scoring label words", n))
     verbalizer = [labels[max(range(len(labels)), key=row.__getitem__)] for row in scores]
     parsed = [parse_generation(t, rows.label_words) for t in texts]
     generated = [p[0] for p in parsed]
@@ -154,14 +261,31 @@ def evaluate_model(model: Any, tok: Any, rows: EvalRows, *, template: str, batch
         "generation": classification_metrics(rows.labels, generated, labels),
     }
     metrics["generation"]["parse_rate"] = sum(g is not None for g in generated) / len(generated)
-    metrics.update(reason_perplexity(model, tok, prompt_ids, rows.completions, rows.reason_starts,
-                                     max_length=max_length, batch_size=batch_size))
+    metrics["warnings"] = []
+    if training is not None:
+        seen = [rows.ids[i] for i, p in enumerate(rows.prompts) if p in training.prompts]
+        metrics["train_overlap"] = {"rows": len(seen), "of": n, "train": training.ref, "ids": seen}
+        if seen:
+            msg = (f"{len(seen)} of {n} evaluated prompts were in the run's training data ({training.ref}): "
+                   "these scores overstate how the model does on unseen rows")
+            log.warning(msg)
+            metrics["warnings"].append(msg)
+    if training is not None and training.label_only:
+        metrics.update(reason_perplexity=None, reason_perplexity_skipped=f"label-only run ({training.ref})")
+    elif is_label_only(rows.completions, words):
+        metrics.update(reason_perplexity=None, reason_perplexity_skipped="the gold completions are label words only")
+    else:
+        tick = step("reason perplexity", n)
+        metrics.update(reason_perplexity(model, tok, prompt_ids, rows.completions, rows.reason_starts,
+                                         max_length=max_length, batch_size=batch_size, on_batch=tick))
     metrics["reason_span"] = rows.reason_span
     stances: list[int | None] = [None] * len(rows.labels)
     if judge is not None:
         todo = [i for i, r in enumerate(reasons) if r]
+        judged = step(f"judging reasons ({judge.name})", len(todo))
         got = judge.stances([rows.statements[i] for i in todo], [reasons[i] for i in todo],
                             rows.label_words) if todo else []
+        judged(len(todo))
         for i, s in zip(todo, got, strict=True):
             stances[i] = s
         metrics["misalignment"] = {"judge": judge.name,
@@ -195,11 +319,14 @@ def run_eval(cfg: EvalConfig) -> tuple[dict[str, Any], Path]:
     from curate.models import load_causal_lm, load_tokenizer
     from train.modeling import RUN_FILE, load_run, model_ref
 
+    check_model_spec(cfg.model)
     store = DatasetStore(cfg.store)
     rows = read_eval_rows(store, cfg.dataset, cfg.dataset_config, cfg.split, cfg.limit)
     run = Path(cfg.model)
     template = cfg.template
+    training = None
     if (run / RUN_FILE).is_file():
+        training = training_data(run, store, list(rows.label_words.values()))
         quant = cfg.weight_quantization(strict=False)
         model, tok, info = load_run(run, device=cfg.device, dtype=cfg.dtype, quant=quant)
         template = template or info.get("template", "plain")
@@ -215,7 +342,8 @@ def run_eval(cfg: EvalConfig) -> tuple[dict[str, Any], Path]:
                        evaluated=(model, tok), device=cfg.device)
     metrics, preds = evaluate_model(model, tok, rows, template=template, batch_size=cfg.batch_size,
                                     max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length,
-                                    label_prefix=cfg.label_prefix, judge=judge)
+                                    label_prefix=cfg.label_prefix, judge=judge, training=training,
+                                    progress=sys.stderr.isatty())
     metrics["config"] = asdict(cfg)
     metrics["dataset"] = {"name": rows.version.name, "tag": rows.version.tag,
                           "content_hash": rows.version.hash, "config": cfg.dataset_config, "split": cfg.split}

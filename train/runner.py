@@ -148,14 +148,19 @@ def train_and_save(cfg: TrainConfig, prep: Prepared, trainer_cls: type, run: Run
     if evals:
         metrics["eval_loss"] = evals[-1]["eval_loss"]
     if cfg.evaluate and prep.eval_rows is not None and merged is not None:
-        from train.evaluate import evaluate_model, write_eval
+        import sys
+
+        from curate.store import DatasetStore
+        from train.evaluate import evaluate_model, training_data, write_eval
         from train.judge import make_judge
 
         say(f"evaluating on {len(prep.eval_rows.labels)} rows of {prep.eval_rows.version.ref}", highlight=False)
         judge = make_judge(cfg.judge, base_url=None, cache_dir=None, evaluated=(merged, prep.tokenizer))
+        training = training_data(run.path, DatasetStore(cfg.store), list(prep.eval_rows.label_words.values()))
         ev, preds = evaluate_model(merged, prep.tokenizer, prep.eval_rows, template=prep.template,
                                    batch_size=cfg.batch_size, max_new_tokens=cfg.gen_max_new_tokens,
-                                   max_length=cfg.max_length, label_prefix=prep.label_prefix, judge=judge)
+                                   max_length=cfg.max_length, label_prefix=prep.label_prefix, judge=judge,
+                                   training=training, progress=sys.stderr.isatty())
         write_eval(run.path / "eval", ev, preds, title=run.path.name)
         metrics["eval"] = ev
     metrics["notes"] = prep.notes
@@ -181,8 +186,16 @@ def interrupted_message(run: RunFolder, method: str, step: int) -> str:
 
 def card_context(cfg: TrainConfig, prep: Prepared, metrics: dict[str, Any], run: RunFolder,
                  plots: list[Path]) -> dict[str, Any]:
+    from huggingface_hub import ModelCardData
+
     ev = metrics.get("eval") or {}
+    tags = ["ethics-curate", cfg.method] + (["knowledge-distillation"] if cfg.method == "kd" else []) + (
+        ["lora"] if cfg.use_lora else [])
+    card_data = ModelCardData(library_name="peft" if cfg.use_lora else "transformers", base_model=prep.facts["model"],
+                              pipeline_tag="text-generation", tags=tags,
+                              datasets=[f"{d['name']}@{d['tag']}" for d in prep.datasets])
     return {
+        "card_data": card_data.to_yaml(),
         "name": run.path.name,
         "method": cfg.method,
         "cfg": cfg.to_dict(),

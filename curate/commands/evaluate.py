@@ -45,8 +45,9 @@ def eval_cmd(
         r = metrics[reading]
         console.print(f"{reading:<11} acc {r['accuracy']:.3f}  P {r['precision']:.3f}  R {r['recall']:.3f}  "
                       f"F1 {r['f1']:.3f}  (n={r['n']})", highlight=False)
-    console.print(f"generation parse rate {metrics['generation']['parse_rate']:.3f}; gold-reason perplexity "
-                  f"{metrics['reason_perplexity']:.2f}", highlight=False)
+    ppl = metrics.get("reason_perplexity")
+    console.print(f"generation parse rate {metrics['generation']['parse_rate']:.3f}"
+                  + (f"; gold-reason perplexity {ppl:.2f}" if ppl is not None else ""), highlight=False)
     mis = metrics.get("misalignment")
     if mis:
         rate = "n/a" if mis["rate"] is None else f"{mis['rate']:.3f}"
