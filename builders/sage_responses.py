@@ -259,7 +259,7 @@ def build_sage_responses(store: DatasetStore, params: SageResponsesParams, name:
     execution = execution or {}
     path = Path(params.questions)
     if not path.is_file():
-        raise CurateError(f"--questions {path} is not a file")
+        raise CurateError(f"--questions {redact_url(params.questions)} is not a file")
     notes: list[str] = []
     questions = load_questions(path, params.limit_questions)
     usage: dict[str, Any] = {}

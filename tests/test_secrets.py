@@ -30,6 +30,8 @@ SECRETS = {
     "query_token": "PLANTED-query-token-6f0a",
     "target_query_key": "PLANTED-target-key-2c9e",
     "config_password": "PLANTED-config-pass-5d3f",
+    "questions_password": "PLANTED-questions-pass-4a8b",
+    "questions_token": "PLANTED-questions-token-0e6d",
 }
 
 
@@ -85,6 +87,11 @@ def test_no_secret_is_written_anywhere(
     monkeypatch.setenv("OPENAI_BASE_URL", f"http://cfg:{SECRETS['config_password']}@127.0.0.1:{port}/v1")
     second = runner.invoke(app, ["build", "sage-responses", *common, "--name", "from-config"])
     assert second.exit_code == 0, second.output
+    # a questions "path" that is a URL with credentials: refused in one line that does not repeat them
+    url_q = (f"https://reader:{SECRETS['questions_password']}@data.example.invalid/q100.csv"
+             f"?token={SECRETS['questions_token']}")
+    third = runner.invoke(app, ["build", "sage-responses", "--questions", url_q, "--store", str(store)])
+    assert third.exit_code == 1 and "is not a file" in third.output and "Traceback" not in third.output
 
     # the builds really ran through those URLs and recorded them, redacted
     for name, url in (("with-flags", base), ("from-config", f"http://cfg:x@127.0.0.1:{port}/v1")):
@@ -94,7 +101,7 @@ def test_no_secret_is_written_anywhere(
     assert openai_server.calls > 0 and any((store / "llm_cache").rglob("responses.sqlite"))
     assert log_file.stat().st_size > 0, "the log capture saw the run"
     leaks = _leaks(store, {"log": log_file.read_text(), "first output": first.output,
-                           "second output": second.output})
+                           "second output": second.output, "third output": third.output})
     assert leaks == []
 
 

@@ -23,7 +23,7 @@ app.add_typer(sage_app, name="sage")
 @build_app.command("sage-responses")
 @friendly_errors
 def build_sage_responses_cmd(
-    questions: Annotated[Path, typer.Option(help="CSV with question_id, question[, paraphrased] (MCC layout).")],
+    questions: Annotated[str, typer.Option(help="CSV with question_id, question[, paraphrased] (MCC layout).")],
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint (default $OPENAI_BASE_URL, "
                                                       "else api.openai.com). Key from $OPENAI_API_KEY.")] = None,
     model: Annotated[str, typer.Option(help="Aligned model whose answers are collected.")] = "gpt-3.5-turbo",
@@ -60,7 +60,7 @@ def build_sage_responses_cmd(
     from builders.sage_responses import SageResponsesParams, build_sage_responses
 
     params = SageResponsesParams(
-        questions=str(questions), model=model, base_url=base_url, temperature=temperature, rot_model=rot_model,
+        questions=questions, model=model, base_url=base_url, temperature=temperature, rot_model=rot_model,
         target_model=target_model, target_base_url=target_base_url, batch=batch, concurrency=concurrency,
         paraphrases=paraphrases, min_paraphrase_similarity=min_paraphrase_similarity,
         embedding_model=embedding_model, initial_threshold=initial_threshold, decay_rate=decay_rate,
