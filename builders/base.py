@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -11,6 +12,7 @@ import pyarrow.parquet as pq
 from curate.store import Version, VersionWriter
 
 ROW_GROUP_ROWS = 65_536  # fixed row-group size: bytes depend on the rows only, never on how they were batched
+SHARD_ROWS = 4 * ROW_GROUP_ROWS  # rows per parquet file of a streamed split (~100 MB of DFAR lr text, zstd)
 
 
 @dataclass
@@ -27,15 +29,21 @@ class BuildResult:
 class ParquetSink:
     """One split of one config, written batch by batch into a version being built; memory stays at one row group.
 
-    Uses the store's fixed writer options (zstd, statistics) through its public `add_split_files`, so a split
-    that fits one row group is byte-identical to `VersionWriter.write_table` and content hashes stay stable.
+    Row groups hold exactly ROW_GROUP_ROWS rows and files exactly SHARD_ROWS (the last fewer), named
+    ``<split>-00000-of-0000N.parquet`` as the Hub expects, so the bytes depend on the rows only, and reading
+    one file back (the store's content hash does) stays small at any size. Uses the store's fixed writer
+    options (zstd, statistics) through its public `add_split_files`; a split under ROW_GROUP_ROWS rows is
+    byte-identical to `VersionWriter.write_table`.
     """
 
-    def __init__(self, writer: VersionWriter, config: str, split: str, schema: pa.Schema) -> None:
+    def __init__(self, writer: VersionWriter, config: str, split: str, schema: pa.Schema,
+                 row_group_rows: int = ROW_GROUP_ROWS, shard_rows: int = SHARD_ROWS) -> None:
         self.writer, self.config, self.split, self.schema = writer, config, split, schema
-        self.rel = f"{config}/{split}-00000-of-00001.parquet"
+        self.row_group_rows, self.shard_rows = row_group_rows, max(shard_rows, row_group_rows)
         (writer.tmp / config).mkdir(parents=True, exist_ok=True)
-        self._pq = pq.ParquetWriter(writer.tmp / self.rel, schema, compression="zstd", write_statistics=True)
+        self._parts: list[Path] = []
+        self._pq: pq.ParquetWriter | None = None
+        self._in_file = 0
         self._buf: list[pa.Table] = []
         self._buffered = 0
         self.num_rows = 0
@@ -45,25 +53,43 @@ class ParquetSink:
             return
         self._buf.append(table.select(self.schema.names).cast(self.schema))
         self._buffered += table.num_rows
-        while self._buffered >= ROW_GROUP_ROWS:
-            self._flush(ROW_GROUP_ROWS)
+        while self._buffered >= self.row_group_rows:
+            self._flush(self.row_group_rows)
+
+    def _file(self) -> pq.ParquetWriter:
+        if self._pq is not None and self._in_file + self.row_group_rows > self.shard_rows:
+            self._pq.close()
+            self._pq = None
+        if self._pq is None:
+            part = self.writer.tmp / self.config / f".{self.split}-{len(self._parts):05d}.part"
+            self._parts.append(part)
+            self._pq = pq.ParquetWriter(part, self.schema, compression="zstd", write_statistics=True)
+            self._in_file = 0
+        return self._pq
 
     def _flush(self, n: int) -> None:
         t = pa.concat_tables(self._buf)
-        self._pq.write_table(t.slice(0, n).combine_chunks(), row_group_size=n)
+        self._file().write_table(t.slice(0, n).combine_chunks(), row_group_size=n)
         rest = t.slice(n)
         self._buf = [rest] if rest.num_rows else []
         self._buffered = rest.num_rows
         self.num_rows += n
+        self._in_file += n
 
     def close(self) -> None:
-        """Flush the last rows and register the file with the version (call in the order splits should list)."""
+        """Flush the last rows, name the files and register them (call in the order splits should list)."""
         if self._buffered:
             self._flush(self._buffered)
         elif self.num_rows == 0:
-            self._pq.write_table(self.schema.empty_table())
-        self._pq.close()
-        self.writer.add_split_files(self.config, self.split, [self.rel], self.num_rows, self.schema)
+            self._file().write_table(self.schema.empty_table())
+        if self._pq is not None:
+            self._pq.close()
+        files = []
+        for i, part in enumerate(self._parts):
+            rel = f"{self.config}/{self.split}-{i:05d}-of-{len(self._parts):05d}.parquet"
+            part.rename(self.writer.tmp / rel)
+            files.append(rel)
+        self.writer.add_split_files(self.config, self.split, files, self.num_rows, self.schema)
 
 
 class IdSet:
