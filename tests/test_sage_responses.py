@@ -195,7 +195,7 @@ def test_replayed_build_is_labelled_cached_apart_and_rerun_reports_no_calls(
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
     assert openai_server.calls == 0
-    assert "answers: 0 calls (all cached" in again.output and "rots: 0 calls (all cached" in again.output
+    assert "answers: 0 calls (all cached), 15 replies" in again.output and "rots: 0 calls (all cached)" in again.output
     assert "15 calls" not in again.output  # not the stored usage of the first run
 
 

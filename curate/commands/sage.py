@@ -77,7 +77,7 @@ def usage_line(u: dict) -> str:
     """One step's usage as this run spent it: ``0 calls (all cached)`` when nothing was asked."""
     calls = u["completed"] + u.get("batch_completed", 0)
     if calls == 0 and u.get("failures", 0) == 0:
-        return f"0 calls (all cached: {u['cache_hits']} replies), cost $0"
+        return f"0 calls (all cached), {u['cache_hits']} replies from the cache, cost $0"
     cost = u.get("estimated_cost_usd")
     cost_s = "unknown" if cost is None else f"${cost:.4f}" + (" (replayed)" if u.get("replayed") else "")
     return (f"{calls} calls, {u['cache_hits']} cached, {u['retries']} retries, "
