@@ -168,6 +168,19 @@ def test_twenty_steps_of_lr_reduce_training_loss_and_fill_the_run_folder(lr_run)
     assert ev["reason_span"] == "reason" and ev["misalignment"]["judge"] == "self"
     card = (run / "README.md").read_text()
     assert "library_name: peft" in card and used[0]["content_hash"][:16] in card
+    assert card.startswith("---\n") and "- dfar@v1\n" in card and "pipeline_tag: text-generation" in card
+
+
+def test_parameter_counts_in_run_json(lr_run, tiny_dir: Path) -> None:
+    """LoRA r=8 on every linear layer of the tiny model: r·(in + out) per projection, counted independently."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    c = AutoConfig.from_pretrained(tiny_dir)
+    h, m, r = c.hidden_size, c.intermediate_size, QUICK["lora_r"]
+    lora = c.num_hidden_layers * (4 * r * (h + h) + 3 * r * (h + m))  # q k v o, gate up down
+    base = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_dir).parameters())
+    info = json.loads((lr_run.run.path / "run.json").read_text())
+    assert (info["trainable_params"], info["total_params"]) == (lora, base + lora)
 
 
 def _killed_while_saving(done: Path, dest: Path, how: str) -> Path:
@@ -213,9 +226,7 @@ def test_resume_continues_the_same_loss_curve(lr_run, tiny_dir: Path, dfar_store
                                           r"--allow-changes") as refused:
         run_sft(_cfg(tiny_dir, dfar_store, part, **same, evaluate=False), tokenizer=tok)
     assert "\n" not in str(refused.value) and "curate train sft --config" in str(refused.value)
-    cfg = _cfg(tiny_dir, dfar_store, part, **same, evaluate=False)
-    cfg.allow_changes = True
-    resumed = run_sft(cfg, tokenizer=tok)
+    resumed = run_sft(_cfg(tiny_dir, dfar_store, part, **same, evaluate=False, allow_changes=True), tokenizer=tok)
     a, b = _losses(lr_run.metrics), _losses(resumed.metrics)
     assert sorted(b) == list(range(1, 21))  # history before the checkpoint comes back from trainer_state
     for step in range(11, 21):
@@ -280,6 +291,13 @@ def test_cli_resume_refuses_changed_options_in_one_line(tiny_dir: Path, dfar_sto
     assert len(lines) == 1, res.output
     assert "lora_r 4 -> 8, learning_rate 0.0002 -> 0.5;" in lines[0] and "--allow-changes" in lines[0]
     assert (tmp_path / "r" / "config.yaml").read_bytes() == config
+    allowed = runner.invoke(app, [*args, "--resume", "--lr", "0.5", "--max-steps", "3", "--allow-changes"])
+    assert allowed.exit_code == 0, allowed.output
+    assert (tmp_path / "r" / "config.yaml").read_bytes() == config
+    segments = json.loads((tmp_path / "r" / "run.json").read_text())["segments"]
+    assert segments[1]["start_step"] == 2
+    assert segments[1]["changes"] == {"max_steps": [2, 3], "learning_rate": [0.0002, 0.5]}
+    assert yaml.safe_load((tmp_path / "r" / segments[1]["config_file"]).read_text())["max_steps"] == 3
 
 
 def test_ctrl_c_names_the_exact_command_that_resumes(tiny_dir: Path, dfar_store: Path, tmp_path: Path) -> None:

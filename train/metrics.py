@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+# Not sklearn.metrics: scikit-learn is no declared dependency (only sentence-transformers pulls it in), and a
+# None prediction needs its own always-wrong "none" column, which sklearn's fixed label list has no place for.
+
 
 def confusion(gold: list[int], pred: list[int | None], labels: list[int]) -> list[list[int]]:
     """rows = gold label, columns = predicted label, plus a last 'none' column when any prediction is None."""

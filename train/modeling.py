@@ -95,8 +95,10 @@ def load_student(cfg: Any, tokenizer: Any | None = None) -> tuple[Any, Any, dict
                          target_modules=cfg.lora_target_modules, quantized=quant.mode != "none")
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    if hasattr(model, "get_nb_trainable_parameters"):  # peft and transformers count 4-bit weights at full size
+        trainable, total = model.get_nb_trainable_parameters()
+    else:
+        trainable, total = model.num_parameters(only_trainable=True), model.num_parameters()
     facts.update(trainable_params=trainable, total_params=total, layers=model.config.num_hidden_layers)
     return model, tok, facts
 

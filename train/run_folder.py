@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
 import shlex
 import shutil
@@ -97,7 +96,9 @@ class RunFolder:
         path = path.resolve()
         run = cls(path)
         if is_main is None:
-            is_main = os.environ.get("RANK", "0") == "0"
+            from accelerate import PartialState
+
+            is_main = PartialState().is_main_process
         if cfg.resume:
             run.resume_from = run.latest_checkpoint()
         if not is_main:

@@ -9,7 +9,6 @@ dataclasses (`train/config.py`), where each is declared once with its help text.
 
 from __future__ import annotations
 
-import os
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any
@@ -52,7 +51,9 @@ def _overrides(cls: type, options: dict[str, Any], sets: list[str] | None, store
 
 
 def _report(result: Any) -> None:
-    if os.environ.get("RANK", "0") != "0":  # one report per launch, from rank 0
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # one report per launch, from rank 0
         return
     m = result.metrics
     console.print(f"[green]run finished[/]: {result.run.path}", highlight=False)
