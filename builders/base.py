@@ -20,9 +20,10 @@ class BuildResult:
     version: Version
     created: bool  # False: an identical version already existed, nothing new was written
     notes: list[str] = field(default_factory=list)  # duplicates, empty fields, missing files...
+    repaired: bool = False  # the identical stored version was damaged; this build replaced its files
 
     def summary(self) -> str:
-        verb = "built" if self.created else "unchanged, already stored as"
+        verb = "built" if self.created else "repaired" if self.repaired else "unchanged, already stored as"
         return f"{verb} {self.version.ref} ({self.version.hash[:16]}, {self.version.num_rows():,} rows)"
 
 

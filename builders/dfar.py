@@ -334,7 +334,7 @@ def build_dfar(store: DatasetStore, source: str | Path, params: DfarParams | Non
                                              "dropped": overlap if params.drop_overlap else 0}})
         card["build_notes"] = "\n".join(f"- {n}" for n in notes[:50]) if notes else \
             "No duplicates, overlap, empty reasons or extra columns found."
-    return BuildResult(w.result.version, w.result.created, notes)
+    return BuildResult(w.result.version, w.result.created, notes, repaired=w.result.repaired)
 
 
 def _summarise(stats: dict[str, _SplitStats], params: DfarParams, notes: list[str]) -> None:

@@ -261,4 +261,4 @@ def build_ethics(store: DatasetStore, source: str | Path, params: EthicsParams |
                 w.write_table(subset, split, table)
         for split, rows in text_label.items():
             w.write_table("text_label", split, pa.Table.from_pylist(rows, schema=TEXT_LABEL_SCHEMA))
-    return BuildResult(w.result.version, w.result.created, notes)
+    return BuildResult(w.result.version, w.result.created, notes, repaired=w.result.repaired)

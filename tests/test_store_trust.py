@@ -108,7 +108,8 @@ def test_verify_names_the_bad_file_and_a_rebuild_repairs_it(dfar, tmp_path: Path
 
     res = cli("build", "dfar", "--source", source, "--store", st.root)
     assert res.exit_code == 0, res.output
-    assert "repaired dfar@v1" in res.output and "built dfar@v2" not in res.output
+    assert f"repaired dfar@v1 ({v.hash[:16]}" in res.stdout and "unchanged" not in res.stdout
+    assert "repaired dfar@v1: 2 damaged file(s)" in res.stderr  # which files, as a warning
     assert [x.tag for x in st.versions("dfar")] == ["v1"]
     assert {p.relative_to(v.path).as_posix(): p.read_bytes() for p in v.path.rglob("*.parquet")} == good
     assert st.verify(st.get("dfar")) == []
