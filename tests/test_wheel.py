@@ -29,6 +29,15 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 600) -
     return res
 
 
+def _setuptools_at_least(major: int) -> bool:
+    from importlib import metadata
+
+    try:
+        return int(metadata.version("setuptools").split(".")[0]) >= major
+    except metadata.PackageNotFoundError:
+        return False
+
+
 def test_wheel_installs_and_builds_outside_the_checkout(tmp_path: Path) -> None:
     dfar = shared("dfar")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
@@ -42,7 +51,10 @@ def test_wheel_installs_and_builds_outside_the_checkout(tmp_path: Path) -> None:
     for f in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / f, src / f)
     dist = tmp_path / "dist"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(src)],
+    # The venv's own setuptools when it can build this pyproject (SPDX `license` needs >= 77); otherwise pip's
+    # isolated build fetches one (a fresh Python 3.11 venv may carry an older setuptools from ensurepip).
+    isolation = ["--no-build-isolation"] if _setuptools_at_least(77) else []
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", str(dist), str(src)],
          tmp_path, env)
     (wheel,) = dist.glob("ethics_curate-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
