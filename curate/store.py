@@ -39,6 +39,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -100,65 +101,92 @@ def _zero_scalar(t: pa.DataType) -> pa.Scalar:
     return pa.Array.from_buffers(t, 1, [None, pa.py_buffer(bytes(t.byte_width))])[0]
 
 
-def _canonical_update(h: Any, arr: pa.Array) -> None:
-    """Feed one column to `h` independently of its memory layout: type, length, validity, then the values
-    with null slots zeroed (parquet readers leave whatever bytes they like under nulls). Numbers are fed in
-    the machine's byte order, little-endian on every platform the toolkit supports."""
+class _Streams:
+    """One sha256 per component of a column (values, lengths, string bytes, null positions), so that how the
+    rows are split into batches or chunks never changes the result: each stream sees the same bytes."""
+
+    def __init__(self) -> None:
+        self.hashes: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
+
+    def feed(self, key: str, data: bytes | memoryview) -> None:
+        if len(data):
+            self.hashes.setdefault(key, hashlib.sha256()).update(data)
+
+    def advance(self, key: str, n: int) -> int:
+        """Count `n` more elements under `key`; returns the index of the first."""
+        start = self.counts.get(key, 0)
+        self.counts[key] = start + n
+        return start
+
+    def digest_lines(self) -> Iterator[bytes]:
+        for key in sorted(set(self.hashes) | set(self.counts)):
+            h = self.hashes.get(key)
+            yield f"{key}\0{self.counts.get(key, '')}\0{h.hexdigest() if h else ''}\n".encode()
+
+
+def _canonical_feed(s: _Streams, key: str, arr: pa.Array) -> None:
+    """Feed one chunk of a column: null positions, then values with null slots zeroed (parquet readers leave
+    whatever bytes they like under nulls). Numbers go in the machine's byte order (little-endian on every
+    platform the toolkit supports)."""
     t = arr.type
-    n = len(arr)
-    h.update(f"{t}|{n}|{arr.null_count}\n".encode())
     if pa.types.is_dictionary(t):
-        _canonical_update(h, arr.dictionary_decode())
-        return
-    if pa.types.is_null(t) or n == 0:
+        arr, t = arr.dictionary_decode(), t.value_type
+    n = len(arr)
+    start = s.advance(key, n)
+    if n == 0 or pa.types.is_null(t):
         return
     if arr.null_count:
-        h.update(arr.is_valid().to_numpy(zero_copy_only=False).astype(np.uint8).tobytes())
+        nulls = np.flatnonzero(~arr.is_valid().to_numpy(zero_copy_only=False)) + start
+        s.feed(f"{key}/nulls", nulls.astype(np.int64).tobytes())
     if pa.types.is_struct(t):
-        for child in arr.flatten():  # children with the parent's nulls merged in
-            _canonical_update(h, child)
+        for i, child in enumerate(arr.flatten()):  # children with the parent's nulls merged in
+            _canonical_feed(s, f"{key}/{i}", child)
         return
     if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
         lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False).astype(np.int64)
-        h.update(lengths.tobytes())
-        _canonical_update(h, pc.list_flatten(arr))  # null lists contribute nothing
+        s.feed(f"{key}/lengths", lengths.tobytes())
+        _canonical_feed(s, f"{key}/items", pc.list_flatten(arr))  # null lists contribute nothing
         return
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or \
             pa.types.is_large_binary(t):
-        lb = arr.cast(pa.large_binary())
-        if lb.null_count:
-            lb = lb.fill_null(b"")
-        offsets = np.frombuffer(lb.buffers()[1], np.int64)[lb.offset: lb.offset + n + 1]
-        h.update(np.diff(offsets).tobytes())
-        data = lb.buffers()[2]
+        if arr.null_count:
+            arr = arr.cast(pa.large_binary()).fill_null(b"")
+        wide = pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)
+        offsets = np.frombuffer(arr.buffers()[1], np.int64 if wide else np.int32)[arr.offset: arr.offset + n + 1]
+        s.feed(f"{key}/lengths", np.diff(offsets).astype(np.int64).tobytes())
+        data = arr.buffers()[2]
         if data is not None and offsets[-1] > offsets[0]:
-            h.update(memoryview(data)[int(offsets[0]): int(offsets[-1])])
+            s.feed(f"{key}/bytes", memoryview(data)[int(offsets[0]): int(offsets[-1])])
         return
     if pa.types.is_boolean(t):
-        h.update(arr.fill_null(False).to_numpy(zero_copy_only=False).astype(np.uint8).tobytes())
+        s.feed(f"{key}/values", arr.fill_null(False).to_numpy(zero_copy_only=False).astype(np.uint8).tobytes())
         return
-    try:
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_temporal(t) or pa.types.is_decimal(t):
         width = t.byte_width
-    except ValueError:
-        width = 0
-    if width and (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_temporal(t)
-                  or pa.types.is_decimal(t)):
         filled = arr.fill_null(_zero_scalar(t)) if arr.null_count else arr
-        h.update(memoryview(filled.buffers()[1])[filled.offset * width: (filled.offset + n) * width])
+        s.feed(f"{key}/values", memoryview(filled.buffers()[1])[filled.offset * width: (filled.offset + n) * width])
         return
-    # Rare types (maps, unions, views): their Python values are canonical, if slow.
-    h.update(json.dumps(arr.to_pylist(), default=str, sort_keys=True).encode())
+    # Rare types (maps, unions, views): one JSON line per value is canonical, if slow.
+    s.feed(f"{key}/json", "".join(json.dumps(v, default=str, sort_keys=True) + "\n"
+                                  for v in arr.to_pylist()).encode())
 
 
-def arrow_digest(path: Path) -> str:
-    """sha256 of a parquet file's rows and schema (names, types, nullability; not the file's metadata)."""
-    table = pq.read_table(path)
+def arrow_digest(path: Path, batch_rows: int = 65_536) -> str:
+    """sha256 of a parquet file's rows and schema (names, types, nullability; not the file's metadata),
+    read in batches (memory stays at one batch) and independent of row groups, pages and compression."""
+    pf = pq.ParquetFile(path)
+    schema = pf.schema_arrow
+    s = _Streams()
+    for batch in pf.iter_batches(batch_size=batch_rows):
+        for i, col in enumerate(batch.columns):
+            _canonical_feed(s, str(i), col)
     h = hashlib.sha256()
-    h.update(f"{HASH_SCHEME}\n{table.num_rows}\n".encode())
-    for f in table.schema:
+    h.update(f"{HASH_SCHEME}\n{pf.metadata.num_rows}\n".encode())
+    for f in schema:
         h.update(f"{f.name}\0{f.type}\0{f.nullable}\n".encode())
-    for col in table.columns:
-        _canonical_update(h, col.combine_chunks())
+    for line in s.digest_lines():
+        h.update(line)
     return h.hexdigest()
 
 
@@ -179,17 +207,37 @@ def combine_digests(digests: dict[str, str]) -> str:
     return h.hexdigest()
 
 
+def digest_many(paths: list[Path], scheme: str = HASH_SCHEME) -> list[str | Exception]:
+    """`file_digest` of each path on a few threads (parquet decoding, numpy and sha256 release the GIL);
+    a file that cannot be read gives its exception in its place."""
+    if scheme not in (HASH_SCHEME, LEGACY_SCHEME):
+        file_digest(paths[0] if paths else Path("."), scheme)  # raises: unknown scheme
+
+    def one(p: Path) -> str | Exception:
+        try:
+            return file_digest(p, scheme)
+        except Exception as e:  # noqa: BLE001 - reported per file by the caller
+            return e
+
+    if len(paths) <= 1:
+        return [one(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(len(paths), os.cpu_count() or 1, 8)) as pool:
+        return list(pool.map(one, paths))
+
+
 def manifest_scheme(manifest: dict[str, Any]) -> str:
     return str(manifest.get("hash_scheme") or LEGACY_SCHEME)
 
 
 def data_file_digests(folder: Path, scheme: str = LEGACY_SCHEME) -> dict[str, str]:
     """Digest of every data file (parquet, not following links) under `folder`."""
-    return {
-        p.relative_to(folder).as_posix(): file_digest(p, scheme)
-        for p in sorted(folder.rglob("*.parquet"))
-        if p.is_file() and not p.is_symlink()
-    }
+    paths = [p for p in sorted(folder.rglob("*.parquet")) if p.is_file() and not p.is_symlink()]
+    out = {}
+    for p, d in zip(paths, digest_many(paths, scheme), strict=True):
+        if isinstance(d, Exception):
+            raise CurateError(f"{p}: cannot be read ({_reason(d, p)})")
+        out[p.relative_to(folder).as_posix()] = d
+    return out
 
 
 def content_hash(folder: Path, scheme: str | None = None) -> str:
@@ -271,18 +319,13 @@ def verify_folder(folder: Path, manifest: dict[str, Any]) -> list[str]:
             problems.append(f"{folder}: data files hash to {combine_digests(digests)[:HASH_LEN]}, manifest says "
                             f"{str(manifest.get('content_hash'))[:HASH_LEN]} ({LEGACY_SCHEME})")
     else:
-        for rel, want in sorted(listed.items()):
-            p = folder / rel
-            if not _safe_rel(rel) or p.is_symlink() or not p.is_file():
-                continue  # reported by check_folder
-            try:
-                got = file_digest(p, scheme)
-            except CurateError:
-                raise  # an unknown hash scheme is not a damaged file
-            except Exception as e:  # noqa: BLE001 - any unreadable parquet is one problem line
-                problems.append(f"{p}: cannot be read ({_reason(e, p)})")
-                continue
-            if got != want:
+        todo = [(folder / rel, want) for rel, want in sorted(listed.items())
+                if _safe_rel(rel) and not (folder / rel).is_symlink() and (folder / rel).is_file()]
+        # (missing, linked or unsafe entries are reported by check_folder)
+        for (p, want), got in zip(todo, digest_many([p for p, _ in todo], scheme), strict=True):
+            if isinstance(got, Exception):
+                problems.append(f"{p}: cannot be read ({_reason(got, p)})")
+            elif got != want:
                 problems.append(f"{p}: content differs from the manifest ({scheme})")
         if combine_digests(listed) != manifest.get("content_hash"):
             problems.append(f"{folder / MANIFEST}: data_files do not add up to content_hash")
@@ -690,7 +733,13 @@ class DatasetStore:
         if stray:
             raise CurateError(f"builder {builder} left {writer.tmp / stray[0]} in the version without registering "
                               "it (write_table / add_split_files / add_file)")
-        digests = {rel: file_digest(writer.tmp / rel) for rel in sorted(listed)}
+        rels = sorted(listed)
+        digests = {}
+        for rel, d in zip(rels, digest_many([writer.tmp / rel for rel in rels]), strict=True):
+            if isinstance(d, Exception):
+                raise CurateError(f"{writer.tmp / rel}: the builder wrote a file that cannot be read back "
+                                  f"({_reason(d, writer.tmp / rel)})")
+            digests[rel] = d
         full_hash = combine_digests(digests)
         legacy_hash = combine_digests({rel: sha256_file(writer.tmp / rel) for rel in listed})
         if not self.writable(ds_dir / "versions"):

@@ -144,7 +144,7 @@ def test_hash_ignores_parquet_layout_and_writer(tmp_path) -> None:
     canon = {n: content_hash(tmp_path / n, HASH_SCHEME) for n in layouts}
     assert len(set(canon.values())) == 1  # ...the data does not
     f = tmp_path / "a" / "default" / "train-00000-of-00001.parquet"
-    assert arrow_digest(f) == arrow_digest(f)
+    assert arrow_digest(f) == arrow_digest(f) == arrow_digest(f, batch_rows=333) == arrow_digest(f, batch_rows=1)
     # Any change to the data changes it: one value, a null turned into 0, a column renamed.
     for changed in (t.set_column(0, "i", pa.array([1] + t["i"].to_pylist()[1:], pa.int64())),
                     t.set_column(0, "i", pc.fill_null(t["i"], 0)),
@@ -220,15 +220,28 @@ def test_old_manifests_verify_with_file_sha256(store: DatasetStore) -> None:
 
 
 def test_canonical_form_is_the_documented_byte_stream(tmp_path) -> None:
-    """arrow-canonical-v1 spelled out by hand for a tiny table: any change here needs a new `hash_scheme`."""
+    """arrow-canonical-v1 spelled out by hand for a tiny table: any change here needs a new `hash_scheme`.
+
+    Per column, one sha256 per component stream (null positions, values / string lengths and bytes), listed
+    with the column's element count; so batches, row groups and pages cannot change it.
+    """
     import struct
 
     from curate.store import arrow_digest
 
     pq.write_table(pa.table({"x": pa.array([1, None, 3], pa.int64()), "s": ["a", None, "ccc"]}),
                    tmp_path / "t.parquet", compression="snappy", row_group_size=1)
-    h = hashlib.sha256()
-    h.update(b"arrow-canonical-v1\n3\n" + b"x\0int64\0True\n" + b"s\0string\0True\n")
-    h.update(b"int64|3|1\n" + bytes([1, 0, 1]) + struct.pack("<3q", 1, 0, 3))  # null slot zeroed
-    h.update(b"string|3|1\n" + bytes([1, 0, 1]) + struct.pack("<3q", 1, 0, 3) + b"accc")  # lengths, then bytes
+
+    def sha(b: bytes) -> str:
+        return hashlib.sha256(b).hexdigest()
+
+    streams = [  # (key, element count, stream bytes), sorted by key
+        ("0", 3, None), ("0/nulls", None, struct.pack("<q", 1)), ("0/values", None, struct.pack("<3q", 1, 0, 3)),
+        ("1", 3, None), ("1/bytes", None, b"accc"), ("1/lengths", None, struct.pack("<3q", 1, 0, 3)),
+        ("1/nulls", None, struct.pack("<q", 1)),
+    ]
+    h = hashlib.sha256(b"arrow-canonical-v1\n3\n" + b"x\0int64\0True\n" + b"s\0string\0True\n")
+    for key, count, data in streams:
+        h.update(f"{key}\0{'' if count is None else count}\0{'' if data is None else sha(data)}\n".encode())
     assert arrow_digest(tmp_path / "t.parquet") == h.hexdigest()
+    assert arrow_digest(tmp_path / "t.parquet", batch_rows=2) == h.hexdigest()
