@@ -73,6 +73,15 @@ def test_twenty_steps_of_token_kd_reduce_training_loss(world: dict[str, Path], t
     info = json.loads((result.run.path / "run.json").read_text())
     assert info["cache_k"] == 16 and info["template"] == "plain"
     assert result.metrics["eval"]["n"] == 4  # evaluated on the parent's test split
+    # the training prompts are found through the cache's row ids in its parent: none of them is a test prompt
+    overlap = result.metrics["eval"]["train_overlap"]
+    assert overlap["train"] == "dfar@v1 lr/train via dfar-lr-logits@v1" and overlap["rows"] == 0
+    from train.evaluate import training_data
+
+    trained = training_data(result.run.path, DatasetStore(world["store"]), ["ethical", "unethical"])
+    train_rows = DatasetStore(world["store"]).get("dfar").read("lr", "train")
+    assert trained is not None and trained.prompts == set(train_rows["prompt"].to_pylist())
+    assert not trained.label_only
     assert (result.run.path / "plots" / "loss.png").is_file()
     assert "knowledge-distillation" in (result.run.path / "README.md").read_text()
 
