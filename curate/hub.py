@@ -45,6 +45,7 @@ from urllib.parse import urlparse
 
 from curate.errors import CurateError
 from curate.store import HASH_LEN, MANIFEST, DatasetStore, Version, check_name, listed_files, sha256_file
+from curate.urls import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -467,7 +468,7 @@ def pull(
             if json.loads(manifest_path.read_text()) != manifest:
                 raise CurateError(f"{repo_id}@{revision}: {MANIFEST} changed during the pull; nothing written")
             manifest["origin"] = {"hub": repo_id, "revision": revision, "commit": commit,
-                                  "endpoint": endpoint or _default_endpoint()}
+                                  "endpoint": redact_url(endpoint or _default_endpoint())}
             manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
             result = store.import_version(target, staging, manifest["content_hash"])
     except BaseException:

@@ -23,6 +23,8 @@ def toolkit_info() -> dict[str, Any]:
     except metadata.PackageNotFoundError:
         version = "0+unknown"
     commit = dirty = None
+    if not _is_toolkit_checkout(REPO_ROOT):  # an installed wheel: any git repo around it is someone else's
+        return {"package": "ethics-curate", "version": version, "git_commit": None, "git_dirty": None}
     try:
         commit = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
@@ -36,3 +38,11 @@ def toolkit_info() -> dict[str, Any]:
     except (OSError, subprocess.CalledProcessError):
         pass
     return {"package": "ethics-curate", "version": version, "git_commit": commit, "git_dirty": dirty}
+
+
+def _is_toolkit_checkout(root: Path) -> bool:
+    """True when `root` is this project's own source tree (its pyproject names the distribution)."""
+    try:
+        return (root / ".git").exists() and 'name = "ethics-curate"' in (root / "pyproject.toml").read_text()
+    except OSError:
+        return False

@@ -24,6 +24,7 @@ from typing import Any
 from curate.errors import CurateError
 from curate.models import ModelSpec
 from curate.store import DatasetStore, Version
+from curate.urls import redact_url
 from train.judge import Judge, make_judge
 from train.metrics import classification_metrics, misalignment
 from train.scoring import (
@@ -344,7 +345,7 @@ def run_eval(cfg: EvalConfig) -> tuple[dict[str, Any], Path]:
                                     max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length,
                                     label_prefix=cfg.label_prefix, judge=judge, training=training,
                                     progress=sys.stderr.isatty())
-    metrics["config"] = asdict(cfg)
+    metrics["config"] = {**asdict(cfg), "judge_base_url": redact_url(cfg.judge_base_url)}
     metrics["dataset"] = {"name": rows.version.name, "tag": rows.version.tag,
                           "content_hash": rows.version.hash, "config": cfg.dataset_config, "split": cfg.split}
     write_eval(out, metrics, preds, title=f"{cfg.model} on {rows.version.ref} {cfg.split}")
