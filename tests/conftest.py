@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type
             reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
             report.outcome = "failed"
             report.longrepr = f"skipped, but only tests marked {ALLOWED_SKIP_MARKERS} may skip: {reason}"
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a module of tiny-model tests (`pytestmark = pytest.mark.usefixtures(...)`)."""
+    from tests.tiny import single_thread
+
+    with single_thread():
+        yield
 
 
 @pytest.fixture

@@ -4,22 +4,17 @@ of a tiny model (files and figure), the CLI, and the OpenAI-compatible judge aga
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
-from tests.tiny import save_tiny, single_thread, smollm2_tokenizer, write_tiny_dfar
+from tests.tiny import save_tiny, smollm2_tokenizer, write_tiny_dfar
 from train.metrics import classification_metrics, confusion, misalignment
 from train.scoring import parse_generation
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 WORDS = {0: "ethical", 1: "unethical"}
 

@@ -4,22 +4,16 @@ scaling, and gradients that reach only LoRA parameters."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
 
 from curate.errors import CurateError
-from tests.tiny import single_thread
 from train.losses import LOSSES, get_loss
 from train.losses.base import RESIDUAL_FLOOR
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 V = 11
 

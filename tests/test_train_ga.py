@@ -4,20 +4,16 @@ even when the micro-batches hold different numbers of completion tokens; packing
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from tests.tiny import single_thread, smollm2_tokenizer, tiny_llama
+from tests.tiny import smollm2_tokenizer, tiny_llama
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 PROMPTS = ["Statement: I lied to my boss.\nAnswer:", "Is it fine to steal?\nAnswer:", "Ok?\nAnswer:",

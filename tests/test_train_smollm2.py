@@ -4,19 +4,14 @@ saves an adapter and reloads for evaluation. Slow: loads the weights (~15 s)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.tiny import single_thread, smollm2_tokenizer, write_tiny_dfar
+from tests.tiny import smollm2_tokenizer, write_tiny_dfar
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 @pytest.mark.slow
