@@ -22,6 +22,7 @@ from curate.errors import CurateError
 from curate.store import DatasetStore
 
 REPO = Path(__file__).resolve().parents[1]
+posix_only = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL, symlinks and read-only folders are POSIX")
 
 
 def cli(*args: object):
@@ -55,6 +56,7 @@ def _tree(root: Path) -> dict[str, tuple[int, int]]:
 
 
 # ---- 1. names ------------------------------------------------------------------------------------------
+@posix_only
 def test_names_cannot_leave_the_store(dfar, tmp_path: Path) -> None:
     st, v, _ = dfar
     line = one_line_error(cli("show", "../../outside", "--store", st.root))
@@ -168,6 +170,7 @@ def _killed_build(store: Path, source: Path, limit: int = 0) -> None:
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
 
 
+@posix_only
 def test_kill_between_rename_and_tags_is_adopted(tmp_path: Path, dfar_source: Path) -> None:
     root = tmp_path / "store"
     _killed_build(root, dfar_source)
@@ -267,6 +270,7 @@ def _as_reader(store: Path, *args: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
+@posix_only
 def test_read_only_store(tmp_path: Path, dfar_source: Path) -> None:
     st = DatasetStore(tmp_path / "store")
     v = build_dfar(st, dfar_source).version
@@ -296,6 +300,7 @@ def test_read_only_store(tmp_path: Path, dfar_source: Path) -> None:
 
 
 # ---- 6. symlinks and files the manifest does not list ---------------------------------------------------------
+@posix_only
 def test_parquet_replaced_by_symlink_is_refused(dfar, tmp_path: Path) -> None:
     st, v, _ = dfar
     target = v.path / "default" / "test-00000-of-00001.parquet"
@@ -313,6 +318,7 @@ def test_parquet_replaced_by_symlink_is_refused(dfar, tmp_path: Path) -> None:
     assert res.exit_code == 1 and str(target) in res.stderr and "symbolic link" in res.stderr
 
 
+@posix_only
 def test_extra_files_and_links_are_refused_and_repaired(dfar, tmp_path: Path) -> None:
     st, v, source = dfar
     secret = tmp_path / "secret.txt"
@@ -336,6 +342,7 @@ def test_extra_files_and_links_are_refused_and_repaired(dfar, tmp_path: Path) ->
     assert st.verify(st.get("dfar")) == []
 
 
+@posix_only
 def test_symlinked_version_folder_is_refused(dfar, tmp_path: Path) -> None:
     st, v, _ = dfar
     moved = tmp_path / "moved"
