@@ -23,7 +23,10 @@ from curate.store import DatasetStore
 
 
 def _distributed() -> tuple[int, int, int] | None:
-    """(rank, world size, local rank) when launched by torchrun / accelerate launch with more than one process."""
+    """(rank, world size, local rank) when launched by torchrun / accelerate launch with more than one process.
+
+    Read from the launcher's environment rather than accelerate's `PartialState`, which would start a process
+    group (NCCL on GPU) up front: shards work independently and need only a gloo barrier before rank 0 merges."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return None
