@@ -61,7 +61,8 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temp path beside `dest` for any writer (``pq.write_table(t, tmp)``, ``tar.extractall(tmp)``...).
 
     On a clean exit the temp file is fsynced and ``os.replace``d onto `dest`; on an exception it is removed
-    and `dest` is untouched.
+    and `dest` is untouched. A folder written there replaces only a missing or empty `dest` (POSIX rename
+    rules); to place a folder that must never overwrite anything use `atomic_place_dir`.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
