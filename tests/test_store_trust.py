@@ -353,3 +353,20 @@ def test_symlinked_version_folder_is_refused(dfar, tmp_path: Path) -> None:
     assert str(v.path) in one_line_error(cli("show", "dfar", "--store", st.root))
     res = cli("verify", "--store", st.root)
     assert res.exit_code == 1 and str(v.path) in res.stderr and "symbolic link" in res.stderr
+
+
+BUILD = "import sys; from builders.dfar import build_dfar; from curate.store import DatasetStore; " \
+        "r = build_dfar(DatasetStore(sys.argv[1]), sys.argv[2]); print(r.created, r.version.tag)"
+
+
+def test_concurrent_identical_builds_make_one_version(tmp_path: Path, dfar_source: Path) -> None:
+    root = tmp_path / "store"
+    procs = [subprocess.Popen([sys.executable, "-c", BUILD, str(root), str(dfar_source)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-1000:] for o in outs]
+    assert sorted(o[0].split()[0] for o in outs) == ["False", "False", "True"]
+    assert {o[0].split()[1] for o in outs} == {"v1"}
+    st = DatasetStore(root)
+    assert [v.tag for v in st.versions("dfar")] == ["v1"] and st.verify(st.get("dfar")) == []
+    assert sorted(p.name for p in (root / "datasets" / "dfar").iterdir()) == [".lock", "tags.json", "versions"]
