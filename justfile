@@ -104,8 +104,17 @@ train-kd *args: build-dfar
 eval *args: install
     .venv/bin/curate eval --limit 50 "$@"
 
+# Debian's chromium + chromium-driver for the real-browser test of `curate view` (nothing to do when present).
+install-browser:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then exit 0; fi
+    sudo=""; if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+    echo "install-browser: apt-get install chromium chromium-driver" >&2
+    $sudo apt-get update -q && $sudo apt-get install -y -q chromium chromium-driver
+
 # Lint and run the whole test suite.
-test *args: install
+test *args: install install-browser
     .venv/bin/ruff check .
     .venv/bin/python -m pytest -q -rs "$@"
 

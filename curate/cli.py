@@ -6,10 +6,10 @@ module registers its commands there when imported below.
 
 from __future__ import annotations
 
-from curate.commands import build, cache_logits, datasets, evaluate, hub, query, sage, train, verify
+from curate.commands import annotate, build, cache_logits, datasets, evaluate, hub, query, sage, train, verify, view
 from curate.commands._app import app
 
-COMMAND_MODULES = (build, datasets, query, hub, cache_logits, sage, train, evaluate, verify)
+COMMAND_MODULES = (build, datasets, query, hub, cache_logits, sage, train, evaluate, verify, view, annotate)
 
 
 def main() -> None:
