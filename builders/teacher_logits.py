@@ -477,7 +477,7 @@ def merge_units(store: DatasetStore, plan: Plan, work: Path, *, teacher: dict[st
             w.write_table(CACHE_CONFIG, split, rows, rows_per_shard=p.rows_per_file)
         size = sum(f.stat().st_size for f in w.tmp.rglob("*.parquet"))
         w.add_params({"bytes": size, "bytes_per_token": round(size / max(tokens, 1), 2)})  # known once written
-    result = BuildResult(w.result.version, w.result.created, list(plan.notes))
+    result = BuildResult(w.result.version, w.result.created, list(plan.notes), repaired=w.result.repaired)
     _remove_work(work)
     return result
 
