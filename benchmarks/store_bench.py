@@ -64,7 +64,7 @@ class Mark(logging.Handler):  # the builder logs once the last parquet byte is w
             print(json.dumps({"stream_s": round(time.perf_counter() - t0, 1), "stream_cpu_s": u["cpu_s"],
                               "stream_peak_rss_mb": u["peak_rss_mb"]}), flush=True)
 logging.getLogger("builders.dfar").addHandler(Mark())
-logging.getLogger("builders.dfar").setLevel(logging.INFO)
+logging.getLogger("builders.dfar").setLevel(logging.DEBUG)
 from builders.dfar import build_dfar
 from curate.store import DatasetStore
 r = build_dfar(DatasetStore(sys.argv[2]), sys.argv[1])
@@ -140,6 +140,14 @@ def run_child(source: Path, store: Path, max_rss_mb: int) -> dict[str, Any]:
     return res
 
 
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parents[1], check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def scale(sizes: list[int], max_rss_mb: int) -> list[dict[str, Any]]:
     out = []
     for n in sizes:
@@ -152,7 +160,8 @@ def scale(sizes: list[int], max_rss_mb: int) -> list[dict[str, Any]]:
             load_before = os.getloadavg()
             res = run_child(src, Path(tmp) / "store", max_rss_mb)
             res["output_mb"] = round(sum(p.stat().st_size for p in (Path(tmp) / "store").rglob("*.parquet")) / 2**20)
-            row = {"rows": n, "input_mb": round(input_mb), "generate_s": round(gen_s, 1),
+            row = {"rows": n, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"), "git_commit": _git_commit(),
+                   "input_mb": round(input_mb), "generate_s": round(gen_s, 1),
                    "load_avg_before": [round(x, 2) for x in load_before],
                    "load_avg_after": [round(x, 2) for x in os.getloadavg()]} | res
             row["rows_per_s"] = round(n / res["total_s"]) if "total_s" in res else None
@@ -173,8 +182,10 @@ def main() -> None:
     args = ap.parse_args()
     scale_rows = scale([int(x) for x in args.scale.split(",") if x.strip()], args.max_rss_mb)
     previous = RESULTS / "store_bench.json"
-    if not scale_rows and previous.exists():
-        scale_rows = json.loads(previous.read_text()).get("scale", [])
+    if previous.exists():  # keep earlier scale rows of other sizes (the 10 M run is too costly to repeat)
+        sizes = {r["rows"] for r in scale_rows}
+        old = [r for r in json.loads(previous.read_text()).get("scale", []) if r["rows"] not in sizes]
+        scale_rows = sorted(old + scale_rows, key=lambda r: r["rows"])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         store = DatasetStore(tmp)

@@ -105,12 +105,17 @@ class IdSet:
     def __len__(self) -> int:
         return sum(len(r) for r in self.runs)
 
-    def contains(self, ids: np.ndarray) -> np.ndarray:
-        hit = np.zeros(len(ids), dtype=bool)
+    def contains(self, ids: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
+        """Membership of each id; `order` (an argsort of `ids`, if the caller has one) makes lookups sequential."""
+        order = np.argsort(ids, kind="stable") if order is None else order
+        query = ids[order]  # sorted queries walk each run in order: far fewer cache misses at 10 M ids
+        hit_sorted = np.zeros(len(ids), dtype=bool)
         for run in self.runs:
-            pos = np.searchsorted(run, ids)
+            pos = np.searchsorted(run, query)
             pos[pos == len(run)] = 0
-            hit |= run[pos] == ids
+            hit_sorted |= run[pos] == query
+        hit = np.empty_like(hit_sorted)
+        hit[order] = hit_sorted
         return hit
 
     def add(self, ids: np.ndarray) -> None:

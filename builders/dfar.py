@@ -22,7 +22,7 @@ import os
 import string
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,6 +212,7 @@ def _stream_split(con: Any, path: Path, split: str, names: list[str], params: Df
     def bad_row(row_no: int, rec: dict[str, str]) -> None:
         check_row(path, row_no, rec, params.label_words)
 
+    pending: list[Future[None]] = []
     for batch in _read_batches(con, sql, sql_params, path, bad_row):
         n = batch.num_rows
         if n == 0:
@@ -222,14 +223,15 @@ def _stream_split(con: Any, path: Path, split: str, names: list[str], params: Df
         stats.rows_read += n
         stats.reasons_seen += pc.sum(batch.column("has_reason")).as_py() or 0
         ids = batch.column("id64").to_numpy()
-        ordered = np.sort(ids)
+        order = np.argsort(ids, kind="stable")
+        ordered = ids[order]
         if (ordered[1:] == ordered[:-1]).any():  # rare: repeats within the batch; mark all but the first
             uniq, first_in_batch = np.unique(ids, return_index=True)
             dup = np.ones(n, dtype=bool)
             dup[first_in_batch] = False
         else:
             uniq, dup = ordered, np.zeros(n, dtype=bool)
-        dup |= seen.contains(ids)
+        dup |= seen.contains(ids, order)
         seen.add_sorted(uniq)
         keep = np.ones(n, dtype=bool)
         if dup.any():
@@ -241,7 +243,7 @@ def _stream_split(con: Any, path: Path, split: str, names: list[str], params: Df
             if params.dedupe == "within-split":
                 keep &= ~dup
         if test_ids is not None:
-            in_test = test_ids.contains(ids) & keep
+            in_test = test_ids.contains(ids, order) & keep
             stats.overlap += int(in_test.sum())
             if params.drop_overlap:
                 keep &= ~in_test
@@ -258,8 +260,11 @@ def _stream_split(con: Any, path: Path, split: str, names: list[str], params: Df
             "l": table.rename_columns({"l_completion": "completion"}),
             "lr": table.rename_columns({"lr_completion": "completion"}),
         }
-        for future in [pool.submit(sinks[c].write, t) for c, t in views.items()]:
+        for future in pending:  # the previous batch's writes (each sink writes in order)
             future.result()
+        pending = [pool.submit(sinks[c].write, t) for c, t in views.items()]  # overlap with the next read
+    for future in pending:
+        future.result()
     check_whole_file(path, stats.rows_read, [] if stats.reasons_seen else ["Reason"])
     return stats, seen
 
@@ -327,7 +332,7 @@ def build_dfar(store: DatasetStore, source: str | Path, params: DfarParams | Non
                 raise CurateError(f"{found[FILES[split]][0]}: no rows left after dropping duplicates/overlap")
         for sink in sinks.values():  # registration order = manifest order: default, l, lr x train, test
             sink.close()
-        log.info("dfar: streamed %d rows (%d kept) in %.2f s; committing", sum(s.rows_read for s in stats.values()),
+        log.debug("dfar: streamed %d rows (%d kept) in %.2f s; committing", sum(s.rows_read for s in stats.values()),
                  sum(s.rows_kept for s in stats.values()), time.perf_counter() - started)
         overlap = stats["train"].overlap
         w.add_params({"train_test_overlap": {"train_statements_in_test": overlap,
