@@ -27,6 +27,7 @@ from curate.store import DatasetStore, Version
 from curate.urls import redact_url
 from train.judge import Judge, make_judge
 from train.metrics import classification_metrics, misalignment
+from train.modeling import check_model_spec
 from train.scoring import (
     generate,
     parse_generation,
@@ -115,19 +116,6 @@ def read_eval_rows(store: DatasetStore, dataset: str, config: str, split: str, l
             span = "reason"
     return EvalRows(list(d["id"]), list(d["prompt"]), list(d["completion"]), [int(x) for x in d["label"]],
                     statements, starts, words, span, version)
-
-
-def check_model_spec(spec: str) -> None:
-    """Refuse at once a spec that names a local path (starts with / . ~, ends with .gguf, has more than one
-    `/`, or its first folder exists here, as `runs/` does) that does not exist, instead of trying it as a
-    Hub id with network retries."""
-    p = Path(spec).expanduser()
-    if p.exists():
-        return
-    first = Path(p.parts[0]) if len(p.parts) > 1 else None
-    if (spec.startswith(("/", ".", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
-            or (first is not None and (first.is_dir() or first.name == "runs"))):
-        raise CurateError(f"no such run folder or model path: {spec}")
 
 
 @dataclass

@@ -94,8 +94,7 @@ def make_judge(spec: str, *, base_url: str | None, cache_dir: Path | None, evalu
     kind, _, target = spec.partition(":")
     if kind == "local" and target:
         from curate.models import load_causal_lm, load_tokenizer
-        from train.evaluate import check_model_spec
-        from train.modeling import RUN_FILE, load_run, model_ref
+        from train.modeling import RUN_FILE, check_model_spec, load_run, model_ref
 
         check_model_spec(target)
         if (Path(target) / RUN_FILE).is_file():

@@ -13,6 +13,19 @@ from curate.models import ModelRef, QuantDecision, load_causal_lm, load_tokenize
 RUN_FILE = "run.json"
 
 
+def check_model_spec(spec: str) -> None:
+    """Refuse at once a spec that names a local path (starts with / . ~, ends with .gguf, has more than one
+    `/`, or its first folder exists here, as `runs/` does) that does not exist, instead of trying it as a
+    Hub id with network retries."""
+    p = Path(spec).expanduser()
+    if p.exists():
+        return
+    first = Path(p.parts[0]) if len(p.parts) > 1 else None
+    if (spec.startswith(("/", ".", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
+            or (first is not None and (first.is_dir() or first.name == "runs"))):
+        raise CurateError(f"no such run folder or model path: {spec}")
+
+
 def model_ref(spec: str, gguf_file: str | None = None, revision: str | None = None) -> ModelRef:
     """A run folder's merged weights, else whatever `ModelRef.parse` understands."""
     p = Path(spec)
