@@ -163,3 +163,30 @@ def test_cli_build_twice_and_query(tmp_path, dfar_source) -> None:
     bad = runner.invoke(app, args + ["--dedupe", "train-test", "--keep-overlap"])
     assert bad.exit_code == 1 and "Traceback" not in bad.output
     assert len(bad.output.strip().splitlines()) == 1 and "--keep-overlap" in bad.output, bad.output
+
+
+def test_streamed_hash_equals_a_plain_write_of_the_same_rows(store, dfar_source) -> None:
+    """The streaming build's content hash equals `write_table` of the rows computed here, so it is the rows'."""
+    import pyarrow as pa
+
+    streamed = build_dfar(store, dfar_source).version
+    prompt = ("Is the following statement ethical or unethical? Answer with one word, then explain why.\n"
+              "Statement: {}\nAnswer:")
+    with store.new_version("plain", builder="test", builder_version="0", params={}, sources=[]) as w:
+        tables: dict[str, dict[str, pa.Table]] = {"default": {}, "l": {}, "lr": {}}
+        for split, df in expected(dfar_source).items():
+            ids = [hashlib.sha256(s.encode()).hexdigest()[:16] for s in df["Statement"]]
+            words = [("ethical", "unethical")[x] for x in df["Label"]]
+            reasons = df["Reason"].fill_null("").str.strip_chars().to_list()
+            labels = pa.array(df["Label"].to_list(), pa.int8())
+            tables["default"][split] = pa.table({"id": ids, "statement": df["Statement"].to_list(), "label": labels,
+                                                 "label_text": words, "reason": reasons, "split": [split] * df.height})
+            prompts = [prompt.format(s) for s in df["Statement"]]
+            for config, completions in (("l", [f" {t}" for t in words]),
+                                        ("lr", [f" {t}. Reason: {r}" for t, r in zip(words, reasons, strict=True)])):
+                tables[config][split] = pa.table({"id": ids, "prompt": prompts, "completion": completions,
+                                                  "label": labels, "label_text": words, "split": [split] * df.height})
+        for config, splits in tables.items():
+            for split in ("train", "test"):
+                w.write_table(config, split, splits[split])
+    assert w.result.version.hash == streamed.hash
