@@ -225,7 +225,10 @@ def create_app(store: DatasetStore) -> FastAPI:
 
     @app.exception_handler(CurateError)
     async def _curate_error(request: Request, exc: CurateError) -> Any:
-        status = 404 if isinstance(exc, NotFound) or "no dataset named" in str(exc) or "has no" in str(exc) else 400
+        text = str(exc)
+        missing = text.startswith(("no dataset named", "no annotation task")) or " has no version " in text \
+            or " has no config " in text or " has no split " in text
+        status = 404 if isinstance(exc, NotFound) or missing else 400
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": _first_line(exc)}, status_code=status)
         return page(request, "error.html", status=status, message=_first_line(exc))
@@ -262,12 +265,12 @@ def create_app(store: DatasetStore) -> FastAPI:
 
     @app.get("/d/{name}/{tag}/rows/{config}", response_class=HTMLResponse)
     def rows(request: Request, name: str, tag: str, config: str, split: str = "", where: str = "", q: str = "",
-             page_no: int = Query(0, alias="page")) -> HTMLResponse:
+             page_no: int = Query(0, alias="page"), size: int = Query(PAGE_SIZE, ge=1, le=500)) -> HTMLResponse:
         v = get_version(store, name, tag)
         v.splits(config)  # unknown config -> one line
         error, data = None, None
         try:
-            data = read_rows(v, config, split=split or None, where=where, q=q, page=max(page_no, 0))
+            data = read_rows(v, config, split=split or None, where=where, q=q, page=max(page_no, 0), size=size)
         except FilterError as e:
             error = _first_line(e)
         is_cache = "quantization" in (v.manifest.get("params") or {})
