@@ -182,7 +182,7 @@ def logit_row(v: Version, index: int, split: str | None) -> dict[str, Any]:
     return {"id": ex.id, "split": ex.split, "label": ex.label, "prompt": "".join(text(ex.input_ids[:ex.prompt_len]
                                                                                        .tolist())),
             "tokens": tokens, "k": params.get("k"), "teacher": params.get("teacher"),
-            "decoded": tok is not None, "max_entropy": max([tk["entropy"] for tk in tokens] or [1.0]) or 1.0}
+            "decoded": tok is not None}
 
 
 def sage_question(v: Version, question_id: str, config: str = "responses") -> dict[str, Any]:

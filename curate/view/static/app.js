@@ -21,12 +21,13 @@ const readJSON = (id) => JSON.parse($(id).textContent);
 function logits() {
   const row = readJSON("logit-data");
   const box = $("tokens");
-  const maxH = row.max_entropy || 1;
+  const hs = row.tokens.map((t) => t.entropy);
+  const minH = Math.min(...hs), span = Math.max(...hs) - minH || 1;
   row.tokens.forEach((t, i) => {
     const span = el("span", t.text === "" ? "∅" : t.text, "tok");
     span.tabIndex = 0;
     span.dataset.index = i;
-    const shade = Math.min(1, t.entropy / maxH);
+    const shade = (t.entropy - minH) / span;  // relative to this row's range
     span.style.backgroundColor = `rgba(220, 90, 40, ${(0.08 + 0.8 * shade).toFixed(3)})`;
     span.title = `entropy ${t.entropy.toFixed(3)} nats`;
     const show = () => {
@@ -107,19 +108,20 @@ function lineageGraph() {
   g.nodes.forEach((n) => d(n.id, new Set()));
   const cols = {};
   g.nodes.forEach((n) => (cols[depth[n.id]] = cols[depth[n.id]] || []).push(n));
-  const colW = 230, rowH = 34;
+  const boxW = Math.max(160, ...g.nodes.map((n) => 7 * (n.ref.length + (n.builder || "?").length + 4)));
+  const colW = boxW + 70, rowH = 34;
   const maxRows = Math.max(...Object.values(cols).map((c) => c.length));
   const svg = svgEl("svg", { width: colW * Object.keys(cols).length + 20, height: rowH * maxRows + 20, id: "lineage-svg" });
   const pos = {};
   Object.entries(cols).forEach(([c, nodes]) => nodes.forEach((n, r) => (pos[n.id] = [10 + c * colW, 14 + r * rowH])));
   g.edges.filter((e) => e.from && pos[e.from]).forEach((e) => {
     const [a, b] = [pos[e.from], pos[e.to]];
-    svg.append(svgEl("line", { x1: a[0] + 160, y1: a[1] + 10, x2: b[0], y2: b[1] + 10, class: "edge" }));
+    svg.append(svgEl("line", { x1: a[0] + boxW, y1: a[1] + 10, x2: b[0], y2: b[1] + 10, class: "edge" }));
   });
   g.nodes.forEach((n) => {
     const [x, y] = pos[n.id];
     const a = svgEl("a", { href: `/d/${encodeURIComponent(n.name)}/${encodeURIComponent(n.tag)}` });
-    a.append(svgEl("rect", { x, y, width: 160, height: 22, rx: 4, class: "box" }));
+    a.append(svgEl("rect", { x, y, width: boxW, height: 22, rx: 4, class: "box" }));
     const t = svgEl("text", { x: x + 6, y: y + 15 });
     t.textContent = `${n.ref} (${n.builder || "?"})`;
     a.append(t);
