@@ -191,12 +191,16 @@ def csv_batches_sql(names: Sequence[str]) -> str:
     )
 
 
+_WS_CLASS = "[" + "".join(f"\\x{{{ord(c):x}}}" for c in PY_WHITESPACE) + "]"  # RE2 class of those characters
+
+
 def sql_strip(expr: str, chars_param: str = "$ws") -> str:
     """SQL for Python's ``str.strip()`` of `expr` (bind `chars_param` to `PY_WHITESPACE`).
 
-    The CASE skips DuckDB's character-set trim (slow) for the common value with nothing to strip.
+    The anchored regexes (RE2 matches an end-anchored one from the end) skip DuckDB's character-set trim,
+    which is slow, for the common value with nothing to strip.
     """
-    return (f"CASE WHEN contains({chars_param}, left({expr}, 1)) OR contains({chars_param}, right({expr}, 1)) "
+    return (f"CASE WHEN regexp_matches({expr}, '^{_WS_CLASS}') OR regexp_matches({expr}, '{_WS_CLASS}$') "
             f"THEN trim({expr}, {chars_param}) ELSE {expr} END")
 
 
