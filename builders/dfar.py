@@ -305,13 +305,12 @@ def build_dfar(store: DatasetStore, source: str | Path, params: DfarParams | Non
     }
     run_params = _params_dict(params)
     sources = [source_record(*found[f]) for f in FILES.values()]
-    con = duckdb.connect(config={"threads": max(1, os.cpu_count() or 1)})
     started = time.perf_counter()
     # The store renders `card` when the block exits, so what the stream finds goes in it (and in add_params).
     with store.new_version(
         name, builder="dfar", builder_version=BUILDER_VERSION, params=run_params,
         sources=sources, card=card,
-    ) as w, ThreadPoolExecutor(3) as pool:
+    ) as w, ThreadPoolExecutor(3) as pool, duckdb.connect(config={"threads": max(1, os.cpu_count() or 1)}) as con:
         sinks = {
             (config, split): ParquetSink(w, config, split, DEFAULT_SCHEMA if config == "default" else SFT_SCHEMA)
             for config in ("default", "l", "lr") for split in FILES
@@ -325,7 +324,6 @@ def build_dfar(store: DatasetStore, source: str | Path, params: DfarParams | Non
                                               test_ids if split == "train" else None, notes)
             if split == "test":
                 test_ids = ids
-        con.close()
         _summarise(stats, params, notes)
         for split, st in stats.items():
             if st.rows_kept == 0:
