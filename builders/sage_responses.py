@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ import pyarrow as pa
 from builders.base import BuildResult
 from curate.csvfile import iter_csv_rows
 from curate.errors import CurateError, InputError
-from curate.llm import LLMClient, LLMConfig, resolve_base_url, rich_progress
+from curate.llm import Completion, LLMClient, LLMConfig, resolve_base_url, rich_progress
 from curate.prompts import (
     ANSWER_PROMPT_TEMPLATE,
     ANSWER_SYSTEM_PROMPT,
@@ -46,7 +47,7 @@ from curate.prompts import (
     rot_messages,
 )
 from curate.replay.probe import replay_sources
-from curate.selection import DecayingThreshold
+from curate.selection import DecayingThreshold, usable
 from curate.store import DatasetStore, SourceFile
 from curate.urls import redact_url
 
@@ -142,7 +143,8 @@ def generate_paraphrases(
     encoder = resolve_embedding_model(embedding_model)
     rows, dropped = [], 0
     for qid, question, reply in zip(plain["question_id"], plain["question"], replies, strict=True):
-        candidates = [ln.strip(" -*\t0123456789.)") for ln in reply.text.splitlines()]
+        text = reply.text if reply.ok else ""  # a cut or refused reply gives no paraphrases
+        candidates = [ln.strip(" -*\t0123456789.)") for ln in text.splitlines()]
         candidates = list(dict.fromkeys(c for c in candidates if c and c != question))[:n]
         kept = [question]
         if candidates:
@@ -157,49 +159,86 @@ def generate_paraphrases(
 
 
 # ---- steps 3 and 4: answers and Rules of Thumb ------------------------------------------------------------
-def _complete(client: LLMClient, prompts: list[list[dict[str, str]]], batch: bool, label: str) -> list[str]:
+def _complete(client: LLMClient, prompts: list[list[dict[str, str]]], batch: bool, label: str) -> list[Completion]:
     with rich_progress(label) as tick:
         if batch:
-            replies = client.complete_many_batch(prompts, progress=tick)
-        else:
-            replies = client.complete_many(prompts, progress=tick)
-    return [r.text for r in replies]
+            return client.complete_many_batch(prompts, progress=tick)
+        return client.complete_many(prompts, progress=tick)
+
+
+def _finish_col(column: str) -> str:
+    """``model_output`` -> ``finish_reason``; ``target_output`` -> ``target_finish_reason``."""
+    return "finish_reason" if column == "model_output" else f"{column.removesuffix('_output')}_finish_reason"
+
+
+def _refusal_col(column: str) -> str:
+    return "refusal" if column == "model_output" else f"{column.removesuffix('_output')}_refusal"
 
 
 def collect_answers(df: pl.DataFrame, client: LLMClient, batch: bool, column: str = "model_output") -> pl.DataFrame:
-    texts = _complete(client, [answer_messages(p) for p in df["paraphrased"]], batch, f"answers ({column})")
-    return df.with_columns(pl.Series(column, [clean_answer(t) for t in texts], dtype=pl.String))
+    """Answers with the server's finish reason and refusal; ``_problem_<column>`` says why one is unusable."""
+    replies = _complete(client, [answer_messages(p) for p in df["paraphrased"]], batch, f"answers ({column})")
+    return df.with_columns(
+        pl.Series(column, [clean_answer(r.text) for r in replies], dtype=pl.String),
+        pl.Series(_finish_col(column), [r.finish_reason for r in replies], dtype=pl.String),
+        pl.Series(_refusal_col(column), [r.refusal for r in replies], dtype=pl.String),
+        pl.Series(f"_problem_{column}", [r.problem for r in replies], dtype=pl.String),
+    )
 
 
 def generate_rots(df: pl.DataFrame, client: LLMClient, batch: bool, answer_col: str = "model_output",
                   column: str = "rot") -> pl.DataFrame:
-    """One RoT per non-empty answer; an empty answer gets an empty RoT without a call."""
-    todo = [i for i, a in enumerate(df[answer_col]) if a]
+    """One RoT per usable answer; an empty, cut or refused answer gets an empty RoT without a call."""
+    finish, refusal = _finish_col(answer_col), _refusal_col(answer_col)
+    ok = df.select(usable(answer_col, finish, refusal, None))
+    todo = [i for i, good in enumerate(ok.to_series()) if good]
     prompts = [rot_messages(df["paraphrased"][i], df[answer_col][i]) for i in todo]
-    texts = _complete(client, prompts, batch, f"rules of thumb ({column})") if prompts else []
-    rots = [""] * df.height
-    for i, t in zip(todo, texts, strict=True):
-        rots[i] = clean_rot(t)
-    return df.with_columns(pl.Series(column, rots, dtype=pl.String))
+    replies = _complete(client, prompts, batch, f"rules of thumb ({column})") if prompts else []
+    rots, finishes, problems = [""] * df.height, [None] * df.height, [None] * df.height
+    for i, r in zip(todo, replies, strict=True):
+        rots[i], finishes[i], problems[i] = clean_rot(r.text), r.finish_reason, r.problem
+    return df.with_columns(pl.Series(column, rots, dtype=pl.String),
+                           pl.Series(f"{column}_finish_reason", finishes, dtype=pl.String),
+                           pl.Series(f"_problem_{column}", problems, dtype=pl.String))
+
+
+def _usable(answer_col: str = "model_output", rot_col: str = "rot") -> pl.Expr:
+    return usable(answer_col, _finish_col(answer_col), _refusal_col(answer_col), f"{rot_col}_finish_reason")
+
+
+def _unusable_note(df: pl.DataFrame, answer_col: str, rot_col: str) -> tuple[str | None, dict[str, int]]:
+    """The build note listing rows left out of scoring and selection, and their count per reason."""
+    bad = df.filter(~_usable(answer_col, rot_col)).with_columns(
+        pl.coalesce(f"_problem_{answer_col}",
+                    pl.when(pl.col(answer_col) == "").then(pl.lit("empty")),
+                    pl.format("RoT {}", pl.col(f"_problem_{rot_col}"))).fill_null("unusable").alias("why"))
+    if not bad.height:
+        return None, {}
+    counts = dict(sorted(Counter(bad["why"].to_list()).items()))
+    rows = ", ".join(f"{q}#{i} ({w})" for q, i, w in bad.select("question_id", "paraphrase_idx", "why").rows()[:10])
+    more = f" and {bad.height - 10} more" if bad.height > 10 else ""
+    what = "answers" if answer_col == "model_output" else f"{answer_col} answers"
+    return (f"{bad.height} {what} left out of scoring and selection (not cached: a rerun asks again; "
+            f"{', '.join(f'{k} {v}' for k, v in counts.items())}): {rows}{more}"), counts
 
 
 # ---- step 5: SaGE -----------------------------------------------------------------------------------------
 def score_questions(df: pl.DataFrame, params: SageResponsesParams, answer_col: str = "model_output",
                     rot_col: str = "rot") -> pl.DataFrame:
-    """Per-question SaGE over the non-empty answers (empty answers are left out of the graph).
+    """Per-question SaGE over the usable answers (empty, cut, filtered or refused ones are left out).
 
     A question left with a single answer gets the scorer's one-paraphrase value (see `curate.sage`); one
     with none gets NaN and is never selected.
     """
     from curate.sage import sage_scores
 
-    usable = df.filter(pl.col(answer_col) != "").select(
+    good = df.filter(_usable(answer_col, rot_col)).select(
         "question_id", pl.col(answer_col).alias("model_output"), pl.col(rot_col).alias("rot")
     )
     order = df.select("question_id").unique(maintain_order=True)
-    if usable.height == 0:
+    if good.height == 0:
         return order.with_columns(pl.lit(float("nan")).alias("sage"))
-    scores = sage_scores(usable, model=params.embedding_model, w_answer=params.w_answer, w_rot=params.w_rot)
+    scores = sage_scores(good, model=params.embedding_model, w_answer=params.w_answer, w_rot=params.w_rot)
     return order.join(scores.select("question_id", "sage"), on="question_id", how="left").with_columns(
         pl.col("sage").fill_null(float("nan"))
     )
@@ -283,10 +322,9 @@ def build_sage_responses(store: DatasetStore, params: SageResponsesParams, name:
     with _client(params, store, rot_model, endpoint, execution) as client:
         df = generate_rots(df, client, params.batch)
         usage["rots"] = _summary(client, rot_model, endpoint)
-    empty = df.filter(pl.col("model_output") == "")
-    if empty.height:
-        notes.append(f"{empty.height} empty answers (left out of scoring and selection): "
-                     + ", ".join(f"{q}#{i}" for q, i in empty.select("question_id", "paraphrase_idx").rows()[:10]))
+    note, unusable_counts = _unusable_note(df, "model_output", "rot")
+    if note:
+        notes.append(note)
     scores = score_questions(df, params)
 
     target_scores = None
@@ -295,7 +333,12 @@ def build_sage_responses(store: DatasetStore, params: SageResponsesParams, name:
             tdf = collect_answers(df.select(questions.columns), client, params.batch, column="target_output")
             tdf = generate_rots(tdf, client, params.batch, answer_col="target_output", column="target_rot")
             usage["target"] = _summary(client, params.target_model, target)
-        df = df.join(tdf.select("question_id", "paraphrase_idx", "target_output", "target_rot"),
+        tnote, _ = _unusable_note(tdf, "target_output", "target_rot")
+        if tnote:
+            notes.append(tnote)
+        tcols = ["target_output", "target_finish_reason", "target_refusal", "target_rot", "target_rot_finish_reason",
+                 "_problem_target_output"]
+        df = df.join(tdf.select("question_id", "paraphrase_idx", *tcols),
                      on=["question_id", "paraphrase_idx"], how="left", maintain_order="left")
         tscores = score_questions(tdf, params, "target_output", "target_rot").rename({"sage": "target_sage"})
         scores = scores.join(tscores, on="question_id", how="left", maintain_order="left")
@@ -323,7 +366,7 @@ def build_sage_responses(store: DatasetStore, params: SageResponsesParams, name:
                  f"{int(dec['feedback'].sum())} in the feedback set")
 
     recorded = _recorded_params(params, endpoint, target, replayed)
-    card = _card(params, scores, notes, usage, replayed)
+    card = _card(params, scores, notes, usage, replayed, unusable_counts)
     sources = [SourceFile.from_path(path, redact_url(str(path.resolve())))]
     sources += [SourceFile(s["location"], s["sha256"], s["bytes"]) for s in replayed or []]
     with store.new_version(
@@ -366,12 +409,13 @@ def _recorded_params(params: SageResponsesParams, endpoint: _Endpoint, target: _
 
 
 def _tables(scored: pl.DataFrame, params: SageResponsesParams) -> dict[str, pa.Table]:
-    resp_cols = ["question_id", "question", "paraphrase_idx", "paraphrased", "model_output", "rot", "sage",
-                 "threshold", "selected", "feedback"]
+    resp_cols = ["question_id", "question", "paraphrase_idx", "paraphrased", "model_output", "finish_reason",
+                 "refusal", "rot", "rot_finish_reason", "sage", "threshold", "selected", "feedback"]
     if "target_output" in scored.columns:
-        resp_cols += ["target_output", "target_rot", "target_sage"]
+        resp_cols += ["target_output", "target_finish_reason", "target_refusal", "target_rot", "target_sage"]
     responses = scored.select(resp_cols).with_columns(pl.lit(params.model).alias("model"))
-    selected = scored.filter(pl.col("selected") & (pl.col("model_output") != "")).select(
+    # only complete answers (finish reason `stop`, not empty, not refused, with a complete RoT) become SFT rows
+    selected = scored.filter(pl.col("selected") & _usable()).select(
         "question_id",
         "paraphrase_idx",
         pl.col("paraphrased").map_elements(
@@ -384,17 +428,23 @@ def _tables(scored: pl.DataFrame, params: SageResponsesParams) -> dict[str, pa.T
     fb_cols = ["question_id", "question", "paraphrase_idx", "paraphrased", "model_output", "rot", "sage"]
     if "target_output" in scored.columns:
         fb_cols += ["target_output", "target_rot", "target_sage"]
-    feedback = scored.filter(pl.col("feedback")).select(fb_cols)
+    feedback = scored.filter(pl.col("feedback") & _usable()).select(fb_cols)
     return {"responses": responses.to_arrow(), "selected": selected.to_arrow(), "feedback": feedback.to_arrow()}
 
 
 def _card(params: SageResponsesParams, scores: pl.DataFrame, notes: list[str], usage: dict[str, Any],
-          replayed: list[dict[str, Any]] | None = None) -> dict:
+          replayed: list[dict[str, Any]] | None = None, unusable: dict[str, int] | None = None) -> dict:
     valid = scores.filter(pl.col("sage").is_not_nan())["sage"]
     mean = float(valid.mean()) if valid.len() else float("nan")  # type: ignore[arg-type]
     cost = [u.get("estimated_cost_usd") for u in usage.values()]
-    cost_s = "unknown (model not in the price table)" if None in cost else f"${sum(cost):.4f}"  # type: ignore[arg-type]
-    calls = sum(u["completed"] + u.get("batch_completed", 0) for u in usage.values())
+    unknown = sum(u.get("unknown_usage", 0) for u in usage.values())
+    if unknown:
+        cost_s = f"unknown ({unknown} replies reported no valid token usage)"
+    elif None in cost:
+        cost_s = "unknown (model not in the price table)"
+    else:
+        cost_s = f"${sum(cost):.4f}"  # type: ignore[arg-type]
+    calls = sum(u["completed"] + u.get("batch_completed", 0) + u.get("unusable", 0) for u in usage.values())
     hits = sum(u["cache_hits"] for u in usage.values())
     replay_note = ""
     if replayed:
@@ -422,6 +472,7 @@ def _card(params: SageResponsesParams, scores: pl.DataFrame, notes: list[str], u
         + f"\n- LLM calls made: {calls}, cache hits: {hits}, estimated cost: {cost_s}" + replay_note,
         "figures": ["figures/sage_selection.png"],
         "usage": usage,
+        "unusable_answers": unusable or {},
     }
     if replayed:
         card["replayed_from"] = replayed

@@ -4,12 +4,23 @@ What it adds on top of the ``openai`` SDK:
 
 * bounded concurrency (one ``asyncio.Semaphore``) with a synchronous wrapper for scripts;
 * a persistent on-disk response cache, so a rerun or a resumed run never pays for a call twice;
-* one retry policy (exponential backoff with jitter; honours ``Retry-After`` on 429/503) for 408/409/429,
-  5xx, timeouts and dropped connections. The SDK's own retries are switched off (``max_retries=0``) so
-  that attempts, delays and the usage counters all come from this one policy;
+* one retry policy (exponential backoff with jitter; honours ``Retry-After`` up to ``max_retry_wait``) for
+  408/409/429, 5xx, timeouts, dropped connections and malformed bodies (not JSON, not UTF-8, no choices).
+  The SDK's own retries are switched off (``max_retries=0``) so that attempts, delays and the usage
+  counters all come from this one policy. 401/403/404 stop the whole call at the first such reply;
+* replies are checked before they are cached: only a complete answer (``finish_reason: stop``, text, no
+  refusal) is cached; a cut, filtered, empty, null or refused one is asked once more (a cut one only with
+  ``retry_truncated``, then with twice the ``max_tokens``) and else returned with its ``problem``, uncached,
+  so a rerun asks again;
+* a hard per-request deadline (``request_timeout``, body included) beside the stall ``timeout``, and a cap
+  on the reply size (``max_response_bytes``) enforced while the body streams in;
 * the Batch API (JSONL upload, ``batches.create``, polling, results mapped back by ``custom_id``) feeding
   the same cache, including re-attaching to batches a previous run submitted;
-* usage accounting (tokens, calls vs cache hits, retries) and an estimated dollar cost.
+* usage accounting (tokens, calls vs cache hits, retries) and an estimated dollar cost, "unknown" (None)
+  when a reply reported no valid usage.
+
+Every failure is an `LLMError` (a `CurateError`): one line naming the redacted URL and the status, and how
+many of the call's replies are already cached.
 
 The response cache lives in `curate.llm_cache` and the price table in `curate.pricing`; both are
 re-exported here. The endpoint URL is recorded (cache keys, logs) only through `curate.urls.redact_url`.
@@ -23,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import importlib
 import json
 import logging
 import os
@@ -38,6 +50,7 @@ from urllib.parse import urlparse
 
 import openai
 
+from curate.errors import CurateError
 from curate.llm_cache import CACHE_FILE, Messages, ResponseCache, cache_key
 from curate.pricing import BATCH_PRICE_FACTOR, PRICES_PER_1M, estimate_cost, price_for
 from curate.urls import redact_url, split_credentials
@@ -49,19 +62,46 @@ __all__ = [
 ]
 ProgressCallback = Callable[[int, int], None]
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
+FATAL_STATUS = frozenset({401, 403, 404})  # wrong key, no access, wrong URL or model: every request would fail
+GOOD_FINISH = "stop"
 TERMINAL_BATCH_STATES = frozenset({"completed", "failed", "expired", "cancelled"})
 MAX_BATCH_REQUESTS = 50_000  # OpenAI's per-batch request limit
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 
-class LLMError(RuntimeError):
+class LLMError(CurateError, RuntimeError):
     """Requests that still failed after all retries; everything that succeeded is already cached."""
 
 
-class LLMConfigError(ValueError):
+class LLMConfigError(CurateError, ValueError):
     """The client cannot be set up (e.g. no API key for a remote endpoint)."""
+
+
+class _Failure(LLMError):
+    """One request's failure, as one line: ``<url>: <status and what went wrong>[ after N retries]``."""
+
+    def __init__(self, url: str, what: str, *, retryable: bool, reason: str, fatal: bool = False,
+                 wait: float | None = None) -> None:
+        super().__init__(f"{url}: {what}")
+        self.url, self.what, self.retryable, self.reason = url, what, retryable, reason
+        self.fatal, self.wait = fatal, wait
+        self.retries = 0
+
+    def line(self) -> str:
+        return f"{self.url}: {self.what}" + (f" after {self.retries} retries" if self.retries else "")
+
+    def __str__(self) -> str:
+        return self.line()
+
+
+class _TooLarge(Exception):
+    """Raised while a reply body streams in, once it passes ``max_response_bytes``."""
+
+    def __init__(self, status: int, limit: int) -> None:
+        super().__init__(f"HTTP {status}: reply of more than {limit} bytes (--max-response-bytes); stopped reading")
 
 
 @dataclass
@@ -77,10 +117,13 @@ class LLMConfig:
     seed: int | None = None  # sample i is sent with seed + i, so each sample is reproducible and distinct
     concurrency: int = 16
     max_retries: int = 6
-    timeout: float = 60.0
+    timeout: float = 60.0  # stall: the longest wait for the connection or the next bytes (httpx timeouts)
+    request_timeout: float = 300.0  # hard deadline for one attempt, body included
     backoff_base: float = 1.0
     backoff_max: float = 60.0
-    retry_after_max: float = 300.0
+    max_retry_wait: float = 60.0  # the longest Retry-After honoured
+    max_response_bytes: int = 1_000_000
+    retry_truncated: bool = False  # ask a reply cut by max_tokens once more with twice the max_tokens
     cache_dir: Path | str | None = Path(".curate/llm_cache")
     batch_poll_interval: float = 30.0
     batch_completion_window: str = "24h"
@@ -95,9 +138,26 @@ class LLMConfig:
         return params
 
 
+def reply_problem(text: str | None, finish_reason: str | None, refusal: str | None = None) -> str | None:
+    """Why a reply is not a usable answer (``refusal``, ``null``, its finish reason, ``empty``), or None."""
+    if refusal:
+        return "refusal"
+    if text is None:
+        return "null"
+    if finish_reason != GOOD_FINISH:
+        return finish_reason or "no finish reason"
+    if not text.strip():
+        return "empty"
+    return None
+
+
 @dataclass(frozen=True)
 class Completion:
-    """One sampled reply. ``source`` is ``online``, ``batch`` or ``cache`` (no call made this time)."""
+    """One sampled reply. ``source`` is ``online``, ``batch`` or ``cache`` (no call made this time).
+
+    ``problem`` is None for a complete answer; otherwise (``length``, ``content_filter``, ``null``, ``empty``,
+    ``refusal``) the reply was not cached and ``text`` is what the server sent ("" for null).
+    """
 
     text: str
     finish_reason: str | None
@@ -107,10 +167,66 @@ class Completion:
     prompt_index: int
     sample: int
     source: str
+    refusal: str | None = None
+    problem: str | None = None
 
     @property
     def cached(self) -> bool:
         return self.source == "cache"
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+@dataclass(frozen=True)
+class _Reply:
+    """A checked chat.completion body: the first choice and the usage (None where not validly reported)."""
+
+    text: str | None
+    finish_reason: str | None
+    refusal: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+    @property
+    def problem(self) -> str | None:
+        return reply_problem(self.text, self.finish_reason, self.refusal)
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _parse_reply(data: Any) -> _Reply | str:
+    """The reply in a decoded chat.completion body, or what is wrong with it.
+
+    Checked by hand: the SDK builds its reply objects without validation, and ``ChatCompletion.model_validate``
+    would reject a reply for bad ``usage`` alone, which only makes the cost unknown.
+    """
+    if not isinstance(data, dict):
+        return "body is not a JSON object"
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return "no choices in the reply" if not choices else "choices is not a list"
+    choice = choices[0]
+    message = choice.get("message") if isinstance(choice, dict) else None
+    if not isinstance(message, dict):
+        return "no message in the first choice"
+    text, finish, refusal = message.get("content"), choice.get("finish_reason"), message.get("refusal")
+    if not isinstance(text, str | None) or not isinstance(finish, str | None) or not isinstance(refusal, str | None):
+        return "content, finish_reason or refusal is not text"
+    for field_text in (text, refusal):
+        try:
+            (field_text or "").encode("utf-8")
+        except UnicodeEncodeError:
+            return "text that is not valid Unicode (a lone surrogate)"
+    usage = data.get("usage")
+    pt = _count(usage.get("prompt_tokens")) if isinstance(usage, dict) else None
+    ct = _count(usage.get("completion_tokens")) if isinstance(usage, dict) else None
+    if pt is None or ct is None:
+        pt = ct = None
+    return _Reply(text, finish, refusal, pt, ct)
 
 
 @dataclass
@@ -123,6 +239,8 @@ class Usage:
     deduplicated: int = 0  # identical (prompt, sample) asked twice in one call: answered once
     retries: int = 0
     failures: int = 0
+    unusable: int = 0  # replies that were cut, filtered, empty, null or refused even after a retry
+    unknown_usage: int = 0  # replies (paid for) that reported no valid token counts
     prompt_tokens: int = 0
     completion_tokens: int = 0
     batch_submitted: int = 0
@@ -133,7 +251,10 @@ class Usage:
     retry_reasons: Counter[str] = field(default_factory=Counter)
 
     def cost(self, model: str) -> float | None:
-        """Estimated dollars for the calls made (Batch API at half price); None for unknown models."""
+        """Estimated dollars for the calls made (Batch API at half price); None for unknown models or when
+        some reply reported no valid usage (never a guessed 0)."""
+        if self.unknown_usage:
+            return None
         return estimate_cost(model, self.prompt_tokens, self.completion_tokens, self.batch_prompt_tokens,
                              self.batch_completion_tokens)
 
@@ -194,11 +315,50 @@ def _is_local(base_url: str | None) -> bool:
     return host in {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
 
 
+class _Skipped(Exception):
+    """A request not sent because an earlier reply (401/403/404) stopped the call."""
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or during, outermost first."""
+    out: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in out:
+        out.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
+def _server_message(response: Any) -> str:
+    """The server's own words on a failed request, on one short line (an HTML page is named, not quoted)."""
+    ctype = response.headers.get("content-type", "")
+    try:
+        body = response.json()
+    except Exception:
+        return "an HTML page" if "html" in ctype else (response.text or "empty body")[:120].replace("\n", " ")
+    err = body.get("error", body) if isinstance(body, dict) else body
+    message = err.get("message") if isinstance(err, dict) else err
+    return " ".join(str(message).split())[:200]
+
+
 @dataclass
 class _Job:
     key: str
     messages: list[dict[str, str]]
     sample: int
+
+
+class _BarUpdate:
+    """The progress callback of `rich_progress`; ``note(text)`` shows why it is waiting beside the bar."""
+
+    def __init__(self, bar: Any, task: Any, description: str) -> None:
+        self._bar, self._task, self._description = bar, task, description
+
+    def __call__(self, done: int, total: int) -> None:
+        self._bar.update(self._task, completed=done, total=total, description=self._description)
+
+    def note(self, text: str) -> None:
+        self._bar.update(self._task, description=f"{self._description} ({text})")
 
 
 def rich_progress(description: str = "LLM calls") -> contextlib.AbstractContextManager[ProgressCallback]:
@@ -210,14 +370,54 @@ def rich_progress(description: str = "LLM calls") -> contextlib.AbstractContextM
 
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns) as bar:
-            task = bar.add_task(description, total=None)
-
-            def update(done: int, total: int) -> None:
-                bar.update(task, completed=done, total=total)
-
-            yield update
+            yield _BarUpdate(bar, bar.add_task(description, total=None), description)
 
     return _bar()
+
+
+def _sdk_httpx() -> Any:
+    """The httpx the SDK runs on (httpx, or the fork some openai releases ship)."""
+    return importlib.import_module(openai.DefaultAsyncHttpxClient.__mro__[1].__module__.split(".")[0])
+
+
+def _limited_transport(limit: int) -> Any:
+    """An httpx transport that stops reading a chat-completion body once it passes ``limit`` bytes.
+
+    httpx has no response-size limit, so the stream is wrapped here: a declared Content-Length over the
+    limit is refused before the body is read, and a chunked body is counted as it arrives.
+    """
+    httpx = _sdk_httpx()
+
+    class LimitedStream(httpx.AsyncByteStream):  # type: ignore[misc,name-defined]
+        def __init__(self, inner: Any, status: int) -> None:
+            self._inner, self._status, self._seen = inner, status, 0
+
+        async def __aiter__(self) -> Any:
+            async for chunk in self._inner:
+                self._seen += len(chunk)
+                if self._seen > limit:
+                    raise _TooLarge(self._status, limit)
+                yield chunk
+
+        async def aclose(self) -> None:
+            await self._inner.aclose()
+
+    class LimitedTransport(httpx.AsyncHTTPTransport):  # type: ignore[misc,name-defined]
+        async def handle_async_request(self, request: Any) -> Any:
+            response = await super().handle_async_request(request)
+            if not request.url.path.endswith("/chat/completions"):
+                return response  # batch files are large by design
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                await response.aclose()
+                raise _TooLarge(response.status_code, limit)
+            return httpx.Response(response.status_code, headers=response.headers,
+                                  stream=LimitedStream(response.stream, response.status_code),
+                                  extensions=response.extensions)
+
+    from openai._constants import DEFAULT_CONNECTION_LIMITS
+
+    return LimitedTransport(limits=DEFAULT_CONNECTION_LIMITS)
 
 
 class LLMClient:
@@ -238,6 +438,7 @@ class LLMClient:
         self.cache = ResponseCache(cache_path)
         self.usage = Usage()
         self._pause_until = 0.0  # monotonic time before which no request is sent (after a Retry-After)
+        self._note: Callable[[str], None] | None = None  # shows waits on the caller's progress line
 
     # ---------------------------------------------------------------------------- setup
     def _check_api_key(self) -> None:
@@ -253,7 +454,8 @@ class LLMClient:
         # Userinfo and query go to the SDK as basic auth and default query parameters (what httpx would do
         # with them anyway), so the SDK's and httpx's URLs, logs and error messages never hold them.
         bare, auth, query = split_credentials(self.base_url)
-        http_client = openai.DefaultAsyncHttpxClient(auth=auth) if auth else None  # (user, password): basic
+        http_client = openai.DefaultAsyncHttpxClient(  # auth: (user, password) as basic auth
+            auth=auth, transport=_limited_transport(self.config.max_response_bytes))
         return openai.AsyncOpenAI(
             api_key=key, base_url=bare, timeout=self.config.timeout, max_retries=0, default_query=query or None,
             http_client=http_client,
@@ -301,84 +503,187 @@ class LLMClient:
             body["seed"] = self.config.seed + job.sample
         return body
 
-    def _assemble(self, jobs: list[_Job], n_samples: int, sources: Mapping[str, str]) -> list[Completion]:
+    def _assemble(self, jobs: list[_Job], n_samples: int, sources: Mapping[str, str],
+                  unusable: Mapping[str, Completion] | None = None) -> list[Completion]:
         found = self.cache.get_many([j.key for j in jobs])
         out = []
         for i, job in enumerate(jobs):
+            if unusable and job.key in unusable:
+                out.append(replace(unusable[job.key], prompt_index=i // n_samples, sample=job.sample))
+                continue
             text, finish, pt, ct = found[job.key]
             out.append(Completion(text, finish, pt, ct, job.key, i // n_samples, job.sample,
                                   sources.get(job.key, "cache")))
         return out
 
-    # ---------------------------------------------------------------------------- retries
-    def _retry_delay(self, exc: BaseException, attempt: int) -> tuple[float, str] | None:
-        """(seconds to wait, reason) for a retryable failure, else None."""
-        retry_after = None
-        if isinstance(exc, openai.APITimeoutError):
-            reason = "timeout"
-        elif isinstance(exc, openai.APIConnectionError):
-            reason = "connection"
-        elif isinstance(exc, openai.APIStatusError):
-            status = exc.status_code
-            if status not in RETRYABLE_STATUS and status < 500:
-                return None
-            reason = str(status)
-            retry_after = _retry_after_seconds(exc.response.headers)
-        else:
-            return None
-        cfg = self.config
-        if retry_after is not None:
-            # Honour the server's wait, plus a little jitter so waiting requests do not return in lockstep.
-            wait = min(retry_after, cfg.retry_after_max)
-            return wait * (1 + random.uniform(0, 0.2)), reason
-        cap = min(cfg.backoff_max, cfg.backoff_base * 2**attempt)
-        return cap / 2 + random.uniform(0, cap / 2), reason
+    def _good_cached(self, keys: Sequence[str]) -> set[str]:
+        """Keys with a complete answer in the cache (older runs may have cached cut or empty ones)."""
+        return {k for k, (text, finish, _, _) in self.cache.get_many(keys).items()
+                if reply_problem(text, finish) is None}
 
-    async def _with_retries(self, call: Callable[[], Awaitable[T]], *, count_requests: bool = False) -> T:
+    # ---------------------------------------------------------------------------- retries
+    def _url(self, path: str) -> str:
+        return f"{(self.endpoint or '').rstrip('/')}{path}"
+
+    def _classify(self, exc: BaseException, path: str) -> _Failure:
+        """Any failure of one attempt as a `_Failure`: what to say, and whether to retry, wait or stop."""
+        url = self._url(path)
+        if isinstance(exc, _Failure):
+            return exc
+        if isinstance(exc, TimeoutError):
+            return _Failure(url, f"no complete reply within {self.config.request_timeout:g} s (--request-timeout)",
+                            retryable=True, reason="deadline")
+        if isinstance(exc, _TooLarge):
+            return _Failure(url, str(exc), retryable=False, reason="too large")
+        if isinstance(exc, openai.APITimeoutError):
+            return _Failure(url, f"no bytes for {self.config.timeout:g} s (--timeout)", retryable=True,
+                            reason="timeout")
+        if isinstance(exc, openai.APIConnectionError):
+            chain = _chain(exc)
+            too_large = next((e for e in chain if isinstance(e, _TooLarge)), None)
+            if too_large is not None:
+                return _Failure(url, str(too_large), retryable=False, reason="too large")
+            refused = any(isinstance(e, ConnectionRefusedError) for e in chain)
+            cause = chain[1] if len(chain) > 1 else exc
+            what = "connection refused" if refused else f"connection failed ({type(cause).__name__}: {cause})"
+            return _Failure(url, what, retryable=True, reason="connection")
+        if isinstance(exc, openai.APIStatusError):
+            status = exc.status_code
+            what = f"HTTP {status} ({type(exc).__name__}: {_server_message(exc.response)})"
+            retryable = status in RETRYABLE_STATUS or status >= 500
+            return _Failure(url, what, retryable=retryable, reason=str(status), fatal=status in FATAL_STATUS,
+                            wait=_retry_after_seconds(exc.response.headers) if retryable else None)
+        return _Failure(url, f"{type(exc).__name__}: {exc}", retryable=False, reason=type(exc).__name__)
+
+    def _retry_delay(self, failure: _Failure, attempt: int) -> float:
+        cfg = self.config
+        if failure.wait is not None:
+            # Honour the server's wait up to --max-retry-wait, with a little jitter (under the cap) so waiting
+            # requests do not all return in lockstep.
+            return min(cfg.max_retry_wait, failure.wait * (1 + random.uniform(0, 0.2)))
+        cap = min(cfg.backoff_max, cfg.backoff_base * 2**attempt)
+        return cap / 2 + random.uniform(0, cap / 2)
+
+    async def _with_retries(self, call: Callable[[], Awaitable[T]], *, path: str = "",
+                            count_requests: bool = False, deadline: float | None = None,
+                            stop: asyncio.Event | None = None) -> T:
         attempt = 0
         while True:
             pause = self._pause_until - time.monotonic()
             if pause > 0:
                 await asyncio.sleep(pause)
+            if stop is not None and stop.is_set():
+                raise _Skipped
             if count_requests:
                 self.usage.requests += 1
             try:
-                return await call()
+                if deadline is None:
+                    return await call()
+                # httpx's timeouts bound each connect/read/write, not the whole request: a server dripping a
+                # byte a second never trips them. The hard deadline is an asyncio timeout around the call.
+                return await asyncio.wait_for(call(), deadline)
             except Exception as exc:
-                decision = self._retry_delay(exc, attempt)
-                if decision is None or attempt >= self.config.max_retries:
-                    raise
-                delay, reason = decision
-                if isinstance(exc, openai.APIStatusError) and exc.status_code in (429, 503):
+                failure = self._classify(exc, path)
+                if not failure.retryable or attempt >= self.config.max_retries:
+                    failure.retries = attempt
+                    raise failure from None
+                delay = self._retry_delay(failure, attempt)
+                if failure.reason in ("429", "503") and failure.wait is not None:
                     # A rate limit applies to the whole client: hold every request, not just this one.
+                    if time.monotonic() + delay > self._pause_until + 0.5:
+                        what = "rate limited" if failure.reason == "429" else "unavailable (503)"
+                        self._announce(f"waiting {delay:.0f} s: {what} by {urlparse(self.base_url).hostname}")
                     self._pause_until = max(self._pause_until, time.monotonic() + delay)
                 attempt += 1
                 self.usage.retries += 1
-                self.usage.retry_reasons[reason] += 1
+                self.usage.retry_reasons[failure.reason] += 1
                 await asyncio.sleep(delay)
 
+    def _announce(self, text: str) -> None:
+        logger.info("%s", text)
+        if self._note is not None:
+            self._note(text)
+
     # ---------------------------------------------------------------------------- online
+    async def _ask(self, sdk: openai.AsyncOpenAI, body: dict[str, Any], stop: asyncio.Event) -> _Reply:
+        """One chat completion, retried; a malformed body counts as a failed attempt like a 5xx."""
+        url = self._url("/chat/completions")
+
+        async def attempt() -> _Reply:
+            raw = await sdk.chat.completions.with_raw_response.create(**body)
+            http = raw.http_response
+            try:
+                data = json.loads(http.content)  # bytes: json checks the UTF-8 itself
+            except UnicodeDecodeError:
+                problem: str | _Reply = "body is not UTF-8"
+            except ValueError:
+                ctype = http.headers.get("content-type", "")
+                problem = f"body is not JSON ({ctype or 'no content type'})"
+            else:
+                problem = _parse_reply(data)
+            if isinstance(problem, str):
+                raise _Failure(url, f"HTTP {http.status_code}: {problem}", retryable=True, reason="malformed")
+            return problem
+
+        return await self._with_retries(attempt, path="/chat/completions", count_requests=True,
+                                        deadline=self.config.request_timeout, stop=stop)
+
+    def _account(self, reply: _Reply) -> None:
+        if reply.prompt_tokens is None or reply.completion_tokens is None:
+            self.usage.unknown_usage += 1
+            return
+        self.usage.prompt_tokens += reply.prompt_tokens
+        self.usage.completion_tokens += reply.completion_tokens
+
     async def _fetch_online(
-        self, todo: Sequence[_Job], sources: dict[str, str], tick: Callable[[], None] | None = None
+        self, todo: Sequence[_Job], sources: dict[str, str], tick: Callable[[], None] | None = None,
+        unusable: dict[str, Completion] | None = None, all_keys: Sequence[str] = (),
     ) -> None:
-        """Fetch ``todo`` concurrently; each reply is cached as soon as it arrives."""
+        """Fetch ``todo`` concurrently; each complete reply is cached as soon as it arrives.
+
+        Unusable replies (cut, filtered, empty, null, refused) go to ``unusable``, uncached. The first 401/403/404
+        stops every request not yet sent.
+        """
         if not todo:
             return
+        unusable = {} if unusable is None else unusable
         sem = asyncio.Semaphore(self.config.concurrency)
+        stop = asyncio.Event()
         sdk = self._sdk()
 
         async def one(job: _Job) -> None:
             body = self._request_body(job)
             async with sem:
-                resp = await self._with_retries(lambda: sdk.chat.completions.create(**body), count_requests=True)
-            choice = resp.choices[0]
-            pt = resp.usage.prompt_tokens if resp.usage else 0
-            ct = resp.usage.completion_tokens if resp.usage else 0
-            self.cache.put(job.key, self.config.model, body, choice.message.content or "",
-                           choice.finish_reason, pt, ct, "online")
-            self.usage.completed += 1
-            self.usage.prompt_tokens += pt
-            self.usage.completion_tokens += ct
+                if stop.is_set():
+                    raise _Skipped
+                try:
+                    reply = await self._ask(sdk, body, stop)
+                    self._account(reply)
+                    problem = reply.problem
+                    retry_body = None
+                    if problem == "length":
+                        if self.config.retry_truncated and body.get("max_tokens"):
+                            retry_body = {**body, "max_tokens": 2 * int(body["max_tokens"])}
+                    elif problem is not None:
+                        retry_body = body  # filtered, empty or refused: a new sample may be complete
+                    if retry_body is not None:
+                        self.usage.retries += 1
+                        self.usage.retry_reasons[problem or ""] += 1
+                        body, reply = retry_body, await self._ask(sdk, retry_body, stop)
+                        self._account(reply)
+                except _Failure as failure:
+                    if failure.fatal:
+                        stop.set()
+                    raise
+            pt, ct = reply.prompt_tokens or 0, reply.completion_tokens or 0
+            if reply.problem is None:
+                self.cache.put(job.key, self.config.model, body, reply.text or "", reply.finish_reason, pt, ct,
+                               "online")
+                self.usage.completed += 1
+            else:
+                self.usage.unusable += 1
+                unusable[job.key] = Completion(reply.text or "", reply.finish_reason, pt, ct, job.key, 0, job.sample,
+                                               "online", reply.refusal, reply.problem)
             sources[job.key] = "online"
             if tick:
                 tick()
@@ -387,26 +692,31 @@ class LLMClient:
             results = await asyncio.gather(*(one(j) for j in todo), return_exceptions=True)
         finally:
             await sdk.close()
-        errors = [r for r in results if isinstance(r, BaseException)]
+        errors = [r for r in results if isinstance(r, BaseException) and not isinstance(r, _Skipped)]
         if errors:
             self.usage.failures += len(errors)
-            kinds = Counter(type(e).__name__ for e in errors)
+            failures = [e if isinstance(e, _Failure) else self._classify(e, "/chat/completions") for e in errors]
+            first = next((f for f in failures if f.fatal), failures[0])
+            keys = list(all_keys) or [j.key for j in todo]
+            cached = len(self._good_cached(keys))
+            more = f" ({len(errors)} requests failed)" if len(errors) > 1 else ""
+            stopped = "; stopped at the first such reply" if first.fatal else ""
             raise LLMError(
-                f"{len(errors)} of {len(todo)} requests failed after up to {self.config.max_retries} retries "
-                f"({dict(kinds)}; first: {errors[0]}); the {len(todo) - len(errors)} that succeeded are "
-                f"cached, so rerunning resumes where this stopped"
-            ) from errors[0]
+                f"{first.line()}{more}{stopped}; {cached} of {len(keys)} replies cached, so rerunning resumes "
+                f"where this stopped"
+            ) from None
 
     def _start(
         self, prompts: Sequence[Messages], n_samples: int, progress: ProgressCallback | None
     ) -> tuple[list[_Job], dict[str, _Job], list[str], Callable[[], None]]:
         """Plan jobs, count cache hits, and return (jobs, distinct, missing keys, progress tick)."""
         jobs, distinct = self._plan(prompts, n_samples)
-        cached = self.cache.get_many(list(distinct))
+        cached = self._good_cached(list(distinct))
         self.usage.cache_hits += sum(1 for j in jobs if j.key in cached)
         missing = [key for key in distinct if key not in cached]
         total = len(distinct)
         state = {"done": total - len(missing)}
+        self._note = getattr(progress, "note", None)
         if progress:
             progress(state["done"], total)
 
@@ -423,8 +733,9 @@ class LLMClient:
         """Async ``complete_many``: one result per (prompt, sample), prompt-major order."""
         jobs, distinct, missing, tick = self._start(prompts, n_samples, progress)
         sources: dict[str, str] = {}
-        await self._fetch_online([distinct[k] for k in missing], sources, tick)
-        return self._assemble(jobs, n_samples, sources)
+        unusable: dict[str, Completion] = {}
+        await self._fetch_online([distinct[k] for k in missing], sources, tick, unusable, list(distinct))
+        return self._assemble(jobs, n_samples, sources, unusable)
 
     def complete_many(
         self, prompts: Sequence[Messages], n_samples: int = 1, *, progress: ProgressCallback | None = None
@@ -449,6 +760,7 @@ class LLMClient:
         jobs, distinct, missing_keys, tick = self._start(prompts, n_samples, progress)
         missing = set(missing_keys)
         sources: dict[str, str] = {}
+        unusable: dict[str, Completion] = {}
         if missing:
             sdk = self._sdk()
             try:
@@ -465,9 +777,10 @@ class LLMClient:
                 await sdk.close()
             still = [distinct[k] for k in missing_keys if k not in sources]
             if still and not fallback_online:
-                raise LLMError(f"{len(still)} batch requests did not complete (fallback_online=False)")
-            await self._fetch_online(still, sources, tick)
-        return self._assemble(jobs, n_samples, sources)
+                raise LLMError(f"{self._url('/batches')}: {len(still)} batch requests did not complete "
+                               f"(fallback_online=False)")
+            await self._fetch_online(still, sources, tick, unusable, list(distinct))
+        return self._assemble(jobs, n_samples, sources, unusable)
 
     async def _submit_batch(self, sdk: openai.AsyncOpenAI, jobs: Sequence[_Job]) -> str:
         lines = [
@@ -477,14 +790,16 @@ class LLMClient:
         ]
         payload = ("\n".join(lines) + "\n").encode("utf-8")
         file_obj = await self._with_retries(
-            lambda: sdk.files.create(file=("requests.jsonl", payload, "application/jsonl"), purpose="batch")
+            lambda: sdk.files.create(file=("requests.jsonl", payload, "application/jsonl"), purpose="batch"),
+            path="/files",
         )
         batch = await self._with_retries(
             lambda: sdk.batches.create(
                 input_file_id=file_obj.id,
                 endpoint="/v1/chat/completions",
                 completion_window=self.config.batch_completion_window,  # type: ignore[arg-type]
-            )
+            ),
+            path="/batches",
         )
         self.cache.add_batch(batch.id, file_obj.id, [job.key for job in jobs])
         self.usage.batch_submitted += len(jobs)
@@ -503,13 +818,13 @@ class LLMClient:
         pending = dict(waiting)
         while pending:
             for batch_id in list(pending):
-                batch = await self._with_retries(lambda b=batch_id: sdk.batches.retrieve(b))
+                batch = await self._with_retries(lambda b=batch_id: sdk.batches.retrieve(b), path="/batches")
                 if batch.status not in TERMINAL_BATCH_STATES:
                     continue
                 if batch.output_file_id:
                     await self._ingest_batch_output(sdk, batch.output_file_id, sources, missing, tick)
                 if batch.error_file_id:
-                    err = await self._with_retries(lambda f=batch.error_file_id: sdk.files.content(f))
+                    err = await self._with_retries(lambda f=batch.error_file_id: sdk.files.content(f), path="/files")
                     self.usage.batch_failed += sum(1 for line in err.text.splitlines() if line.strip())
                 self.cache.set_batch_status(batch_id, f"ingested:{batch.status}")
                 del pending[batch_id]
@@ -524,7 +839,7 @@ class LLMClient:
         missing: set[str],
         tick: Callable[[], None],
     ) -> None:
-        content = await self._with_retries(lambda: sdk.files.content(file_id))
+        content = await self._with_retries(lambda: sdk.files.content(file_id), path="/files")
         for line in content.text.splitlines():
             if not line.strip():
                 continue
@@ -533,17 +848,21 @@ class LLMClient:
             if response.get("status_code") != 200:
                 self.usage.batch_failed += 1
                 continue
-            body = response.get("body") or {}
-            choice = (body.get("choices") or [{}])[0]
-            usage = body.get("usage") or {}
-            pt, ct = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+            reply = _parse_reply(response.get("body"))
+            if isinstance(reply, str) or reply.problem is not None:
+                self.usage.batch_failed += 1  # malformed or unusable: asked again online (never cached)
+                continue
+            pt, ct = reply.prompt_tokens, reply.completion_tokens
             key = record["custom_id"]
             request = {"model": self.config.model, "custom_id": key}
-            self.cache.put(key, self.config.model, request, (choice.get("message") or {}).get("content") or "",
-                           choice.get("finish_reason"), pt, ct, "batch")
+            self.cache.put(key, self.config.model, request, reply.text or "", reply.finish_reason, pt or 0, ct or 0,
+                           "batch")
             self.usage.batch_completed += 1
-            self.usage.batch_prompt_tokens += pt
-            self.usage.batch_completion_tokens += ct
+            if pt is None or ct is None:
+                self.usage.unknown_usage += 1
+            else:
+                self.usage.batch_prompt_tokens += pt
+                self.usage.batch_completion_tokens += ct
             if key in missing and key not in sources:
                 tick()
             sources[key] = "batch"

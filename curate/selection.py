@@ -14,6 +14,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import polars as pl
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -64,3 +66,13 @@ class DecayingThreshold:
             decisions.append(Decision(qid, score, t, selected=(not math.isnan(score)) and score > t,
                                       feedback=feedback))
         return decisions
+
+
+def usable(answer: str = "model_output", finish: str = "finish_reason", refusal: str = "refusal",
+           rot_finish: str | None = "rot_finish_reason") -> pl.Expr:
+    """Rows that may be scored or selected: a non-empty, unrefused answer that ended with ``stop`` (not cut by
+    max_tokens, not filtered), with a complete RoT. A cut or refused answer must never become training data."""
+    ok = (pl.col(answer) != "") & (pl.col(finish) == "stop") & pl.col(refusal).is_null()
+    if rot_finish is not None:
+        ok = ok & (pl.col(rot_finish) == "stop")
+    return ok.fill_null(False)

@@ -47,13 +47,23 @@ def build_sage_responses_cmd(
     limit_questions: Annotated[int | None, typer.Option(help="Only the first N questions (quick runs).")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds before a request counts as stalled and is retried.")]
     = 60.0,
-    max_retries: Annotated[int, typer.Option(help="Retries per request (429 / 5xx / timeouts).")] = 6,
+    max_retries: Annotated[int, typer.Option(help="Retries per request (429 / 5xx / timeouts / malformed "
+                                                   "bodies).")] = 6,
+    request_timeout: Annotated[float, typer.Option(help="Hard deadline in seconds for one request, body "
+                                                        "included (a server dripping bytes cannot hold it).")]
+    = 300.0,
+    max_retry_wait: Annotated[float, typer.Option(help="Longest Retry-After honoured, in seconds.")] = 60.0,
+    max_response_bytes: Annotated[int, typer.Option(help="Largest reply body read; a larger one fails the "
+                                                         "request.")] = 1_000_000,
+    retry_truncated: Annotated[bool, typer.Option(help="Ask an answer cut by max_tokens once more with twice "
+                                                       "the max_tokens.")] = False,
     name: Annotated[str, typer.Option(help="Dataset name in the store.")] = "sage-responses",
     store: StoreOpt = None,
 ) -> None:
     """Collect answers + Rules of Thumb, score SaGE per question, select with a decaying threshold.
 
-    Every reply is cached under <store>/llm_cache: a rerun or a resumed run never pays for a call twice.
+    Every complete reply is cached under <store>/llm_cache: a rerun or a resumed run never pays for a call
+    twice. Answers cut by max_tokens, filtered, empty or refused are never cached, scored or selected.
     Against the offline replay server (`python -m curate.replay`) replies are cached apart and the version
     records `replayed_from`. Credentials in --base-url (user:password@, ?api_key=) are never written.
     """
@@ -66,23 +76,29 @@ def build_sage_responses_cmd(
         embedding_model=embedding_model, initial_threshold=initial_threshold, decay_rate=decay_rate,
         min_threshold=min_threshold, limit_questions=limit_questions,
     )
-    result = build_sage_responses(DatasetStore(store), params, name=name,
-                                  execution={"timeout": timeout, "max_retries": max_retries})
+    execution = {"timeout": timeout, "max_retries": max_retries, "request_timeout": request_timeout,
+                 "max_retry_wait": max_retry_wait, "max_response_bytes": max_response_bytes,
+                 "retry_truncated": retry_truncated}
+    result = build_sage_responses(DatasetStore(store), params, name=name, execution=execution)
     report(result)
     for step, u in result.usage.items():
-        console.print(f"  {step}: {usage_line(u)}", highlight=False)
+        console.print(f"  {step}: {usage_line(u, result.created)}", highlight=False)
 
 
-def usage_line(u: dict) -> str:
+def usage_line(u: dict, created: bool = True) -> str:
     """One step's usage as this run spent it: ``0 calls (all cached)`` when nothing was asked."""
-    calls = u["completed"] + u.get("batch_completed", 0)
+    calls = u["completed"] + u.get("batch_completed", 0) + u.get("unusable", 0)
     if calls == 0 and u.get("failures", 0) == 0:
-        return f"0 calls (all cached), {u['cache_hits']} replies from the cache, cost $0"
+        built = "" if created else " (version already built)"
+        return f"0 calls (all cached), {u['cache_hits']} replies from the cache, cost $0{built}"
     cost = u.get("estimated_cost_usd")
     cost_s = "unknown" if cost is None else f"${cost:.4f}" + (" (replayed)" if u.get("replayed") else "")
-    return (f"{calls} calls, {u['cache_hits']} cached, {u['retries']} retries, "
+    unknown = f" ({u['unknown_usage']} replies reported no usage)" if u.get("unknown_usage") else ""
+    unusable = f", {u['unusable']} unusable (cut/filtered/empty/refused)" if u.get("unusable") else ""
+    return (f"{calls} calls, {u['cache_hits']} cached, {u['retries']} retries{unusable}, "
             f"{u['prompt_tokens'] + u.get('batch_prompt_tokens', 0):,} prompt + "
-            f"{u['completion_tokens'] + u.get('batch_completion_tokens', 0):,} completion tokens, cost {cost_s}")
+            f"{u['completion_tokens'] + u.get('batch_completion_tokens', 0):,} completion tokens{unknown}, "
+            f"cost {cost_s}")
 
 
 @sage_app.command("score")
