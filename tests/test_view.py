@@ -104,6 +104,9 @@ def test_rows_paging_where_and_search(client: TestClient, st: DatasetStore) -> N
     ("id IN (SELECT column0 FROM read_csv('/etc/passwd'))", "file system operations are disabled"),
     ("1=1; COPY (SELECT 1) TO '/tmp/x.csv'", "';' is not allowed"),
     ("(SELECT count(*) FROM read_parquet('/etc/*.parquet')) > 0", "disabled by configuration"),
+    ("EXISTS (SELECT * FROM query('ATTACH ''/tmp/x.db'' AS x'))", "Expected a single SELECT statement"),
+    ("EXISTS (SELECT * FROM glob('/etc/*'))", "disabled by configuration"),
+    ("EXISTS (SELECT * FROM read_json_auto('https://example.com/x.json'))", "disabled by configuration"),
     ("label = 1) UNION ALL (SELECT * FROM rows", "WHERE:"),
     ("no_such_column = 3", 'Referenced column "no_such_column" not found'),
     ("label = ", "WHERE:"),
@@ -113,7 +116,7 @@ def test_where_box_refuses_files_and_shows_one_line(client: TestClient, where: s
     assert r.status_code == 200
     err = error_of(r.text)
     assert message in err and "\n" not in err and 'id="rows"' not in r.text
-    assert not Path("/tmp/x.csv").exists()
+    assert not Path("/tmp/x.csv").exists() and not Path("/tmp/x.db").exists()
 
 
 def test_logit_row_tokens_topk_and_residual(client: TestClient, st: DatasetStore) -> None:
