@@ -214,9 +214,36 @@ def create_pair_task(store: DatasetStore, name: str, source: str, *, n: int = 40
     return _write_task(store, task, overwrite)
 
 
+def read_predictions(path: Path) -> dict[str, dict[str, Any]]:
+    """`curate eval`'s predictions.jsonl: id -> {generated_label, reason, ...}; a bad line names the file and line."""
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise InputError(path, "not UTF-8 text") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(path, f"not JSON ({e.msg})", line=n) from None
+        if not isinstance(rec, dict) or "id" not in rec or "generated_label" not in rec:
+            raise InputError(path, "a prediction needs 'id' and 'generated_label' (curate eval's predictions.jsonl)",
+                             line=n)
+        out[str(rec["id"])] = rec
+    if not out:
+        raise InputError(path, "no predictions")
+    return out
+
+
 def create_label_task(store: DatasetStore, name: str, source: str, *, n: int = 40, seed: int = 0,
-                      config: str | None = None, split: str | None = None, overwrite: bool = False) -> Task:
-    """Statements with a label and (when the data has one) a reason: is the label right, does the reason hold?"""
+                      config: str | None = None, split: str | None = None, predictions: Path | None = None,
+                      overwrite: bool = False) -> Task:
+    """Statements with a label and (when the data has one) a reason: is the label right, does the reason hold?
+
+    With `predictions` (a `curate eval` predictions.jsonl) the label and reason shown are the model's, for the
+    qualitative review of its ethical reasoning; the gold label is kept in the item."""
     check_name(name, "task name")
     v = store.get(source)
     from curate.sql_views import default_config
@@ -229,13 +256,33 @@ def create_label_task(store: DatasetStore, name: str, source: str, *, n: int = 4
         raise CurateError(f"{v.ref} config {config!r} needs a statement/text column and a label column for a label "
                          f"task (columns: {', '.join(df.columns)})")
     ids = df["id"].cast(str).to_list() if "id" in df.columns else [str(i) for i in range(df.height)]
-    rng = np.random.default_rng(seed)
-    picked = rng.permutation(df.height)[:n]
     rows = df.to_dicts()
-    items = [{"id": ids[i], "statement": rows[i][text], "label": str(rows[i][label]),
-              "reason": rows[i].get("reason"), "split": rows[i].get("split")} for i in (int(x) for x in picked)]
-    task = Task(name=name, kind="label", source=_source_facts(v, config), seed=seed, items=items,
-                params={"n": n, "split": split, "text_column": text, "label_column": label}, created_at=now_iso())
+    params: dict[str, Any] = {"n": n, "split": split, "text_column": text, "label_column": label}
+    pool = list(range(df.height))
+    preds: dict[str, dict[str, Any]] = {}
+    if predictions is not None:
+        preds = read_predictions(predictions)
+        pool = [i for i in pool if ids[i] in preds]
+        if not pool:
+            raise InputError(predictions, f"no prediction id matches a row of {v.ref} {config!r}"
+                                          + (f" split {split!r}" if split else ""))
+        params["predictions"] = {"path": str(Path(predictions).resolve()),
+                                 "sha256": hashlib.sha256(Path(predictions).read_bytes()).hexdigest()}
+    words = ({int(r["label"]): str(r["label_text"]) for r in rows if r.get("label") is not None}
+             if {"label", "label_text"} <= set(df.columns) else {})
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in (pool[int(x)] for x in rng.permutation(len(pool))[:n]):
+        item = {"id": ids[i], "statement": rows[i][text], "label": str(rows[i][label]),
+                "reason": rows[i].get("reason"), "split": rows[i].get("split")}
+        if preds:
+            p = preds[ids[i]]
+            g = p.get("generated_label")
+            item.update(gold=item["label"], label=words.get(g, str(g)) if g is not None else "(no label)",
+                        reason=p.get("reason") or "")
+        items.append(item)
+    task = Task(name=name, kind="label", source=_source_facts(v, config), seed=seed, items=items, params=params,
+                created_at=now_iso())
     return _write_task(store, task, overwrite)
 
 

@@ -3,8 +3,10 @@ Krippendorff's α against a hand computation, SaGE-vs-human agreement, and bad i
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,3 +181,24 @@ def test_bad_input_is_one_line(st: DatasetStore, pairs: ann.Task) -> None:
     empty = ann.create_label_task(st, "empty", "dfar", n=2)
     with pytest.raises(CurateError, match="no judgments yet"):
         ann.export_task(st, empty.name)
+
+
+def test_label_task_from_model_predictions(st: DatasetStore, tmp_path: Path) -> None:
+    """A `curate eval` predictions.jsonl: the model's label and reason are what annotators review."""
+    test_rows = st.get("dfar").read_polars("default", "test").to_dicts()
+    preds = tmp_path / "predictions.jsonl"
+    lines = [{"id": r["id"], "gold": r["label"], "generated_label": 1 - r["label"] if i % 2 else r["label"],
+              "reason": f"model reason {i}", "generation": "x"} for i, r in enumerate(test_rows[:4])]
+    preds.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    task = ann.create_label_task(st, "model-review", "dfar", n=10, predictions=preds)
+    assert sorted(task.item_ids()) == sorted(x["id"] for x in lines), "only rows the predictions cover"
+    words = {0: "ethical", 1: "unethical"}
+    for it in task.items:
+        p = next(x for x in lines if x["id"] == it["id"])
+        assert it["label"] == words[p["generated_label"]] and it["gold"] == words[p["gold"]]
+        assert it["reason"] == p["reason"]
+    assert task.params["predictions"]["sha256"] == hashlib.sha256(preds.read_bytes()).hexdigest()
+    preds.write_text(json.dumps(lines[0]) + "\n{broken\n")
+    out = runner.invoke(app, ["annotate", "create", "bad-preds", "--kind", "label", "--source", "dfar",
+                              "--predictions", str(preds), "--store", str(st.root)])
+    assert out.exit_code == 1 and f"{preds} (line 2): not JSON" in out.output, out.output

@@ -37,6 +37,9 @@ def create_cmd(
                                                     "tasks, the default config for label tasks).")] = None,
     split: Annotated[str | None, typer.Option(help="Label tasks: only this split.")] = None,
     strata: Annotated[int, typer.Option(help="Pair tasks: similarity bands sampled evenly.")] = 4,
+    predictions: Annotated[Path | None, typer.Option(help="Label tasks: a `curate eval` predictions.jsonl; the "
+                                                          "model's label and reason are reviewed (rows it covers)."
+                                                     )] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a task of the same name (its "
                                                                 "judgments file is kept).")] = False,
     store: StoreOpt = None,
@@ -49,7 +52,8 @@ def create_cmd(
         task = create_pair_task(st, name, source, n=n, seed=seed, config=config or "responses", strata=strata,
                                 overwrite=overwrite)
     else:
-        task = create_label_task(st, name, source, n=n, seed=seed, config=config, split=split, overwrite=overwrite)
+        task = create_label_task(st, name, source, n=n, seed=seed, config=config, split=split,
+                                 predictions=predictions, overwrite=overwrite)
     console.print(f"created task {safe(task.name)}: {len(task.items)} {task.kind} items from "
                   f"{safe(task.source['name'])}@{safe(task.source['tag'])} ({safe(task.source['config'])}), seed "
                   f"{task.seed}; judge at /annotate/{safe(task.name)} in `curate view`", highlight=False)

@@ -156,7 +156,7 @@ function annotator() {
     $("label-a").textContent = pair ? "Answer A" : `Statement (${it.split || ""})`;
     $("ctx-a").textContent = pair ? (it.question_a || "") : "";
     $("text-a").textContent = pair ? it.text_a : it.statement;
-    $("label-b").textContent = pair ? "Answer B" : `Label: ${it.label}`;
+    $("label-b").textContent = pair ? "Answer B" : `${it.gold !== undefined ? "Model's label" : "Label"}: ${it.label}`;
     $("ctx-b").textContent = pair ? (it.question_b || "") : "";
     $("text-b").textContent = pair ? it.text_b : (it.reason || "(no reason)");
     $("position").textContent = `${pos + 1} / ${state.items.length}`;
