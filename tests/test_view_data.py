@@ -4,6 +4,7 @@ tiny Llama on the real SmolLM2 tokenizer, and a sage-responses version built thr
 
 from __future__ import annotations
 
+import atexit
 import functools
 import shutil
 import tempfile
@@ -27,6 +28,7 @@ def built_store() -> Path:
     from tests.tiny import save_tiny, single_thread, smollm2_tokenizer
 
     root = Path(tempfile.mkdtemp(prefix="view-store-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     store = DatasetStore(root / "store")
     build_dfar(store, shared("dfar"), DfarParams(limit=DFAR_ROWS))
     folder = save_tiny(root / "teacher", smollm2_tokenizer(), hidden=32)
