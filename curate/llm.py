@@ -124,6 +124,7 @@ class LLMConfig:
     max_retry_wait: float = 60.0  # the longest Retry-After honoured
     max_response_bytes: int = 1_000_000
     retry_truncated: bool = False  # ask a reply cut by max_tokens once more with twice the max_tokens
+    accept_truncated: bool = False  # a reply cut by max_tokens is complete (a judge's label capped on purpose)
     cache_dir: Path | str | None = Path(".curate/llm_cache")
     batch_poll_interval: float = 30.0
     batch_completion_window: str = "24h"
@@ -188,10 +189,6 @@ class _Reply:
     refusal: str | None
     prompt_tokens: int | None
     completion_tokens: int | None
-
-    @property
-    def problem(self) -> str | None:
-        return reply_problem(self.text, self.finish_reason, self.refusal)
 
 
 def _count(value: Any) -> int | None:
@@ -519,7 +516,11 @@ class LLMClient:
     def _good_cached(self, keys: Sequence[str]) -> set[str]:
         """Keys with a complete answer in the cache (older runs may have cached cut or empty ones)."""
         return {k for k, (text, finish, _, _) in self.cache.get_many(keys).items()
-                if reply_problem(text, finish) is None}
+                if self._problem(text, finish, None) is None}
+
+    def _problem(self, text: str | None, finish: str | None, refusal: str | None) -> str | None:
+        problem = reply_problem(text, finish, refusal)
+        return None if problem == "length" and self.config.accept_truncated else problem
 
     # ---------------------------------------------------------------------------- retries
     def _url(self, path: str) -> str:
@@ -659,7 +660,7 @@ class LLMClient:
                 try:
                     reply = await self._ask(sdk, body, stop)
                     self._account(reply)
-                    problem = reply.problem
+                    problem = self._problem(reply.text, reply.finish_reason, reply.refusal)
                     retry_body = None
                     if problem == "length":
                         if self.config.retry_truncated and body.get("max_tokens"):
@@ -676,14 +677,15 @@ class LLMClient:
                         stop.set()
                     raise
             pt, ct = reply.prompt_tokens or 0, reply.completion_tokens or 0
-            if reply.problem is None:
+            problem = self._problem(reply.text, reply.finish_reason, reply.refusal)
+            if problem is None:
                 self.cache.put(job.key, self.config.model, body, reply.text or "", reply.finish_reason, pt, ct,
                                "online")
                 self.usage.completed += 1
             else:
                 self.usage.unusable += 1
                 unusable[job.key] = Completion(reply.text or "", reply.finish_reason, pt, ct, job.key, 0, job.sample,
-                                               "online", reply.refusal, reply.problem)
+                                               "online", reply.refusal, problem)
             sources[job.key] = "online"
             if tick:
                 tick()
@@ -849,7 +851,7 @@ class LLMClient:
                 self.usage.batch_failed += 1
                 continue
             reply = _parse_reply(response.get("body"))
-            if isinstance(reply, str) or reply.problem is not None:
+            if isinstance(reply, str) or self._problem(reply.text, reply.finish_reason, reply.refusal):
                 self.usage.batch_failed += 1  # malformed or unusable: asked again online (never cached)
                 continue
             pt, ct = reply.prompt_tokens, reply.completion_tokens

@@ -18,6 +18,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from curate.cli import app
+from curate.llm import LLMClient, LLMConfig
 from curate.prompts import answer_messages
 from curate.store import DatasetStore
 
@@ -198,8 +199,11 @@ def test_connection_refused_names_the_url(questions: Path, tmp_path: Path) -> No
     assert f"{url}/chat/completions" in line and "connection refused" in line and "0 of 6 replies cached" in line
 
 
-def test_oversized_reply_is_cut_off_while_streaming(srv: FaultyServer, questions: Path, tmp_path: Path) -> None:
-    srv.fault("huge", match="MARK")
+@pytest.mark.parametrize("mode", ["huge", "huge_chunked"])
+def test_oversized_reply_is_cut_off_while_streaming(
+    mode: str, srv: FaultyServer, questions: Path, tmp_path: Path
+) -> None:
+    srv.fault(mode, match="MARK")
     res, _ = build(srv.base_url, questions, tmp_path / "s")
     assert res.exit_code == 1, res.output
     (line,) = error_lines(res)
@@ -224,3 +228,33 @@ def test_unreported_usage_is_unknown(mode: str, srv: FaultyServer, questions: Pa
     assert again.exit_code == 0, again.output
     assert "answers: 0 calls (all cached)" in again.output and "version already built" in again.output
     assert srv.calls == 0
+
+
+# ---- already right before this issue, kept so --------------------------------------------------------------
+def test_nul_characters_round_trip_and_resets_recover(srv: FaultyServer, questions: Path, tmp_path: Path) -> None:
+    srv.fault("nul")
+    res, _ = build(srv.base_url, questions, tmp_path / "s")
+    assert res.exit_code == 0, res.output
+    resp = DatasetStore(tmp_path / "s").get("sage-responses").read_polars("responses")
+    assert all(a.startswith("keep\x00this ") for a in resp["model_output"])
+    srv.reset()
+    again, _ = build(srv.base_url, questions, tmp_path / "s")
+    assert again.exit_code == 0 and srv.calls == 0  # the NUL answers came back from the cache as they were
+
+    srv.fault("reset", times=3)
+    res, _ = build(srv.base_url, questions, tmp_path / "s2", "--max-retries", "3")
+    assert res.exit_code == 0, res.output
+    assert srv.calls == 12 + 3  # 6 answers + 6 RoTs, and the 3 dropped connections asked again
+
+
+def test_a_label_capped_on_purpose_is_kept_when_accepted(srv: FaultyServer, tmp_path: Path) -> None:
+    """A judge caps its one-word label with max_tokens: with accept_truncated the cut reply is complete and
+    cached; without it, it is returned as unusable and not cached."""
+    srv.fault("length")
+    prompts = [answer_messages(p) for p in PARAPHRASES["q1"]]
+    cfg = LLMConfig(model="judge", base_url=srv.base_url, cache_dir=tmp_path, max_tokens=8, max_retries=0)
+    strict = LLMClient(cfg).complete_many(prompts)
+    assert [c.problem for c in strict] == ["length"] * 3 and srv.calls == 3
+    judged = LLMClient(cfg, accept_truncated=True).complete_many(prompts)
+    assert all(c.ok and c.text == CUT_ANSWER for c in judged) and srv.calls == 6
+    assert all(c.cached for c in LLMClient(cfg, accept_truncated=True).complete_many(prompts)) and srv.calls == 6

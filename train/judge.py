@@ -71,7 +71,7 @@ class OpenAIJudge:
         from curate.llm import LLMClient, LLMConfig, LLMConfigError, LLMError
 
         cfg = LLMConfig(model=self.model, base_url=self.base_url, temperature=0.0, max_tokens=8,
-                        cache_dir=self.cache_dir)
+                        cache_dir=self.cache_dir, accept_truncated=True)  # the label fits in 8 tokens
         messages = [[{"role": "user", "content": judge_prompt(s, r, words)}]
                     for s, r in zip(statements, reasons, strict=True)]
         try:

@@ -207,5 +207,18 @@ class FaultyServer:
             await self._send(writer, 200, payload)
         elif fault == "huge":  # 20 MB of answer
             await self._send(writer, 200, json.dumps(self.completion(body, "word " * 4_000_000)).encode())
+        elif fault == "huge_chunked":  # 20 MB of answer with no Content-Length: only counting can stop it
+            writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: {js}\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+            payload = json.dumps(self.completion(body, "word " * 4_000_000)).encode()
+            for start in range(0, len(payload), 65536):
+                chunk = payload[start : start + 65536]
+                writer.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+        elif fault == "nul":  # a NUL character inside the answer: valid JSON and valid text
+            text = "Answer: keep\x00this " + body["messages"][-1]["content"][-80:]
+            await self._send(writer, 200, json.dumps(self.completion(body, text)).encode())
+        elif fault == "reset":  # the connection drops before any reply
+            writer.transport.abort()
         else:
             raise ValueError(f"unknown fault {fault!r}")
