@@ -45,6 +45,7 @@ class ViewSpec:
     name: str
     splits: dict[str, list[str]]
     has_split_column: bool
+    where: tuple[tuple[str, str], ...] = ()  # column = value filters (a builder's `params.views`)
 
     def sql(self) -> str:
         parts = []
@@ -52,7 +53,11 @@ class ViewSpec:
             files = "[" + ", ".join(_sql_str(p) for p in paths) + "]"
             extra = "" if self.has_split_column else f", {_sql_str(split)} AS split"
             parts.append(f"SELECT *{extra} FROM read_parquet({files})")
-        return f"CREATE OR REPLACE VIEW {_ident(self.name)} AS " + " UNION ALL BY NAME ".join(parts)
+        body = " UNION ALL BY NAME ".join(parts)
+        if self.where:
+            cond = " AND ".join(f"{_ident(c)} = {_sql_str(v)}" for c, v in self.where)
+            body = f"SELECT * FROM ({body}) WHERE {cond}"
+        return f"CREATE OR REPLACE VIEW {_ident(self.name)} AS " + body
 
 
 @dataclass
@@ -107,6 +112,17 @@ def views_for_manifest(
         for tag in tags:
             for vname in view_names(name or manifest["name"], tag, config, default):
                 specs.append(ViewSpec(vname, files, has_split))
+    # Row subsets a builder declares (ethics: instruct_<subset>): views over the same files, not copies.
+    for view, spec in ((manifest.get("params") or {}).get("views") or {}).items():
+        config = spec.get("config") if isinstance(spec, dict) else None
+        if config not in manifest["configs"]:
+            continue
+        has_split = "split" in (manifest.get("schema") or {}).get(config, {})
+        files = {str(s): [path_for(str(f)) for f in info["files"]] for s, info in manifest["configs"][config].items()}
+        where = tuple((str(c), str(v)) for c, v in (spec.get("where") or {}).items())
+        for tag in tags:
+            for vname in view_names(name or manifest["name"], tag, view, default):
+                specs.append(ViewSpec(vname, files, has_split, where))
     return specs
 
 

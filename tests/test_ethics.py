@@ -21,7 +21,8 @@ def ethics(tmp_path_factory):
 def test_all_subsets_and_splits(ethics) -> None:
     r, st = ethics
     v = r.version
-    assert set(v.configs()) == {"commonsense", "deontology", "justice", "utilitarianism", "virtue", "text_label"}
+    assert set(v.configs()) == {"commonsense", "deontology", "justice", "utilitarianism", "virtue", "text_label",
+                              "instruct"}
     assert v.splits("commonsense") == ["test", "test_hard", "ambig"]
     assert v.splits("virtue") == ["train", "test", "test_hard"]
     # row counts equal the real files' line counts (one header line; utilitarianism has none)
@@ -58,5 +59,5 @@ def test_text_label_view(ethics) -> None:
 
 def test_subset_selection(store, ethics_source) -> None:
     r = build_ethics(store, ethics_source, EthicsParams(subsets=("justice",), limit=10))
-    assert set(r.version.configs()) == {"justice", "text_label"}
+    assert set(r.version.configs()) == {"justice", "text_label", "instruct"}
     assert r.version.num_rows("justice") == 30
