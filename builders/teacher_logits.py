@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import annotated_types as at
 import numpy as np
@@ -30,9 +30,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from builders.base import BuildResult
-from curate.configs import opt, validated
+from curate.configs import ConfigError, opt, validated
 from curate.errors import CurateError
-from curate.logit_codec import CACHE_CONFIG, DEFAULT_SCHEME, SCHEMES, Scheme, cache_schema, encode_logprobs, get_scheme
+from curate.logit_codec import (
+    CACHE_CONFIG,
+    DEFAULT_SCHEME,
+    LAYOUT,
+    SCHEMES,
+    Scheme,
+    cache_schema,
+    encode_logprobs,
+    get_scheme,
+)
 from curate.models import (
     SMOLLM2,
     TEMPLATES,
@@ -46,7 +55,7 @@ from curate.models import (
 )
 from curate.store import DatasetStore, SourceFile, Version, sha256_file
 
-BUILDER_VERSION = "1.0.0"
+BUILDER_VERSION = "2.0.0"  # 2: layout 2 (variable-length rows, sampled rows)
 REQUIRED_COLUMNS = ("id", "prompt", "completion")
 ANSWER_POSITION = (
     "logits at position prompt_len - 1 (the distribution over the first completion token); each label word is "
@@ -64,6 +73,13 @@ def parse_label_words(spec: str) -> dict[int, str]:
     return dict(enumerate(words))
 
 
+# Named settings, chosen by measurement (benchmarks/logit_cache_bench.py, README "Teacher-logit cache").
+PRESETS: dict[str, dict[str, Any]] = {
+    "small": {"k": 64, "top_p": 0.98, "k_min": 8, "quantization": "u8-delta"},
+}
+PRESETS_HELP = [f"{n}: " + " ".join(f"{k}={v}" for k, v in d.items()) for n, d in PRESETS.items()]
+
+
 @dataclass
 class LogitCacheConfig(ModelSpec):
     """Everything that changes the cache's content (the work-dir key and the manifest are built from it)."""
@@ -72,7 +88,17 @@ class LogitCacheConfig(ModelSpec):
     dataset: str = opt("dfar", "Parent dataset (name or name@tag).")
     config: str = opt("lr", "Parent config with id, prompt, completion (dfar: l or lr).")
     splits: list[str] | None = opt(None, "Comma-separated splits (default: all).", flags=("--split",))
-    k: Annotated[int, at.Ge(1)] = opt(64, "Top-k entries kept per completion token.")
+    k: Annotated[int, at.Ge(1)] = opt(64, "Top-k entries kept per completion token (the cap with --top-p).")
+    top_p: Annotated[float, at.Gt(0), at.Le(1)] | None = opt(
+        None, "Keep per token the fewest top entries whose mass reaches this (between --k-min and --k).")
+    k_min: Annotated[int, at.Ge(1)] = opt(1, "Fewest entries per token with --top-p.")
+    select: Literal["top", "sample"] = opt(
+        "top", "top: the most probable ids; sample: the distinct ids of --samples draws from the teacher "
+        "(unbiased forward-KL estimate).")
+    samples: Annotated[int, at.Ge(1), at.Le(4096)] = opt(16, "Draws per token with --select sample.")
+    layout: Annotated[int, at.Ge(1), at.Le(LAYOUT)] = opt(
+        LAYOUT, "2: variable-length rows; 1: exactly k entries per row (readers before v2).")
+    preset: str | None = opt(None, f"Named settings ({', '.join(PRESETS_HELP)}); explicit options win.")
     quantization: str = opt(DEFAULT_SCHEME, f"Log-prob storage: {', '.join(SCHEMES)}.")
     template: Template = opt("plain", "plain (prompt + completion) or chat (chat template).")
     label_words: dict[int, str] | None = opt(
@@ -85,6 +111,30 @@ class LogitCacheConfig(ModelSpec):
     limit: Annotated[int, at.Ge(0)] | None = opt(None, "Only the first N rows of each split (0: all).")
     rows_per_file: Annotated[int, at.Ge(1)] = opt(2000, "Rows per parquet file of the version.")
     name: str | None = opt(None, "Cache dataset name (default <parent>-<config>-logits).")
+
+    def validate(self) -> None:
+        """Cross-field rules (one-line errors, for flags, YAML and Python alike)."""
+        if self.k_min > self.k:
+            raise ConfigError("k_min", f"--k-min {self.k_min} is larger than --k {self.k}")
+        if self.layout == 1 and (self.top_p is not None or self.select == "sample"):
+            raise ConfigError("layout", "--layout 1 stores exactly k entries per token: it cannot hold --top-p or "
+                              "--select sample rows")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ConfigError("preset", f"--preset must be one of {', '.join(PRESETS)}, not {self.preset!r}")
+
+    @property
+    def max_entries(self) -> int:
+        """The most entries a token can keep (readers pad rows to it)."""
+        return self.samples if self.select == "sample" else self.k
+
+
+def preset_values(name: str | None) -> dict[str, Any]:
+    """The option values a preset stands for (lowest layer under YAML / flags)."""
+    if name is None:
+        return {}
+    if name not in PRESETS:
+        raise CurateError(f"--preset must be one of {', '.join(PRESETS)}, not {name!r}")
+    return {**PRESETS[name], "preset": name}
 
 
 @dataclass
@@ -297,25 +347,54 @@ def _key_params(params: LogitCacheConfig) -> dict[str, Any]:
 # ---- computing units ------------------------------------------------------------------------------------
 def unit_table(plan: Plan, unit: list[int], scored: list[Any]) -> pa.Table:
     scheme = plan.scheme
-    schema = cache_schema(plan.vocab_size, scheme)
+    p = plan.params
+    schema = cache_schema(plan.vocab_size, scheme, layout=p.layout, sampled=p.select == "sample")
     exs = [plan.examples[i] for i in unit]
     lab_type = schema.field("label_logprobs").type
+    codes = [encode_logprobs(s.topk_logprobs, scheme) for s in scored]
     cols: dict[str, pa.Array] = {
         "id": pa.array([e.id for e in exs], pa.string()),
         "split": pa.array([e.split for e in exs], pa.string()),
         "label": pa.array([e.label for e in exs], pa.int8()),
         "input_ids": pa.array([e.input_ids for e in exs], schema.field("input_ids").type),
         "prompt_len": pa.array([e.prompt_len for e in exs], pa.int32()),
-        "topk_ids": _list_of_lists([s.topk_ids for s in scored], schema.field("topk_ids").type),
-        "topk_logprobs": _list_of_lists([encode_logprobs(s.topk_logprobs, scheme) for s in scored],
-                                        schema.field("topk_logprobs").type),
-        "residual": _lists([s.residual.astype(np.float16) for s in scored], pa.float16()),
-        "entropy": _lists([s.entropy.astype(np.float16) for s in scored], pa.float16()),
-        "label_logprobs": pa.array(
-            [s.label_logprobs.tolist() if s.label_logprobs is not None else None for s in scored], lab_type),
     }
+    if p.layout == 1:
+        cols["topk_ids"] = _list_of_lists([s.topk_ids for s in scored], schema.field("topk_ids").type)
+        cols["topk_logprobs"] = _list_of_lists(codes, schema.field("topk_logprobs").type)
+    else:
+        masks = [_kept_mask(s) for s in scored]
+        cols["topk_ids"] = _ragged([s.topk_ids for s in scored], masks, schema.field("topk_ids").type)
+        cols["topk_logprobs"] = _ragged(codes, masks, schema.field("topk_logprobs").type)
+        if p.select == "sample":
+            cols["sample_counts"] = _ragged([s.sample_counts for s in scored], masks,
+                                            schema.field("sample_counts").type)
+    cols["residual"] = _lists([s.residual.astype(np.float16) for s in scored], pa.float16())
+    cols["entropy"] = _lists([s.entropy.astype(np.float16) for s in scored], pa.float16())
+    cols["label_logprobs"] = pa.array(
+        [s.label_logprobs.tolist() if s.label_logprobs is not None else None for s in scored], lab_type)
     table = pa.table(cols, schema=schema)
     return table.append_column("_row", pa.array([e.row for e in exs], pa.int32()))
+
+
+def _kept_mask(s: Any) -> np.ndarray:
+    """[T, k] True on the entries a token keeps (a prefix of its row)."""
+    t, k = s.topk_ids.shape
+    if s.kept is None:
+        return np.ones((t, k), dtype=bool)
+    return np.arange(k)[None, :] < s.kept[:, None]
+
+
+def _ragged(arrays: list[np.ndarray], masks: list[np.ndarray], typ: pa.ListType) -> pa.Array:
+    """[T_i, k] arrays keeping the masked prefix of each row -> list<list<v>> with variable inner lengths."""
+    inner_type = typ.value_type.value_type
+    lengths = np.concatenate([m.sum(1) for m in masks]) if masks else np.zeros(0, np.int64)
+    flat = np.concatenate([a[m] for a, m in zip(arrays, masks, strict=True)]) if arrays else np.zeros(0)
+    inner_off = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    inner = pa.ListArray.from_arrays(pa.array(inner_off, pa.int32()),
+                                     pa.array(flat.astype(inner_type.to_pandas_dtype()), inner_type))
+    outer = np.concatenate([[0], np.cumsum([m.shape[0] for m in masks])]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(outer, pa.int32()), inner)
 
 
 def _lists(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
@@ -368,7 +447,9 @@ def compute_units(plan: Plan, work: Path, get_model: Callable[[], Any], *, shard
                 batch = [plan.examples[j] for j in unit[a: a + bs]]
                 scored += score_batch(model, [e.input_ids for e in batch], [e.prompt_len for e in batch],
                                       k=plan.params.k, pad_id=plan.pad_id,
-                                      label_token_ids=plan.label_token_ids or None)
+                                      label_token_ids=plan.label_token_ids or None, top_p=plan.params.top_p,
+                                      k_min=plan.params.k_min,
+                                      samples=plan.params.samples if plan.params.select == "sample" else None)
                 n = sum(e.completion_tokens for e in batch)
                 report.tokens += n
                 rate = report.tokens / max(time.perf_counter() - t0, 1e-9)
@@ -424,6 +505,13 @@ def merge_units(store: DatasetStore, plan: Plan, work: Path, *, teacher: dict[st
         "tokenizer_fingerprint": plan.fingerprint,
         "vocab_size": plan.vocab_size,
         "k": p.k,
+        "layout": p.layout,
+        "select": p.select,
+        "top_p": p.top_p,
+        "k_min": p.k_min,
+        "samples": p.samples if p.select == "sample" else None,
+        "max_entries": p.max_entries,
+        "preset": p.preset,
         "quantization": scheme.name,
         "quantization_detail": scheme.describe(),
         "id_type": str(cache_schema(plan.vocab_size, scheme).field("input_ids").type.value_type),
@@ -455,8 +543,8 @@ def merge_units(store: DatasetStore, plan: Plan, work: Path, *, teacher: dict[st
         "pretty_name": f"Teacher logits of {ref.describe().rsplit('/', 1)[-1]} on {plan.parent.ref} "
                        f"[{p.config}]",
         "description": (
-            f"Sparse teacher distributions for offline knowledge distillation: per completion token the top-{p.k} "
-            f"token ids and log-probs ({scheme.name}), the residual probability mass outside the top-k and the "
+            f"Sparse teacher distributions for offline knowledge distillation: per completion token {_kept_words(p)} "
+            f"token ids and log-probs ({scheme.name}), the residual probability mass outside them and the "
             "entropy; per example the teacher's log-probs of the label words at the answer position. Read it "
             "with `curate.logit_codec.iter_cache`."
         ),
@@ -480,6 +568,14 @@ def merge_units(store: DatasetStore, plan: Plan, work: Path, *, teacher: dict[st
     result = BuildResult(w.result.version, w.result.created, list(plan.notes), repaired=w.result.repaired)
     _remove_work(work)
     return result
+
+
+def _kept_words(p: LogitCacheConfig) -> str:
+    if p.select == "sample":
+        return f"the distinct ids of {p.samples} draws from the teacher (with their counts),"
+    if p.top_p is not None:
+        return f"the fewest top ids reaching mass {p.top_p} ({p.k_min} to {p.k}),"
+    return f"the top-{p.k}"
 
 
 def _remove_work(work: Path) -> None:

@@ -7,6 +7,7 @@ full-vocabulary log-softmax computed here in float32.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,8 @@ class ScoredExample:
     entropy: np.ndarray  # [T], nats
     label_logprobs: np.ndarray | None  # [num_labels] at the answer position (first completion token)
     full_logprobs: np.ndarray | None = None  # [T, V], only when asked for (benchmarks, tests)
+    kept: np.ndarray | None = None  # [T] entries kept per token (top-p / sampling); None: all k
+    sample_counts: np.ndarray | None = None  # [T, k] draws per kept id (sampling), 0 on padding
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,29 +64,61 @@ def completion_logits(model: Any, seqs: list[list[int]], prompt_lens: list[int],
 
 @dataclass
 class Reduced:
-    """Per-row reductions of a [N, V] logits block (torch, float32 unless noted)."""
+    """Per-row reductions of a [N, V] logits block (torch, float32 unless noted). Rows keep ``kept`` entries;
+    the rest of each row is padding (id repeated, log-prob -inf)."""
 
     topk_ids: torch.Tensor  # [N, k] int64
     topk_logprobs: torch.Tensor  # [N, k]
-    residual: torch.Tensor  # [N] float64
+    residual: torch.Tensor  # [N] float64, mass outside the kept entries
     entropy: torch.Tensor  # [N]
     label_logprobs: torch.Tensor | None  # [N, num_labels]
     full_logprobs: torch.Tensor | None  # [N, V]
+    kept: torch.Tensor | None = None  # [N] int64 entries kept (None: all k)
+    sample_counts: torch.Tensor | None = None  # [N, k] int64
+
+
+def _sampled_ids(x: torch.Tensor, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`samples` draws per row from softmax(x) -> (distinct ids [N, samples] ascending, padded with the row's
+    first id; their counts, 0 on padding; number of distinct ids [N]). Seeded, so reruns and shards agree."""
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    draws = torch.multinomial(torch.softmax(x, dim=-1), samples, replacement=True, generator=g)
+    srt, _ = draws.sort(dim=-1)
+    new = torch.ones_like(srt, dtype=torch.bool)
+    new[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    slot = new.cumsum(-1) - 1
+    distinct = new.sum(-1)
+    uids = torch.zeros_like(srt).scatter_(1, slot, srt)
+    counts = torch.zeros_like(srt).scatter_add_(1, slot, torch.ones_like(srt))
+    pad = torch.arange(samples, device=x.device)[None, :] >= distinct[:, None]
+    return torch.where(pad, uids[:, :1], uids), counts, distinct
 
 
 @torch.inference_mode()
 def reduce_logits(logits: torch.Tensor, k: int, label_ids: torch.Tensor | None = None,
-                  keep_full: bool = False) -> Reduced:
-    """Top-k log-probs, residual mass and entropy of softmax(logits) without materialising log_softmax.
+                  keep_full: bool = False, *, top_p: float | None = None, k_min: int = 1,
+                  samples: int | None = None, seed: int = 0) -> Reduced:
+    """Kept log-probs, residual mass and entropy of softmax(logits) without materialising log_softmax.
 
-    Passes over the vocabulary: top-k, shift, exp, two sums. The residual is summed over the non-top-k
-    entries directly (top-k zeroed), so a tiny residual keeps its precision instead of cancelling in 1 - sum.
-    ``logits`` is overwritten (it is the caller's scratch copy).
+    Kept entries: the top-k; with ``top_p`` the smallest top prefix whose mass reaches it (at least
+    ``k_min``, at most k); with ``samples`` the distinct ids of that many draws from the teacher (sorted by
+    descending probability, ties by id). Passes over the vocabulary: top-k, shift, exp, two sums. The residual
+    is summed over the other entries directly (kept ones zeroed), so a tiny residual keeps its precision
+    instead of cancelling in 1 - sum. ``logits`` is overwritten (it is the caller's scratch copy).
     """
     x = logits.float()
     full = torch.log_softmax(x, dim=-1) if keep_full else None
-    top, ids = torch.topk(x, k, dim=-1, sorted=True)
-    m = top[:, :1]
+    counts = kept = None
+    if samples:
+        ids, counts, kept = _sampled_ids(x, samples, seed)
+        m = x.max(dim=-1, keepdim=True).values
+        valid = counts > 0
+        top = torch.where(valid, x.gather(-1, ids), -torch.inf)
+        top, order = top.sort(dim=-1, descending=True, stable=True)  # ids ascend, so ties stay in id order
+        ids, counts, valid = ids.gather(-1, order), counts.gather(-1, order), valid.gather(-1, order)
+    else:
+        top, ids = torch.topk(x, k, dim=-1, sorted=True)
+        m = top[:, :1]
+        valid = torch.ones_like(top, dtype=torch.bool)
     labels = x[:, label_ids] - m if label_ids is not None else None
     y = x.sub_(m)  # logits - max, in place
     e = torch.exp(y)
@@ -91,35 +126,50 @@ def reduce_logits(logits: torch.Tensor, k: int, label_ids: torch.Tensor | None =
     rest = e.sum(-1).double()
     s_rest = torch.bmm(e.unsqueeze(1), y.unsqueeze(2)).view(-1).double()  # row-wise dot, fastest on CPU
     top_y = (top - m).double()
-    e_top = top_y.exp()
+    e_top = torch.where(valid, top_y.exp(), 0.0)
     z = rest + e_top.sum(-1)
     logz = z.log()
-    entropy = logz - (s_rest + (e_top * top_y).sum(-1)) / z
+    entropy = logz - (s_rest + torch.where(valid, e_top * top_y, 0.0).sum(-1)) / z
+    lp = top_y - logz[:, None]
+    residual = rest / z
+    if top_p is not None and not samples:
+        p = lp.exp()
+        kept = ((p.cumsum(-1) < top_p).sum(-1) + 1).clamp(min=k_min, max=k)
+        tail = p.flip(-1).cumsum(-1).flip(-1)  # tail[:, j] = sum of entries j.. (no cancellation)
+        tail = torch.cat([tail, torch.zeros_like(tail[:, :1])], dim=-1)
+        residual = residual + tail.gather(-1, kept[:, None]).squeeze(-1)
+        lp = torch.where(torch.arange(k, device=lp.device)[None, :] < kept[:, None], lp, -torch.inf)
     return Reduced(
         topk_ids=ids,
-        topk_logprobs=(top_y - logz[:, None]).float(),
-        residual=rest / z,
+        topk_logprobs=lp.float(),
+        residual=residual,
         entropy=entropy.float(),
         label_logprobs=(labels.double() - logz[:, None]).float() if labels is not None else None,
         full_logprobs=full,
+        kept=kept,
+        sample_counts=counts,
     )
 
 
 @torch.inference_mode()
 def score_batch(model: Any, seqs: list[list[int]], prompt_lens: list[int], *, k: int, pad_id: int,
-                label_token_ids: list[int] | None = None, keep_full: bool = False) -> list[ScoredExample]:
+                label_token_ids: list[int] | None = None, keep_full: bool = False, top_p: float | None = None,
+                k_min: int = 1, samples: int | None = None) -> list[ScoredExample]:
     """Run the teacher once over prompt + completion for each sequence and reduce each completion token."""
     logits = completion_logits(model, seqs, prompt_lens, pad_id)
     labels = torch.tensor(label_token_ids, device=logits.device) if label_token_ids else None
-    parts = [reduce_logits(logits[a: a + ROWS_PER_REDUCTION], k, labels, keep_full)
+    seed = zlib.crc32(np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs]).tobytes())  # from content
+    parts = [reduce_logits(logits[a: a + ROWS_PER_REDUCTION], k, labels, keep_full, top_p=top_p, k_min=k_min,
+                           samples=samples, seed=seed + a)
              for a in range(0, logits.shape[0], ROWS_PER_REDUCTION)]
 
     def cat(name: str) -> torch.Tensor | None:
         got = [getattr(r, name) for r in parts]
         return None if got[0] is None else torch.cat(got).cpu()
 
-    ids, lps, res, ent, lab, full = (cat(n) for n in ("topk_ids", "topk_logprobs", "residual", "entropy",
-                                                       "label_logprobs", "full_logprobs"))
+    ids, lps, res, ent, lab, full, kept, counts = (
+        cat(n) for n in ("topk_ids", "topk_logprobs", "residual", "entropy", "label_logprobs", "full_logprobs",
+                         "kept", "sample_counts"))
     out, row = [], 0
     for s, p in zip(seqs, prompt_lens, strict=True):
         sl = slice(row, row + len(s) - p)
@@ -131,6 +181,8 @@ def score_batch(model: Any, seqs: list[list[int]], prompt_lens: list[int], *, k:
                 entropy=ent[sl].numpy(),
                 label_logprobs=lab[row].numpy().copy() if lab is not None else None,
                 full_logprobs=full[sl].numpy() if full is not None else None,
+                kept=kept[sl].numpy().astype(np.int64) if kept is not None else None,
+                sample_counts=counts[sl].numpy().astype(np.int64) if counts is not None else None,
             )
         )
         row = sl.stop

@@ -42,6 +42,9 @@ def ce_and_distillation(logprobs: torch.Tensor, rows: torch.Tensor, pos: torch.T
         top_ids = inputs["kd_ids"][rows, t]
         picked = logprobs.gather(-1, torch.cat([top_ids, targets.unsqueeze(-1)], dim=-1))
         ce = -picked[:, -1].mean()
+        if "kd_weights" in inputs:  # sampled cache: the loss's unbiased estimator over the drawn ids
+            return ce, kd_loss.sampled_token_loss(picked[:, :-1], inputs["kd_logprobs"][rows, t],
+                                                  inputs["kd_weights"][rows, t], temperature).mean()
         per = kd_loss.token_loss(picked[:, :-1], inputs["kd_logprobs"][rows, t], inputs["kd_residual"][rows, t],
                                  temperature, complete=top_ids.shape[-1] >= vocab)
         return ce, per.mean()

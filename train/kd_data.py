@@ -33,6 +33,8 @@ def kd_features(ex: Any, max_length: int) -> dict[str, Any] | None:
         "kd_residual": np.asarray(ex.residual[:t], dtype=np.float32),
         "answer_pos": p - 1,
     }
+    if getattr(ex, "sample_weights", None) is not None:
+        feats["kd_weights"] = np.asarray(ex.sample_weights[:t], dtype=np.float32)
     if ex.label_logprobs is not None:
         feats["label_logprobs"] = np.asarray(ex.label_logprobs, dtype=np.float32)
     return feats
@@ -41,7 +43,8 @@ def kd_features(ex: Any, max_length: int) -> dict[str, Any] | None:
 @dataclass
 class KDCollator:
     """Pads ids / labels like `CompletionCollator` and the cache rows to [B, T_max, k] (a row's cached
-    positions are its supervised ones: ``labels != IGNORE``)."""
+    positions are its supervised ones: ``labels != IGNORE``). Padding entries of variable-length rows arrive
+    as log-prob -inf; the losses skip them."""
 
     pad_id: int
     num_labels: int = 0
@@ -60,6 +63,8 @@ class KDCollator:
             "label_logprobs": torch.zeros((n, max(self.num_labels, 1)), dtype=torch.float32),
             "label_mask": torch.zeros(n, dtype=torch.bool),
         }
+        if "kd_weights" in features[0]:  # a sampled cache: importance weights of the kept ids
+            out["kd_weights"] = pad_right([f["kd_weights"] for f in features], 0.0, torch.float32)
         for i, f in enumerate(features):
             if "label_logprobs" in f and self.num_labels:
                 out["label_logprobs"][i] = torch.from_numpy(f["label_logprobs"])

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from builders.teacher_logits import LogitCacheConfig
+from builders.teacher_logits import LogitCacheConfig, preset_values
 from curate.commands._app import StoreOpt, app, console, friendly_errors
 from curate.commands._options import config_options
 from curate.configs import COMMAND_LINE, build_config
@@ -46,13 +46,14 @@ def cache_logits_cmd(
     store: StoreOpt = None,
     options: dict[str, Any] | None = None,
 ) -> None:
-    """Cache a teacher's top-k log-probs, residual mass and label log-probs for offline KD."""
+    """Cache a teacher's top-k (or top-p, or sampled) log-probs, residual mass and label log-probs for offline KD."""
     from builders.teacher_logits import ShardReport, cache_teacher_logits
 
     given = dict(options or {})
     if given.get("limit") == 0:
         given["limit"] = None  # 0: all rows
-    params = build_config(LogitCacheConfig, [(given, COMMAND_LINE)])
+    preset = preset_values(given.get("preset"))  # a preset is the lowest layer: explicit options win
+    params = build_config(LogitCacheConfig, [(preset, f"--preset {given.get('preset')}"), (given, COMMAND_LINE)])
     dist = _distributed()
     if dist is not None and shard is None and not merge:
         rank, world, local = dist

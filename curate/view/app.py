@@ -174,11 +174,12 @@ def logit_row(v: Version, index: int, split: str | None) -> dict[str, Any]:
     entropy = ex.entropy.tolist() if ex.entropy is not None else [0.0] * len(targets)
     tokens = []
     for t, target in enumerate(targets):
-        ids = ex.topk_ids[t].tolist()
+        kept = np.isfinite(ex.topk_logprobs[t])  # variable-length cache rows are padded with -inf
+        ids, lps = ex.topk_ids[t][kept].tolist(), ex.topk_logprobs[t][kept].tolist()
         tokens.append({"id": int(target), "text": text([target])[0], "entropy": round(float(entropy[t]), 4),
                        "residual": float(ex.residual[t]), "topk": [
                            {"id": int(i), "text": s, "prob": float(np.exp(lp))}
-                           for i, s, lp in zip(ids, text(ids), ex.topk_logprobs[t].tolist(), strict=True)]})
+                           for i, s, lp in zip(ids, text(ids), lps, strict=True)]})
     return {"id": ex.id, "split": ex.split, "label": ex.label, "prompt": "".join(text(ex.input_ids[:ex.prompt_len]
                                                                                        .tolist())),
             "tokens": tokens, "k": params.get("k"), "teacher": params.get("teacher"),

@@ -29,9 +29,13 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from curate.errors import CurateError
 from curate.logit_codec import RESIDUAL_FLOOR  # smallest bucket mass, the same number the cache reader uses
 
-__all__ = ["RESIDUAL_FLOOR", "DistillationLoss", "kl", "label_log_distributions", "sparse_log_distributions"]
+__all__ = ["RESIDUAL_FLOOR", "DistillationLoss", "kl", "label_log_distributions", "sampled_forward_kl",
+           "sparse_log_distributions"]
+
+PAD_LOGPROB = -1e4  # stands for -inf on padded entries (fits float16 / bfloat16; exp() is exactly 0)
 
 
 def sparse_log_distributions(student_topk: Tensor, topk_logprobs: Tensor, residual: Tensor, temperature: float,
@@ -45,6 +49,12 @@ def sparse_log_distributions(student_topk: Tensor, topk_logprobs: Tensor, residu
     """
     s_top = student_topk
     t_top = topk_logprobs.to(s_top.dtype)
+    pad = ~torch.isfinite(t_top)  # padding of variable-length rows (top-p / sampled caches): probability 0
+    if bool(pad.any()):
+        # A finite stand-in far below any real log-prob: exp underflows to 0 (so sums and the KL skip it) while
+        # gradients stay finite, which -inf would not give through logsumexp and the JSD mixture.
+        t_top = t_top.masked_fill(pad, PAD_LOGPROB)
+        s_top = s_top.masked_fill(pad, PAD_LOGPROB)
     if not complete:
         # log(1 - sum s_S) from the gathered log-probs: -expm1(logsumexp) is accurate for small and large mass.
         s_mass = torch.logsumexp(s_top, dim=-1)
@@ -78,6 +88,13 @@ class DistillationLoss(ABC):
         t, s = sparse_log_distributions(student_topk, topk_logprobs, residual, temperature, complete=complete)
         return temperature**2 * self.divergence(t, s)
 
+    def sampled_token_loss(self, student_logprobs: Tensor, teacher_logprobs: Tensor, weights: Tensor,
+                           temperature: float) -> Tensor:
+        """Per-position estimate of D from a sampled cache ([N, n] each, weights = counts / draws). Only forward
+        KL has an unbiased estimator from draws of the teacher; other losses refuse sampled caches."""
+        raise CurateError(f"--loss {self.name} cannot train from a sampled cache (--select sample): only "
+                          "forward_kl has an unbiased estimator; use --loss forward_kl or a top-k cache")
+
     def label_loss(self, student_label_logprobs: Tensor, teacher_label_logprobs: Tensor,
                    temperature: float) -> Tensor:
         """Per-example T² · D over the label verbalizers: [N, C] and [N, C] -> [N]."""
@@ -86,6 +103,15 @@ class DistillationLoss(ABC):
 
 
 def kl(p_logp: Tensor, q_logp: Tensor) -> Tensor:
-    """KL(p ‖ q) over the last dim; outcomes with p = 0 contribute 0 (inputs are finite log-probs)."""
+    """KL(p ‖ q) over the last dim; outcomes with p = 0 contribute 0 (the difference is masked before the
+    product, so an infinite log-prob there cannot turn the gradient into NaN)."""
     p = p_logp.exp()
-    return torch.where(p > 0, p * (p_logp - q_logp), torch.zeros_like(p)).sum(-1)
+    return (p * torch.where(p > 0, p_logp - q_logp, torch.zeros_like(p))).sum(-1)
+
+
+def sampled_forward_kl(student_logprobs: Tensor, teacher_logprobs: Tensor, weights: Tensor) -> Tensor:
+    """Unbiased estimate of KL(p ‖ q) from N draws x_i ~ p: (1/N) sum_i (log p(x_i) - log q(x_i)), written over
+    the distinct ids as sum_j w_j (log p_j - log q_j) with w_j = count_j / N. ``student_logprobs`` are the
+    student's full-vocabulary (temperature 1) log-probs at the ids; padding has weight 0. [N, n] -> [N]."""
+    diff = teacher_logprobs.to(student_logprobs.dtype) - student_logprobs
+    return (weights.to(student_logprobs.dtype) * torch.where(weights > 0, diff, torch.zeros_like(diff))).sum(-1)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from train.losses.base import DistillationLoss, kl
+from curate.errors import CurateError
+from train.losses.base import DistillationLoss, kl, sampled_forward_kl
 
 
 class ForwardKL(DistillationLoss):
@@ -12,3 +13,12 @@ class ForwardKL(DistillationLoss):
 
     def divergence(self, teacher_logp: Tensor, student_logp: Tensor) -> Tensor:
         return kl(teacher_logp, student_logp)
+
+    def sampled_token_loss(self, student_logprobs: Tensor, teacher_logprobs: Tensor, weights: Tensor,
+                           temperature: float) -> Tensor:
+        """The unbiased estimator of KL(teacher ‖ student) at temperature 1 (a tempered teacher's normaliser is
+        not known from draws, so other temperatures are refused)."""
+        if temperature != 1.0:
+            raise CurateError(f"a sampled cache estimates the temperature-1 KL; --temperature {temperature} needs "
+                              "a top-k cache")
+        return sampled_forward_kl(student_logprobs, teacher_logprobs, weights)

@@ -1,0 +1,282 @@
+"""Logit cache v2: exact ids for any vocabulary (151,936 included), variable-length top-p rows, layout-1 caches
+still read, one-line errors for bad selection flags, and sampled rows whose KD estimator is unbiased.
+
+Expected values come from a direct full softmax of the same tiny random teacher (float64), never from the
+cache code itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from builders.dfar import DfarParams, build_dfar
+from builders.teacher_logits import BuildResult, LogitCacheConfig, cache_teacher_logits
+from curate.cli import app
+from curate.logit_codec import SCHEMES, decode_logprobs, encode_logprobs, load_cache
+from curate.store import DatasetStore
+from tests.conftest import shared
+from tests.tiny import smollm2_tokenizer
+from train.kd_data import kd_features
+
+ROWS = 4  # per split of dfar lr: 8 examples, ~700 completion tokens
+QWEN_VOCAB = 151_936
+
+
+@pytest.fixture(scope="module")
+def dfar_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("v2-store")
+    build_dfar(DatasetStore(root), shared("dfar"), DfarParams(limit=ROWS))
+    return root
+
+
+def _teacher(folder: Path, vocab: int | None) -> tuple[Path, Any, Any]:
+    """A 2-layer random Llama (logits spread by initializer_range=1) on the SmolLM2 tokenizer, padded with
+    added tokens to `vocab` entries when given (a Qwen-sized vocabulary with real text ids)."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = copy.deepcopy(smollm2_tokenizer())
+    if vocab is not None:
+        tok.add_tokens([f"<extra_{i}>" for i in range(vocab - len(tok))])
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                         initializer_range=1.0, tie_word_embeddings=True, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(config).float().eval()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder, model, tok
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Any]:
+    return _teacher(tmp_path_factory.mktemp("teacher"), None)
+
+
+@pytest.fixture(scope="module")
+def qwen_sized_teacher(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Any]:
+    return _teacher(tmp_path_factory.mktemp("teacher-152k"), QWEN_VOCAB)
+
+
+def _store(tmp_path: Path, dfar_store: Path) -> DatasetStore:
+    import shutil
+
+    shutil.copytree(dfar_store, tmp_path / "store")
+    return DatasetStore(tmp_path / "store")
+
+
+def _cache(store: DatasetStore, teacher: tuple[Path, Any, Any], **kw: Any) -> BuildResult:
+    folder, model, tok = teacher
+    params = LogitCacheConfig(model=str(folder), dtype="float32", chunk_size=4, batch_size=4, **kw)
+    result = cache_teacher_logits(store, params, model=model, tokenizer=tok, progress=False)
+    assert isinstance(result, BuildResult)
+    return result
+
+
+def _direct(model: Any, input_ids: np.ndarray, prompt_len: int) -> torch.Tensor:
+    """Unbatched full log-softmax (float64) of the rows predicting the completion tokens: the ground truth."""
+    with torch.inference_mode():
+        logits = model(torch.tensor(input_ids[None])).logits[0]
+    return torch.log_softmax(logits.double(), dim=-1)[prompt_len - 1: -1]
+
+
+# ---- big vocabularies and old caches -------------------------------------------------------------------
+def test_qwen_sized_vocabulary_round_trips_exactly(tmp_path: Path, dfar_store: Path, qwen_sized_teacher) -> None:
+    """A 151,936-token teacher: ids (uint32 lists, dictionary-encoded by parquet) decode to exactly the top-k
+    of a full softmax; the layout-1 cache of the same run reads back identically."""
+    _, model, tok = qwen_sized_teacher
+    store = _store(tmp_path, dfar_store)
+    v2 = _cache(store, qwen_sized_teacher, k=16, quantization="fp16", splits=["test"]).version
+    p = v2.manifest["params"]
+    assert (p["vocab_size"], p["id_type"], p["layout"]) == (QWEN_VOCAB, "uint32", 2)
+    examples = load_cache(v2)
+    assert len(examples) == ROWS
+    big = 0
+    for ex in examples:
+        full = _direct(model, ex.input_ids, ex.prompt_len)
+        top = torch.topk(full, 16, dim=-1)
+        assert np.array_equal(ex.topk_ids, top.indices.numpy())
+        assert np.allclose(ex.topk_logprobs, top.values.numpy(), atol=2e-2, rtol=1e-3)
+        big += int((ex.topk_ids >= 1 << 16).sum())
+    assert big > 0, "the test must exercise ids above uint16"
+    v1 = _cache(store, qwen_sized_teacher, k=16, quantization="fp16", splits=["test"], layout=1,
+                name="v1-logits").version
+    assert v1.manifest["params"]["id_type"] == "uint32" and v1.manifest["params"]["layout"] == 1
+    for a, b in zip(load_cache(v1), examples, strict=True):
+        assert np.array_equal(a.topk_ids, b.topk_ids) and np.array_equal(a.topk_logprobs, b.topk_logprobs)
+        assert np.array_equal(a.residual, b.residual)
+
+
+def test_layout_1_cache_loads_for_kd_like_layout_2(tmp_path: Path, dfar_store: Path, teacher) -> None:
+    """Old caches (uint16 id lists, k per row) still feed KD: the same features as the packed layout."""
+    store = _store(tmp_path, dfar_store)
+    v1 = _cache(store, teacher, k=8, layout=1, name="old-logits").version
+    v2 = _cache(store, teacher, k=8).version
+    assert v1.read("default", "train").schema.field("topk_ids").type.value_type.value_type == "uint16"
+    for a, b in zip(load_cache(v1), load_cache(v2), strict=True):
+        fa, fb = kd_features(a, 1024), kd_features(b, 1024)
+        assert fa.keys() == fb.keys()
+        for key in fa:
+            assert np.array_equal(fa[key], fb[key]), key
+
+
+# ---- per-token adaptive (top-p) rows ---------------------------------------------------------------------
+@pytest.mark.parametrize("quantization", ["fp16", "u8-delta"])
+def test_top_p_rows_match_a_full_softmax(tmp_path: Path, dfar_store: Path, teacher, quantization: str) -> None:
+    _, model, _ = teacher
+    store = _store(tmp_path, dfar_store)
+    top_p, k, k_min = 0.6, 24, 2
+    v = _cache(store, teacher, k=k, top_p=top_p, k_min=k_min, quantization=quantization).version
+    p = v.manifest["params"]
+    assert (p["top_p"], p["k_min"], p["max_entries"]) == (top_p, k_min, k)
+    scheme = SCHEMES[quantization]
+    lengths = []
+    for ex in load_cache(v):
+        full = _direct(model, ex.input_ids, ex.prompt_len)
+        top = torch.topk(full, k, dim=-1)
+        probs = top.values.exp().numpy()
+        cum = np.cumsum(probs, axis=1)
+        want = np.clip((cum < top_p).sum(1) + 1, k_min, k)
+        kept = np.isfinite(ex.topk_logprobs).sum(1)
+        near = np.abs(cum[np.arange(len(cum)), np.minimum(want, k) - 1] - top_p) < 1e-5  # float32 boundary ties
+        assert np.array_equal(kept[~near], want[~near])
+        lengths += kept.tolist()
+        for t, n in enumerate(kept):
+            assert np.all(np.isfinite(ex.topk_logprobs[t, :n])) and np.all(ex.topk_ids[t, n:] == 0)
+            assert np.array_equal(ex.topk_ids[t, :n], top.indices[t, :n].numpy())
+            ref = decode_logprobs(encode_logprobs(top.values[t, :n].numpy()[None].astype(np.float32), scheme),
+                                  scheme)[0]
+            assert np.allclose(ex.topk_logprobs[t, :n], ref, atol=1e-3 if scheme.step is None else scheme.step)
+            assert np.isclose(ex.residual[t], 1 - probs[t, :n].sum(), rtol=2e-3, atol=1e-6)
+    assert len(set(lengths)) > 2, "rows must really vary in length"
+
+
+def test_variable_rows_round_trip_exactly_through_the_table() -> None:
+    """unit_table -> parquet -> decode_batch gives back exactly the kept prefix of each row (ids and codes)."""
+    import io
+    from dataclasses import dataclass
+
+    import pyarrow.parquet as pq
+
+    from builders.teacher_logits import _kept_mask, _ragged
+    from curate.logit_codec import decode_batch
+
+    @dataclass
+    class Row:
+        topk_ids: np.ndarray
+        kept: np.ndarray
+
+    rng = np.random.default_rng(1)
+    vocab, k = QWEN_VOCAB, 12
+    rows = []
+    for t in (5, 1, 9):
+        ids = np.stack([rng.choice(vocab, k, replace=False) for _ in range(t)])
+        rows.append((Row(ids, rng.integers(1, k + 1, size=t)), -np.sort(rng.exponential(3, size=(t, k)), 1)))
+    import pyarrow as pa
+
+    from curate.logit_codec import cache_schema
+
+    for name, scheme in SCHEMES.items():
+        schema = cache_schema(vocab, scheme)
+        masks = [_kept_mask(r) for r, _ in rows]
+        codes = [encode_logprobs(lp.astype(np.float32), scheme) for _, lp in rows]
+        table = pa.table({
+            "id": ["a", "b", "c"], "split": ["train"] * 3, "label": pa.array([0, 1, None], pa.int8()),
+            "input_ids": pa.array([[1] * (len(r.kept) + 1) for r, _ in rows], schema.field("input_ids").type),
+            "prompt_len": pa.array([1, 1, 1], pa.int32()),
+            "topk_ids": _ragged([r.topk_ids for r, _ in rows], masks, schema.field("topk_ids").type),
+            "topk_logprobs": _ragged(codes, masks, schema.field("topk_logprobs").type),
+            "residual": pa.array([[0.5] * len(r.kept) for r, _ in rows], pa.list_(pa.float16())),
+            "entropy": pa.array([[1.0] * len(r.kept) for r, _ in rows], pa.list_(pa.float16())),
+            "label_logprobs": pa.array([None, None, None], pa.list_(pa.float32())),
+        }, schema=schema)
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        back = decode_batch(pq.read_table(io.BytesIO(buf.getvalue())), scheme, k, ragged=True)
+        for ex, (r, lp), m in zip(back, rows, masks, strict=True):
+            full_back = decode_logprobs(encode_logprobs(lp.astype(np.float32), scheme), scheme)
+            assert np.array_equal(np.isfinite(ex.topk_logprobs), m), name
+            assert np.array_equal(ex.topk_ids[m], r.topk_ids[m]), name
+            assert np.array_equal(ex.topk_logprobs[m], full_back[m]), name
+
+
+# ---- flags --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("args", "message"), [
+    (["--top-p", "1.5"], "top_p must be in (0, 1], got 1.5 (command line)"),
+    (["--top-p", "0"], "top_p must be in (0, 1], got 0"),
+    (["--top-p", "-0.2"], "top_p must be in (0, 1]"),
+    (["--k", "8", "--k-min", "9"], "--k-min 9 is larger than --k 8"),
+    (["--layout", "1", "--top-p", "0.9"], "--layout 1 stores exactly k entries"),
+    (["--select", "sample", "--samples", "0"], "samples must be in [1, 4096]"),
+    (["--preset", "tiny"], "--preset must be one of small, not 'tiny'"),
+])
+def test_bad_selection_flags_are_one_line_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    out = CliRunner().invoke(app, ["cache-logits", "--store", str(tmp_path / "store"), *args])
+    assert out.exit_code == 1, out.output
+    assert message in out.output and len(out.output.strip().splitlines()) == 1, out.output
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*.parquet"))
+
+
+def test_preset_is_the_lowest_layer(tmp_path: Path, dfar_store: Path, teacher) -> None:
+    from builders.teacher_logits import PRESETS
+
+    folder = teacher[0]
+    store = _store(tmp_path, dfar_store)
+    base = ["cache-logits", "--store", str(store.root), "--teacher", str(folder), "--dtype", "float32",
+            "--split", "test", "--preset", "small"]
+    out = CliRunner().invoke(app, [*base, "--k", "12"])
+    assert out.exit_code == 0, out.output
+    p = store.get("dfar-lr-logits").manifest["params"]
+    assert p["preset"] == "small" and p["k"] == 12  # the explicit flag wins
+    assert (p["top_p"], p["k_min"], p["quantization"]) == tuple(PRESETS["small"][key] for key in
+                                                                 ("top_p", "k_min", "quantization"))
+
+
+# ---- sampled rows ---------------------------------------------------------------------------------------
+def test_sampled_cache_rows_and_kd_batch(tmp_path: Path, dfar_store: Path, teacher) -> None:
+    """--select sample: distinct ids with counts summing to the draws, exact teacher log-probs at those ids,
+    reproducible, and a KD batch whose loss is the weighted estimator."""
+    from train.kd import ce_and_distillation
+    from train.kd_data import KDCollator
+    from train.losses import get_loss
+
+    _, model, tok = teacher
+    store = _store(tmp_path, dfar_store)
+    v = _cache(store, teacher, select="sample", samples=8, quantization="fp16", splits=["test"]).version
+    p = v.manifest["params"]
+    assert (p["select"], p["samples"], p["max_entries"]) == ("sample", 8, 8)
+    examples = load_cache(v)
+    for ex in examples:
+        full = _direct(model, ex.input_ids, ex.prompt_len)
+        kept = np.isfinite(ex.topk_logprobs)
+        assert np.allclose(ex.sample_weights.sum(1), 1.0) and np.all(ex.sample_weights[~kept] == 0)
+        for t in range(len(ex.residual)):
+            ids = ex.topk_ids[t, kept[t]]
+            assert len(set(ids.tolist())) == len(ids)
+            want = full[t, ids].numpy()
+            assert np.allclose(ex.topk_logprobs[t, kept[t]], want, atol=2e-2, rtol=1e-3)
+            assert np.all(np.diff(ex.topk_logprobs[t, kept[t]]) <= 0)
+            assert np.isclose(ex.residual[t], 1 - np.exp(want).sum(), rtol=2e-3, atol=1e-5)
+    again = _cache(store, teacher, select="sample", samples=8, quantization="fp16", splits=["test"], name="again")
+    assert [f.read_bytes() for f in again.version.files("default")] == [f.read_bytes() for f in v.files("default")]
+
+    feats = [kd_features(ex, 1024) for ex in examples[:2]]
+    batch = KDCollator(pad_id=tok.pad_token_id)(feats)
+    with torch.no_grad():
+        logprobs_all = torch.log_softmax(model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+    rows, pos = torch.nonzero(batch["labels"][:, 1:] != -100, as_tuple=True)
+    targets = batch["labels"][rows, pos + 1]
+    _, kd = ce_and_distillation(logprobs_all[rows, pos], rows, pos, targets, batch, kd_loss=get_loss("forward_kl"),
+                                temperature=1.0)
+    t = pos - batch["answer_pos"][rows]
+    w, lp = batch["kd_weights"][rows, t], batch["kd_logprobs"][rows, t]
+    s = logprobs_all[rows, pos].gather(-1, batch["kd_ids"][rows, t])
+    manual = (w * torch.where(w > 0, lp - s, torch.zeros_like(s))).sum(-1).mean()
+    assert torch.isfinite(kd) and torch.allclose(kd, manual)
