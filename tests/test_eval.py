@@ -229,3 +229,78 @@ def test_eval_shows_progress_for_its_long_steps(world: dict[str, Path], capsys: 
     evaluate_model(model, smollm2_tokenizer(), rows, template="plain", max_new_tokens=2, progress=True)
     err = capsys.readouterr().err
     assert "generating" in err and "reason perplexity" in err and "3/3" in err
+
+
+def test_per_paradigm_macro_on_a_hand_computed_example() -> None:
+    from train.metrics import macro_over_groups
+
+    # deontology test: gold 1 1 0 0, pred 1 0 0 0 -> acc 3/4; label 1: tp 1 fp 0 fn 1 -> P 1, R 1/2, F1 2/3
+    # justice test:    gold 1 0 0,   pred 1 1 0   -> acc 2/3; label 1: tp 1 fp 1 fn 0 -> P 1/2, R 1, F1 2/3
+    # justice test_hard: gold 0 1,   pred 0 0     -> acc 1/2; label 1: tp 0 -> P 0, R 0, F1 0
+    per = {
+        "deontology": {"test": classification_metrics([1, 1, 0, 0], [1, 0, 0, 0], [0, 1])},
+        "justice": {"test": classification_metrics([1, 0, 0], [1, 1, 0], [0, 1]),
+                    "test_hard": classification_metrics([0, 1], [0, 0], [0, 1])},
+    }
+    assert (per["deontology"]["test"]["precision"], per["deontology"]["test"]["recall"]) == (1.0, 0.5)
+    macro = macro_over_groups(per)
+    assert macro["test"]["accuracy"] == pytest.approx((3 / 4 + 2 / 3) / 2)
+    assert macro["test"]["precision"] == pytest.approx((1 + 1 / 2) / 2)
+    assert macro["test"]["recall"] == pytest.approx((1 / 2 + 1) / 2)
+    assert macro["test"]["f1"] == pytest.approx(2 / 3)
+    assert macro["test_hard"] == pytest.approx({"accuracy": 0.5, "precision": 0, "recall": 0, "f1": 0, "groups": 1})
+    assert macro["all"]["accuracy"] == pytest.approx((3 / 4 + 2 / 3 + 1 / 2) / 3) and macro["all"]["groups"] == 3
+
+
+@pytest.fixture(scope="module")
+def ethics_store(world: dict[str, Path]) -> Path:
+    from builders.ethics import EthicsParams, build_ethics
+    from curate.store import DatasetStore
+
+    from .conftest import shared
+
+    build_ethics(DatasetStore(world["store"]), shared("ethics"), EthicsParams(limit=6, check_tokenizer=False))
+    return world["store"]
+
+
+def test_ethics_eval_per_paradigm_and_split(world: dict[str, Path], ethics_store: Path, tmp_path: Path) -> None:
+    """Verbalizers come from the manifest per paradigm; every (paradigm, split) group is scored apart and its
+    metrics equal those recomputed from predictions.jsonl; table, figure and CLI table are written."""
+    from curate.cli import app
+
+    res = CliRunner().invoke(app, ["eval", "--model", str(world["model"]), "--store", str(ethics_store),
+                                   "--dataset", "ethics", "--dataset-config", "instruct", "--split", "test,test_hard",
+                                   "--limit", "4", "--judge", "none", "--max-new-tokens", "2",
+                                   "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    flat = " ".join(res.output.split())
+    assert "utilitarianism" in flat and "macro" in flat and "test_hard" in flat
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert set(m["per_group"]) == {"commonsense", "deontology", "justice", "utilitarianism", "virtue"}
+    assert all(set(s) == {"test", "test_hard"} for s in m["per_group"].values())
+    assert m["label_words_by_group"]["utilitarianism"] == {"0": "A", "1": "B"}
+    assert m["label_words_by_group"]["commonsense"] == {"0": "not wrong", "1": "wrong"}
+    preds = [json.loads(line) for line in (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 5 * 2 * 4 == m["n"]
+    for (g, sp), group in _by_group(preds).items():
+        want = classification_metrics([p["gold"] for p in group], [p["verbalizer"] for p in group], [0, 1])
+        got = m["per_group"][g][sp]["verbalizer"]
+        assert (got["accuracy"], got["precision"], got["recall"], got["f1"]) == pytest.approx(
+            (want["accuracy"], want["precision"], want["recall"], want["f1"]))
+        assert all(len(p["verbalizer_logprobs"]) == 2 for p in group)
+    accs = [m["per_group"][g]["test"]["verbalizer"]["accuracy"] for g in m["per_group"]]
+    assert m["macro_verbalizer"]["test"]["accuracy"] == pytest.approx(sum(accs) / 5)
+    assert m["verbalizer"]["accuracy"] == pytest.approx(m["macro_verbalizer"]["all"]["accuracy"])
+    table = (tmp_path / "o" / "table.md").read_text()
+    assert "| virtue | test_hard | 4 |" in table and "| macro | test |" in table
+    assert (tmp_path / "o" / "confusion_matrix.png").stat().st_size > 5000
+    bad = CliRunner().invoke(app, ["eval", "--model", str(world["model"]), "--store", str(ethics_store),
+                                   "--dataset", "ethics", "--dataset-config", "instruct", "--subsets", "karma"])
+    assert bad.exit_code == 1 and "unknown subset(s) karma" in bad.output and "known: commonsense" in bad.output
+
+
+def _by_group(preds: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for p in preds:
+        out.setdefault((p["subset"], p["split"]), []).append(p)
+    return out

@@ -21,12 +21,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from curate.errors import CurateError
 from curate.models import ModelSpec
 from curate.store import DatasetStore, Version
 from curate.urls import redact_url
 from train.judge import Judge, make_judge
-from train.metrics import classification_metrics, misalignment
+from train.metrics import SCORES, classification_metrics, macro_over_groups, misalignment
 from train.modeling import check_model_spec
 from train.scoring import (
     generate,
@@ -48,8 +50,9 @@ class EvalConfig(ModelSpec):
 
     dataset: str = "dfar"
     dataset_config: str = "lr"
-    split: str = "test"
-    limit: int | None = 200
+    split: str = "test"  # or several, comma-separated: test,test_hard (each reported apart)
+    subsets: str | None = None  # comma-separated subsets of a dataset with a `subset` column (default all)
+    limit: int | None = 200  # per (subset, split) group when the rows are grouped
     batch_size: int = 16
     max_new_tokens: int = 48
     max_length: int = 512
@@ -77,25 +80,48 @@ class EvalRows:
     notes: list[str] = field(default_factory=list)
 
 
-def read_eval_rows(store: DatasetStore, dataset: str, config: str, split: str, limit: int | None) -> EvalRows:
-    """Rows of a prompt/completion/label config; statements and reasons from `default` when it has them."""
-    version = store.get(dataset)
+def manifest_label_words(version: Version) -> tuple[dict[int, str] | None, dict[str, dict[int, str]] | None]:
+    """The verbalizers a builder recorded: ``params.label_words`` (one set, e.g. dfar) and/or
+    ``params.label_words_by_subset`` (one set per value of the rows' `subset` column, e.g. ethics instruct)."""
+    params = version.manifest.get("params") or {}
+
+    def ints(d: dict[str, str]) -> dict[int, str]:
+        return dict(sorted((int(k), str(v)) for k, v in d.items()))
+
+    flat = params.get("label_words")
+    by = params.get("label_words_by_subset")
+    return (ints(flat) if isinstance(flat, dict) else None,
+            {str(s): ints(w) for s, w in by.items()} if isinstance(by, dict) else None)
+
+
+def _read_labelled(version: Version, config: str, split: str) -> pa.Table:
+    if split not in version.splits(config):
+        raise CurateError(f"{version.ref} config {config!r} has no split {split!r} "
+                          f"(it has {', '.join(version.splits(config))})")
     table = version.read(config, split)
     missing = [c for c in REQUIRED if c not in table.column_names]
     if missing:
         raise CurateError(f"{version.ref} config {config!r} lacks column(s) {', '.join(missing)} "
                           f"(evaluation needs {', '.join(REQUIRED)})")
-    if limit:
-        table = table.slice(0, limit)
+    return table
+
+
+def _rows_of(version: Version, config: str, split: str, table: pa.Table, recorded: dict[int, str] | None,
+             where: str = "") -> EvalRows:
+    """EvalRows of one table; the label words are the recorded ones (checked against the rows' label_text),
+    else the rows' own (label, label_text) pairs."""
     if table.num_rows == 0:
-        raise CurateError(f"{version.ref} config {config!r} split {split!r} has no rows")
+        raise CurateError(f"{version.ref} config {config!r} split {split!r}{where} has no rows")
     d = table.to_pydict()
-    words: dict[int, str] = {}
+    words: dict[int, str] = dict(recorded or {})
     for lab, text in zip(d["label"], d["label_text"], strict=True):
         if lab is None:
             raise CurateError(f"{version.ref} {config}/{split} has rows without a label; evaluation needs labels")
+        if recorded is not None and int(lab) not in recorded:
+            raise CurateError(f"{version.ref} {config}/{split}{where}: label {lab} has no recorded label word "
+                              f"(manifest: {recorded})")
         if words.setdefault(int(lab), text) != text:
-            raise CurateError(f"{version.ref}: label {lab} is both {words[int(lab)]!r} and {text!r}")
+            raise CurateError(f"{version.ref}{where}: label {lab} is both {words[int(lab)]!r} and {text!r}")
     words = dict(sorted(words.items()))
     statements = list(d["prompt"])
     starts = [0] * table.num_rows
@@ -116,6 +142,68 @@ def read_eval_rows(store: DatasetStore, dataset: str, config: str, split: str, l
             span = "reason"
     return EvalRows(list(d["id"]), list(d["prompt"]), list(d["completion"]), [int(x) for x in d["label"]],
                     statements, starts, words, span, version)
+
+
+@dataclass
+class GroupedEvalRows:
+    """Rows evaluated per group (paradigm, split): each group has its own label words (ethics instruct)."""
+
+    parts: dict[tuple[str, str], EvalRows]
+    version: Version
+
+    @property
+    def labels(self) -> list[int]:
+        return [lab for p in self.parts.values() for lab in p.labels]
+
+    @property
+    def label_words(self) -> dict[str, str]:
+        """Every group's words (keys `subset:label`), for callers that only need the words themselves."""
+        return {f"{g}:{k}": w for (g, _), p in self.parts.items() for k, w in p.label_words.items()}
+
+
+def parse_splits(split: str) -> list[str]:
+    return [s.strip() for s in split.split(",") if s.strip()]
+
+
+def read_eval_rows(store: DatasetStore, dataset: str, config: str, split: str, limit: int | None,
+                   subsets: list[str] | None = None) -> EvalRows | GroupedEvalRows:
+    """Rows of a prompt/completion/label config, with the verbalizers the dataset's manifest records.
+
+    One split and no `subset` column: plain EvalRows (statements and reasons from `default` when it has them).
+    Rows with a `subset` column (or several splits, ``test,test_hard``): one group per (subset, split), each
+    with the first `limit` rows of its group and its own recorded label words.
+    """
+    version = store.get(dataset)
+    flat, by_subset = manifest_label_words(version)
+    splits = parse_splits(split)
+    if not splits:
+        raise CurateError(f"no split given ({split!r})")
+    tables = {sp: _read_labelled(version, config, sp) for sp in splits}
+    grouped = len(splits) > 1 or "subset" in tables[splits[0]].column_names
+    if not grouped:
+        table = tables[splits[0]]
+        return _rows_of(version, config, splits[0], table.slice(0, limit) if limit else table, flat)
+    import pyarrow.compute as pc
+
+    parts: dict[tuple[str, str], EvalRows] = {}
+    for sp, table in tables.items():
+        names = (sorted(set(table["subset"].to_pylist()), key=str) if "subset" in table.column_names else ["all"])
+        if subsets:
+            check_subsets(subsets, names, f"{version.ref} {config}/{sp}")
+            names = [n for n in names if n in subsets]
+        for name in names:
+            part = table if name == "all" else table.filter(pc.equal(table["subset"], name))
+            part = part.slice(0, limit) if limit else part
+            words = (by_subset or {}).get(name, flat)
+            parts[(name, sp)] = _rows_of(version, config, sp, part, words, where=f" subset {name!r}")
+    return GroupedEvalRows(parts, version)
+
+
+def check_subsets(wanted: list[str], known: list[str], where: str) -> None:
+    """A subset name the data does not have: one line listing the known ones."""
+    unknown = [s for s in wanted if s not in known]
+    if unknown:
+        raise CurateError(f"unknown subset(s) {', '.join(unknown)} in {where}; known: {', '.join(known)}")
 
 
 @dataclass
@@ -208,7 +296,7 @@ def reason_perplexity(model: Any, tok: Any, prompt_ids: list[list[int]], complet
     return {"reason_nll": nll, "reason_perplexity": math.exp(nll) if n else float("nan"), "reason_tokens": n}
 
 
-def evaluate_model(model: Any, tok: Any, rows: EvalRows, *, template: str, batch_size: int = 16,
+def evaluate_model(model: Any, tok: Any, rows: EvalRows | GroupedEvalRows, *, template: str, batch_size: int = 16,
                    max_new_tokens: int = 48, max_length: int = 512, label_prefix: str = " ",
                    judge: Judge | None = None, training: TrainingData | None = None, progress: bool = False,
                    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -218,8 +306,77 @@ def evaluate_model(model: Any, tok: Any, rows: EvalRows, *, template: str, batch
     counted and warned about, and a run trained on label words only gets no gold-reason perplexity.
     """
     with _progress(progress) as step:
+        if isinstance(rows, GroupedEvalRows):
+            return _evaluate_grouped(model, tok, rows, template=template, batch_size=batch_size,
+                                     max_new_tokens=max_new_tokens, max_length=max_length, label_prefix=label_prefix,
+                                     judge=judge, training=training, step=step)
         return _evaluate(model, tok, rows, template=template, batch_size=batch_size, max_new_tokens=max_new_tokens,
                          max_length=max_length, label_prefix=label_prefix, judge=judge, training=training, step=step)
+
+
+def _evaluate_grouped(model: Any, tok: Any, rows: GroupedEvalRows, *, judge: Judge | None, **kw: Any,
+                      ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Each (subset, split) group with its own verbalizers; macro averages over the groups per split.
+
+    The top-level ``verbalizer`` / ``generation`` entries are those macro averages over every group (what a
+    one-line report prints); ``per_group[subset][split]`` holds each group's full metrics."""
+    t0 = time.perf_counter()
+    per_group: dict[str, dict[str, dict[str, Any]]] = {}
+    preds: list[dict[str, Any]] = []
+    warnings: list[str] = []
+    if judge is not None:
+        warnings.append(f"judge {judge.name} not applied: per-group label-word datasets have no reasons to judge")
+    for (group, split), part in rows.parts.items():
+        m, p = _evaluate(model, tok, part, judge=None, **kw)
+        per_group.setdefault(group, {})[split] = m
+        warnings += [f"{group}/{split}: {w}" for w in m.get("warnings", [])]
+        preds += [{"subset": group, "split": split, **r} for r in p]
+    out: dict[str, Any] = {"n": len(preds), "per_group": per_group, "warnings": warnings,
+                           "label_words_by_group": {g: next(iter(s.values()))["label_words"]
+                                                    for g, s in per_group.items()},
+                           "label_words": {}, "reason_perplexity": None,
+                           "reason_perplexity_skipped": "per-group evaluation (label words only)",
+                           "reason_span": "completion"}
+    for reading in ("verbalizer", "generation"):
+        table = {g: {sp: m[reading] for sp, m in s.items()} for g, s in per_group.items()}
+        macro = macro_over_groups(table)
+        out[f"macro_{reading}"] = macro
+        out[reading] = {"n": len(preds), **{k: macro["all"][k] for k in ("accuracy", "precision", "recall", "f1")},
+                        "positive_label": None, "macro_over": f"{macro['all']['groups']} (subset, split) groups"}
+    out["generation"]["parse_rate"] = (sum(g is not None for g in (r["generated_label"] for r in preds))
+                                       / len(preds))
+    out["majority"] = {g: {sp: majority_share(m["verbalizer"]) for sp, m in s.items()} for g, s in per_group.items()}
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    return out, preds
+
+
+def majority_share(m: dict[str, Any]) -> float:
+    """Accuracy of always answering the most frequent gold label (the baseline a model has to beat)."""
+    supports = [v["support"] for v in m["per_label"].values()]
+    return max(supports) / sum(supports) if sum(supports) else 0.0
+
+
+def results_table(metrics: dict[str, Any], reading: str = "verbalizer") -> list[dict[str, Any]]:
+    """One row per (subset, split) plus one macro row per split: the table the CLI prints and table.md holds."""
+    rows = []
+    for g, splits in metrics["per_group"].items():
+        for sp, m in splits.items():
+            r = m[reading]
+            rows.append({"subset": g, "split": sp, "n": r["n"], **{k: r[k] for k in SCORES},
+                         "majority": metrics["majority"][g][sp]})
+    for sp, r in metrics[f"macro_{reading}"].items():
+        if sp != "all":
+            rows.append({"subset": "macro", "split": sp, "n": None, **{k: r[k] for k in SCORES}, "majority": None})
+    return rows
+
+
+def table_markdown(rows: list[dict[str, Any]]) -> str:
+    head = ("| paradigm | split | n | accuracy | precision | recall | F1 | majority class |\n"
+            "|---|---|---|---|---|---|---|---|\n")
+    return head + "".join(
+        f"| {r['subset']} | {r['split']} | {r['n'] if r['n'] is not None else ''} | "
+        + " | ".join(f"{r[k]:.3f}" for k in SCORES)
+        + f" | {'' if r['majority'] is None else format(r['majority'], '.3f')} |\n" for r in rows)
 
 
 def _evaluate(model: Any, tok: Any, rows: EvalRows, *, template: str, batch_size: int, max_new_tokens: int,
@@ -290,13 +447,22 @@ def _evaluate(model: Any, tok: Any, rows: EvalRows, *, template: str, batch_size
 
 
 def write_eval(out: Path, metrics: dict[str, Any], preds: list[dict[str, Any]], title: str) -> None:
-    from train.plots import plot_confusion
+    from train.plots import plot_confusion, plot_group_confusion
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     with open(out / "predictions.jsonl", "w") as fh:
         for p in preds:
             fh.write(json.dumps(p) + "\n")
+    if "per_group" in metrics:
+        (out / "table.md").write_text(table_markdown(results_table(metrics)))
+        panels = {f"{g} {sp}": m["verbalizer"]["confusion"] for g, s in metrics["per_group"].items()
+                  for sp, m in s.items()}
+        words = {f"{g} {sp}": [metrics["label_words_by_group"][g][k]
+                               for k in sorted(metrics["label_words_by_group"][g], key=int)]
+                 for g, s in metrics["per_group"].items() for sp in s}
+        plot_group_confusion(panels, words, out / "confusion_matrix.png", title=f"{title} (verbalizer reading)")
+        return
     words = [metrics["label_words"][k] for k in sorted(metrics["label_words"], key=int)]
     plot_confusion({"verbalizer": metrics["verbalizer"]["confusion"],
                     "generation": metrics["generation"]["confusion"]}, words, out / "confusion_matrix.png",
@@ -310,23 +476,25 @@ def run_eval(cfg: EvalConfig) -> tuple[dict[str, Any], Path]:
 
     check_model_spec(cfg.model)
     store = DatasetStore(cfg.store)
-    rows = read_eval_rows(store, cfg.dataset, cfg.dataset_config, cfg.split, cfg.limit)
+    rows = read_eval_rows(store, cfg.dataset, cfg.dataset_config, cfg.split, cfg.limit,
+                          parse_splits(cfg.subsets) if cfg.subsets else None)
     run = Path(cfg.model)
     template = cfg.template
     training = None
+    tag = "+".join(parse_splits(cfg.split))
     if (run / RUN_FILE).is_file():
         training = training_data(run, store, list(rows.label_words.values()))
         quant = cfg.weight_quantization(strict=False)
         model, tok, info = load_run(run, device=cfg.device, dtype=cfg.dtype, quant=quant)
         template = template or info.get("template", "plain")
-        out = Path(cfg.out_dir) if cfg.out_dir else run / "eval" / f"{rows.version.name}-{cfg.split}"
+        out = Path(cfg.out_dir) if cfg.out_dir else run / "eval" / f"{rows.version.name}-{tag}"
     else:
         ref = model_ref(cfg.model, cfg.gguf_file, cfg.revision)
         model = load_causal_lm(ref, dtype=cfg.dtype, device=cfg.device, quant=cfg.weight_quantization(strict=False))
         tok = load_tokenizer(ref)
         template = template or "plain"
         name = Path(ref.gguf_file or ref.location).name
-        out = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / "eval" / f"{name}-{rows.version.name}-{cfg.split}"
+        out = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / "eval" / f"{name}-{rows.version.name}-{tag}"
     judge = make_judge(cfg.judge, base_url=cfg.judge_base_url, cache_dir=store.root / "llm_cache",
                        evaluated=(model, tok), device=cfg.device)
     metrics, preds = evaluate_model(model, tok, rows, template=template, batch_size=cfg.batch_size,

@@ -80,3 +80,21 @@ def misalignment(stances: list[int | None], gold: list[int], own: list[int | Non
         "contradicts_own_label_rate": (sum(stances[i] != own[i] for i in with_own) / len(with_own)
                                        if with_own else None),
     }
+
+
+SCORES = ("accuracy", "precision", "recall", "f1")
+
+
+def macro_over_groups(per_group: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Unweighted means of accuracy / P / R / F1 over groups, per split and over all groups.
+
+    ``per_group[group][split]`` is a `classification_metrics` result; the answer is
+    ``{split: {accuracy, precision, recall, f1, groups}, "all": {...}}`` (each group counts once, whatever
+    its size: the paradigms' macro average)."""
+    by_split: dict[str, list[dict[str, Any]]] = {}
+    for splits in per_group.values():
+        for split, m in splits.items():
+            by_split.setdefault(split, []).append(m)
+    by_split["all"] = [m for ms in list(by_split.values()) for m in ms]
+    return {split: {**{k: sum(m[k] for m in ms) / len(ms) for k in SCORES}, "groups": len(ms)}
+            for split, ms in by_split.items()}

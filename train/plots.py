@@ -67,3 +67,36 @@ def plot_confusion(matrices: dict[str, list[list[int]]], labels: list[str], path
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_group_confusion(matrices: dict[str, list[list[int]]], labels: dict[str, list[str]], path: Path,
+                         title: str = "") -> Path:
+    """One panel per group (ETHICS: paradigm × split), each with its own label words; rows gold, columns
+    predicted; up to four panels a row."""
+    n = len(matrices)
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, (name, m) in zip(axes.flat, matrices.items(), strict=False):
+        words = labels[name]
+        xcols = words + (["none"] if len(m[0]) > len(words) else [])
+        ax.imshow(m, cmap="Blues")
+        ax.set_xticks(range(len(xcols)), xcols, fontsize=8)
+        ax.set_yticks(range(len(words)), words, fontsize=8)
+        ax.set_xlabel("predicted", fontsize=8)
+        ax.set_ylabel("gold", fontsize=8)
+        ax.set_title(name, fontsize=9)
+        peak = max(max(r) for r in m) or 1
+        for i, row in enumerate(m):
+            for j, v in enumerate(row):
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
+                        color="white" if v > peak / 2 else "black")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

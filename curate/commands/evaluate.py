@@ -20,8 +20,11 @@ from curate.models import ModelSpec
 def eval_cmd(
     dataset: Annotated[str, typer.Option(help="Dataset (name or name@tag).")] = "dfar",
     dataset_config: Annotated[str, typer.Option(help="Config with prompt, completion, label, label_text.")] = "lr",
-    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
-    limit: Annotated[int | None, typer.Option(help="First N rows only (0: all).")] = 200,
+    split: Annotated[str, typer.Option(help="Split(s) to evaluate, comma-separated (ethics: test,test_hard).")] = (
+        "test"),
+    subsets: Annotated[str | None, typer.Option(help="Comma-separated subsets (rows with a subset column; "
+                                                     "default all).")] = None,
+    limit: Annotated[int | None, typer.Option(help="First N rows only, per subset and split (0: all).")] = 200,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward / generate call.")] = 16,
     max_new_tokens: Annotated[int, typer.Option(help="Greedy generation length.")] = 48,
     template: Annotated[str | None, typer.Option(help="plain or chat (default: the run's, else plain).")] = None,
@@ -35,15 +38,18 @@ def eval_cmd(
     """Evaluate a model on a labelled split; writes metrics.json, predictions.jsonl, confusion_matrix.png."""
     from train.evaluate import EvalConfig, run_eval
 
-    given = dict(dataset=dataset, dataset_config=dataset_config, split=split, limit=limit or None,
+    given = dict(dataset=dataset, dataset_config=dataset_config, split=split, subsets=subsets, limit=limit or None,
                  batch_size=batch_size, max_new_tokens=max_new_tokens, template=template, judge=judge,
                  judge_base_url=judge_base_url, out_dir=str(out) if out else None,
                  store=str(store) if store else None, **(options or {}))
     cfg = build_config(EvalConfig, [(given, COMMAND_LINE)])
     metrics, folder = run_eval(cfg)
+    if "per_group" in metrics:
+        print_group_table(metrics)
     for reading in ("verbalizer", "generation"):
         r = metrics[reading]
-        console.print(f"{reading:<11} acc {r['accuracy']:.3f}  P {r['precision']:.3f}  R {r['recall']:.3f}  "
+        label = reading if "per_group" not in metrics else f"{reading} macro"
+        console.print(f"{label:<11} acc {r['accuracy']:.3f}  P {r['precision']:.3f}  R {r['recall']:.3f}  "
                       f"F1 {r['f1']:.3f}  (n={r['n']})", highlight=False)
     ppl = metrics.get("reason_perplexity")
     console.print(f"generation parse rate {metrics['generation']['parse_rate']:.3f}"
@@ -54,3 +60,18 @@ def eval_cmd(
         console.print(f"misalignment rate {rate} ({mis['judged']} reasons judged by {mis['judge']})",
                       highlight=False)
     console.print(f"[green]wrote[/] {folder}/metrics.json, confusion_matrix.png", highlight=False)
+
+
+def print_group_table(metrics: dict[str, Any]) -> None:
+    """Accuracy / P / R / F1 per (subset, split) and the macro rows, verbalizer reading."""
+    from rich.table import Table
+
+    from curate.commands._app import safe
+    from train.evaluate import results_table
+
+    t = Table("paradigm", "split", "n", "acc", "P", "R", "F1", "majority", title="verbalizer reading")
+    for r in results_table(metrics):
+        t.add_row(safe(r["subset"]), safe(r["split"]), "" if r["n"] is None else str(r["n"]),
+                  *(f"{r[k]:.3f}" for k in ("accuracy", "precision", "recall", "f1")),
+                  "" if r["majority"] is None else f"{r['majority']:.3f}")
+    console.print(t)
