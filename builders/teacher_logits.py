@@ -88,10 +88,15 @@ class LogitCacheConfig(ModelSpec):
     dataset: str = opt("dfar", "Parent dataset (name or name@tag).")
     config: str = opt("lr", "Parent config with id, prompt, completion (dfar: l or lr).")
     splits: list[str] | None = opt(None, "Comma-separated splits (default: all).", flags=("--split",))
+    subsets: list[str] | None = opt(None, "Comma-separated subsets of a parent with a subset column (ethics "
+                                          "instruct); default all.")
     k: Annotated[int, at.Ge(1)] = opt(64, "Top-k entries kept per completion token (the cap with --top-p).")
     top_p: Annotated[float, at.Gt(0), at.Le(1)] | None = opt(
         None, "Keep per token the fewest top entries whose mass reaches this (between --k-min and --k).")
-    k_min: Annotated[int, at.Ge(1)] = opt(1, "Fewest entries per token with --top-p.")
+    k_min: Annotated[int, at.Ge(1)] = opt(1, "Fewest entries per token with --top-p / --entry-cost.")
+    entry_cost: Annotated[float, at.Gt(0)] | None = opt(
+        None, "Keep per token the n (--k-min..--k) minimising KL(teacher || cache row) + this * n (nats per entry): "
+        "the budget-optimal allocation.")
     select: Literal["top", "sample"] = opt(
         "top", "top: the most probable ids; sample: the distinct ids of --samples draws from the teacher "
         "(unbiased forward-KL estimate).")
@@ -116,7 +121,10 @@ class LogitCacheConfig(ModelSpec):
         """Cross-field rules (one-line errors, for flags, YAML and Python alike)."""
         if self.k_min > self.k:
             raise ConfigError("k_min", f"--k-min {self.k_min} is larger than --k {self.k}")
-        if self.layout == 1 and (self.top_p is not None or self.select == "sample"):
+        if self.top_p is not None and self.entry_cost is not None:
+            raise ConfigError("entry_cost", "--top-p and --entry-cost are two ways to choose the kept entries: "
+                              "give one")
+        if self.layout == 1 and (self.top_p is not None or self.entry_cost is not None or self.select == "sample"):
             raise ConfigError("layout", "--layout 1 stores exactly k entries per token: it cannot hold --top-p or "
                               "--select sample rows")
         if self.preset is not None and self.preset not in PRESETS:
@@ -212,6 +220,10 @@ def read_parent(store: DatasetStore, params: LogitCacheConfig) -> tuple[Version,
                 f"{parent.ref} config {params.config!r} lacks column(s) {', '.join(missing)} "
                 f"(a logit cache needs {', '.join(REQUIRED_COLUMNS)}; has {', '.join(t.column_names)})"
             )
+        if params.subsets or "subset" in t.column_names:
+            from train.data import select_subsets
+
+            t = select_subsets(t, params.subsets, f"{parent.ref} {params.config}/{split}")
         tables[split] = t.slice(0, params.limit) if params.limit else t
     return parent, tables
 
@@ -228,6 +240,8 @@ def resolve_label_words(tables: dict[str, pa.Table], params: LogitCacheConfig) -
             if lab is None:
                 continue
             if words.setdefault(int(lab), text) != text:
+                if "subset" in t.column_names:  # per-subset words (ethics instruct): token KD only
+                    return {}
                 raise CurateError(f"{split} row {i + 1}: label {lab} is {text!r} here but {words[int(lab)]!r} "
                                   "elsewhere; pass --label-words")
     return dict(sorted(words.items()))
@@ -336,6 +350,8 @@ def _key_params(params: LogitCacheConfig) -> dict[str, Any]:
     """The config's part of the work-dir key, spelled as before `teacher` became the shared `model` field
     (and before `revision` existed), so unfinished work from earlier runs is still found."""
     d = {k: v for k, v in asdict(params).items() if k not in NOT_IN_KEY}
+    if d.get("subsets") is None:  # added later: absent from earlier keys
+        d.pop("subsets", None)
     d["teacher"] = d.pop("model")
     if d["revision"] is None:
         del d["revision"]
@@ -448,7 +464,7 @@ def compute_units(plan: Plan, work: Path, get_model: Callable[[], Any], *, shard
                 scored += score_batch(model, [e.input_ids for e in batch], [e.prompt_len for e in batch],
                                       k=plan.params.k, pad_id=plan.pad_id,
                                       label_token_ids=plan.label_token_ids or None, top_p=plan.params.top_p,
-                                      k_min=plan.params.k_min,
+                                      k_min=plan.params.k_min, entry_cost=plan.params.entry_cost,
                                       samples=plan.params.samples if plan.params.select == "sample" else None)
                 n = sum(e.completion_tokens for e in batch)
                 report.tokens += n
@@ -509,6 +525,7 @@ def merge_units(store: DatasetStore, plan: Plan, work: Path, *, teacher: dict[st
         "select": p.select,
         "top_p": p.top_p,
         "k_min": p.k_min,
+        "entry_cost": p.entry_cost,
         "samples": p.samples if p.select == "sample" else None,
         "max_entries": p.max_entries,
         "preset": p.preset,
@@ -575,6 +592,8 @@ def _kept_words(p: LogitCacheConfig) -> str:
         return f"the distinct ids of {p.samples} draws from the teacher (with their counts),"
     if p.top_p is not None:
         return f"the fewest top ids reaching mass {p.top_p} ({p.k_min} to {p.k}),"
+    if p.entry_cost is not None:
+        return f"the top ids (between {p.k_min} and {p.k}) minimising KL + {p.entry_cost} nats per entry,"
     return f"the top-{p.k}"
 
 

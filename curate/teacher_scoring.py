@@ -93,17 +93,31 @@ def _sampled_ids(x: torch.Tensor, samples: int, seed: int) -> tuple[torch.Tensor
     return torch.where(pad, uids[:, :1], uids), counts, distinct
 
 
+def row_kl(lp: torch.Tensor, residual_k: torch.Tensor, entropy: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[N, k] KL(teacher ‖ cache row keeping the top n) for n = 1..k, float64, in closed form: the kept entries
+    are exact, the residual r_n is spread evenly over the other V - n ids (the rule of
+    `curate.logit_codec.reconstruct_topk`), so KL = -H - sum_{i<=n} p_i log p_i - r_n log(r_n / (V - n))."""
+    p = lp.exp()
+    plogp = (p * lp).cumsum(-1)
+    tail = p.flip(-1).cumsum(-1).flip(-1)  # tail[:, j] = sum_{i>=j} p_i
+    r = residual_k[:, None] + torch.cat([tail[:, 1:], torch.zeros_like(tail[:, :1])], dim=-1)
+    r = r.clamp(min=1e-12)
+    n = torch.arange(1, lp.shape[-1] + 1, device=lp.device, dtype=torch.float64)
+    return (-entropy[:, None] - plogp - r * torch.log(r / (vocab - n))).clamp(min=0)
+
+
 @torch.inference_mode()
 def reduce_logits(logits: torch.Tensor, k: int, label_ids: torch.Tensor | None = None,
                   keep_full: bool = False, *, top_p: float | None = None, k_min: int = 1,
-                  samples: int | None = None, seed: int = 0) -> Reduced:
+                  entry_cost: float | None = None, samples: int | None = None, seed: int = 0) -> Reduced:
     """Kept log-probs, residual mass and entropy of softmax(logits) without materialising log_softmax.
 
     Kept entries: the top-k; with ``top_p`` the smallest top prefix whose mass reaches it (at least
-    ``k_min``, at most k); with ``samples`` the distinct ids of that many draws from the teacher (sorted by
-    descending probability, ties by id). Passes over the vocabulary: top-k, shift, exp, two sums. The residual
-    is summed over the other entries directly (kept ones zeroed), so a tiny residual keeps its precision
-    instead of cancelling in 1 - sum. ``logits`` is overwritten (it is the caller's scratch copy).
+    ``k_min``, at most k); with ``entry_cost`` the n in [k_min, k] that minimises KL(teacher ‖ cache row) +
+    entry_cost · n (the budget-optimal allocation; `row_kl`); with ``samples`` the distinct ids of that many
+    draws from the teacher (sorted by descending probability, ties by id). Passes over the vocabulary: top-k,
+    shift, exp, two sums. The residual is summed over the other entries directly (kept ones zeroed), so a
+    tiny residual keeps its precision instead of cancelling in 1 - sum. ``logits`` is overwritten.
     """
     x = logits.float()
     full = torch.log_softmax(x, dim=-1) if keep_full else None
@@ -132,9 +146,15 @@ def reduce_logits(logits: torch.Tensor, k: int, label_ids: torch.Tensor | None =
     entropy = logz - (s_rest + torch.where(valid, e_top * top_y, 0.0).sum(-1)) / z
     lp = top_y - logz[:, None]
     residual = rest / z
-    if top_p is not None and not samples:
+    if (top_p is not None or entry_cost is not None) and not samples:
         p = lp.exp()
-        kept = ((p.cumsum(-1) < top_p).sum(-1) + 1).clamp(min=k_min, max=k)
+        if entry_cost is not None:
+            n = torch.arange(1, k + 1, device=lp.device, dtype=torch.float64)
+            cost = row_kl(lp, residual, entropy.double(), x.shape[-1]) + entry_cost * n
+            cost[:, : k_min - 1] = torch.inf
+            kept = cost.argmin(-1) + 1
+        else:
+            kept = ((p.cumsum(-1) < top_p).sum(-1) + 1).clamp(min=k_min, max=k)
         tail = p.flip(-1).cumsum(-1).flip(-1)  # tail[:, j] = sum of entries j.. (no cancellation)
         tail = torch.cat([tail, torch.zeros_like(tail[:, :1])], dim=-1)
         residual = residual + tail.gather(-1, kept[:, None]).squeeze(-1)
@@ -154,13 +174,22 @@ def reduce_logits(logits: torch.Tensor, k: int, label_ids: torch.Tensor | None =
 @torch.inference_mode()
 def score_batch(model: Any, seqs: list[list[int]], prompt_lens: list[int], *, k: int, pad_id: int,
                 label_token_ids: list[int] | None = None, keep_full: bool = False, top_p: float | None = None,
-                k_min: int = 1, samples: int | None = None) -> list[ScoredExample]:
+                k_min: int = 1, entry_cost: float | None = None, samples: int | None = None) -> list[ScoredExample]:
     """Run the teacher once over prompt + completion for each sequence and reduce each completion token."""
     logits = completion_logits(model, seqs, prompt_lens, pad_id)
+    return scored_examples(logits, seqs, prompt_lens, k=k, label_token_ids=label_token_ids, keep_full=keep_full,
+                           top_p=top_p, k_min=k_min, entry_cost=entry_cost, samples=samples)
+
+
+def scored_examples(logits: torch.Tensor, seqs: list[list[int]], prompt_lens: list[int], *, k: int,
+                    label_token_ids: list[int] | None = None, keep_full: bool = False, top_p: float | None = None,
+                    k_min: int = 1, entry_cost: float | None = None,
+                    samples: int | None = None) -> list[ScoredExample]:
+    """`completion_logits` of a batch -> one `ScoredExample` per sequence (``logits`` is overwritten)."""
     labels = torch.tensor(label_token_ids, device=logits.device) if label_token_ids else None
     seed = zlib.crc32(np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs]).tobytes())  # from content
     parts = [reduce_logits(logits[a: a + ROWS_PER_REDUCTION], k, labels, keep_full, top_p=top_p, k_min=k_min,
-                           samples=samples, seed=seed + a)
+                           entry_cost=entry_cost, samples=samples, seed=seed + a)
              for a in range(0, logits.shape[0], ROWS_PER_REDUCTION)]
 
     def cat(name: str) -> torch.Tensor | None:

@@ -214,6 +214,8 @@ def test_variable_rows_round_trip_exactly_through_the_table() -> None:
     (["--top-p", "-0.2"], "top_p must be in (0, 1]"),
     (["--k", "8", "--k-min", "9"], "--k-min 9 is larger than --k 8"),
     (["--layout", "1", "--top-p", "0.9"], "--layout 1 stores exactly k entries"),
+    (["--top-p", "0.9", "--entry-cost", "0.01"], "--top-p and --entry-cost are two ways"),
+    (["--entry-cost", "0"], "entry_cost must be > 0"),
     (["--select", "sample", "--samples", "0"], "samples must be in [1, 4096]"),
     (["--preset", "tiny"], "--preset must be one of small, not 'tiny'"),
 ])
@@ -280,3 +282,33 @@ def test_sampled_cache_rows_and_kd_batch(tmp_path: Path, dfar_store: Path, teach
     s = logprobs_all[rows, pos].gather(-1, batch["kd_ids"][rows, t])
     manual = (w * torch.where(w > 0, lp - s, torch.zeros_like(s))).sum(-1).mean()
     assert torch.isfinite(kd) and torch.allclose(kd, manual)
+
+
+def test_entry_cost_rows_are_the_budget_optimal_prefix(tmp_path: Path, dfar_store: Path, teacher) -> None:
+    """--entry-cost c keeps per token the n in [k_min, k] minimising KL(teacher ‖ cache row) + c·n, with the KL
+    computed here densely (full softmax against the rebuilt distribution, residual spread evenly)."""
+    _, model, tok = teacher
+    store = _store(tmp_path, dfar_store)
+    k, k_min, cost = 12, 2, 0.15
+    v = _cache(store, teacher, k=k, k_min=k_min, entry_cost=cost, quantization="fp16", splits=["test"]).version
+    vocab = len(tok)
+    lengths = []
+    for ex in load_cache(v)[:2]:
+        full = _direct(model, ex.input_ids, ex.prompt_len)
+        p = full.exp()
+        top = torch.topk(full, k, dim=-1)
+        costs = []
+        for n in range(1, k + 1):
+            r = (1 - p.gather(-1, top.indices[:, :n]).sum(-1)).clamp(min=1e-12)
+            q = (r / (vocab - n))[:, None].expand_as(p).clone()
+            q.scatter_(-1, top.indices[:, :n], p.gather(-1, top.indices[:, :n]))
+            costs.append((p * (full - q.log())).sum(-1) + cost * n)
+        c = torch.stack(costs, -1)
+        c[:, : k_min - 1] = torch.inf
+        best = c.argmin(-1) + 1
+        gap = c.sort(-1).values
+        clear = (gap[:, 1] - gap[:, 0]) > 1e-6
+        kept = torch.from_numpy(np.isfinite(ex.topk_logprobs).sum(1))
+        assert torch.equal(kept[clear], best[clear])
+        lengths += kept.tolist()
+    assert len(set(lengths)) > 2 and min(lengths) >= k_min
