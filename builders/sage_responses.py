@@ -12,6 +12,10 @@ Resuming: every LLM reply lands in the store's response cache (``<store>/llm_cac
 happens, and the version is written only at the end, atomically. A run killed midway and started again pays
 only for the calls it had not finished, and can never leave duplicate rows.
 
+Untrusted replies: every answer keeps the server's ``finish_reason`` and ``refusal``. One cut by max_tokens,
+filtered, empty, null or refused is never cached, gets no RoT, is never scored or selected, and is listed in
+the notes and the card (``unusable_answers``); the next run asks for it again.
+
 Replays: against the offline replay server (`curate.replay`, recognised on loopback by ``GET /v1/replay``)
 the replies go to their own cache (``<store>/llm_cache/replay-<recording digest>``), never among real paid
 replies, and the manifest and card record ``replayed_from`` (the recording files and their sha256).
@@ -293,7 +297,8 @@ def build_sage_responses(store: DatasetStore, params: SageResponsesParams, name:
     """Run every step and write one version.
 
     ``execution`` holds `LLMConfig` fields that change how calls are made but not what they return
-    (timeout, max_retries, backoff, batch polling); they are kept out of the manifest's parameters.
+    (timeout, request_timeout, max_retries, max_retry_wait, max_response_bytes, retry_truncated, backoff,
+    batch polling); they are kept out of the manifest's parameters.
     """
     execution = execution or {}
     path = Path(params.questions)
