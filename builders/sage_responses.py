@@ -418,7 +418,9 @@ def _tables(scored: pl.DataFrame, params: SageResponsesParams) -> dict[str, pa.T
                  "refusal", "rot", "rot_finish_reason", "sage", "threshold", "selected", "feedback"]
     if "target_output" in scored.columns:
         resp_cols += ["target_output", "target_finish_reason", "target_refusal", "target_rot", "target_sage"]
-    responses = scored.select(resp_cols).with_columns(pl.lit(params.model).alias("model"))
+    # `selected` per answer: its question was taken and the answer itself is usable
+    responses = scored.with_columns(pl.col("selected") & _usable()).select(resp_cols).with_columns(
+        pl.lit(params.model).alias("model"))
     # only complete answers (finish reason `stop`, not empty, not refused, with a complete RoT) become SFT rows
     selected = scored.filter(pl.col("selected") & _usable()).select(
         "question_id",

@@ -100,6 +100,7 @@ def test_cut_or_refused_answer_is_never_selected_and_is_asked_again(
     bad = resp.filter(resp["paraphrased"] == MARK)
     assert bad["finish_reason"].to_list() == [finish] and bad["model_output"].to_list() == [text]
     assert bad["refusal"].to_list() == [REFUSAL if mode == "refusal" else None]
+    assert bad["selected"].to_list() == [False] and resp.filter(resp["paraphrased"] != MARK)["selected"].all()
     assert (resp.filter(resp["paraphrased"] != MARK)["finish_reason"] == "stop").all()
     selected = version.read_polars("selected")
     assert selected.height == 5 and not any(MARK in p for p in selected["prompt"])
