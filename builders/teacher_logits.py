@@ -548,6 +548,7 @@ def merge_units(store: DatasetStore, plan: Plan, work: Path, *, teacher: dict[st
         "splits": split_order,
         "max_length": p.max_length,
         "limit": p.limit,
+        **({"subsets": p.subsets} if p.subsets else {}),
         "batch_size": p.batch_size,
         "chunk_size": p.chunk_size,
         "completion_tokens": tokens,

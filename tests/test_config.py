@@ -95,7 +95,7 @@ def test_config_yaml_written_before_typed_configs_replays_unchanged(method: str)
     cfg = load_config(cls, path)
     now = cfg.to_dict()
     assert {k: now[k] for k in written} == written
-    assert set(now) - set(written) == {"revision", "allow_changes"}  # new keys, at their defaults
+    assert set(now) - set(written) == {"revision", "allow_changes", "subsets"}  # new keys, at their defaults
     assert cfg.identity() == V1_IDENTITY[method]
     assert cls().identity() == V1_DEFAULT_IDENTITY[method]
     again = yaml.safe_load(dump_config(cfg))

@@ -23,7 +23,7 @@ from curate.models import SMOLLM2, ModelSpec, Template
 RUN_CONTROL = frozenset({"run_dir", "runs_dir", "resume", "overwrite", "allow_changes", "store", "device"})
 # Fields added after run folders were first named by `identity()`: hashed only when set, so an existing
 # run's default folder name (and `--resume` into it) does not change.
-HASHED_WHEN_SET = frozenset({"revision"})
+HASHED_WHEN_SET = frozenset({"revision", "subsets"})
 
 PositiveInt = Annotated[int, at.Ge(1)]
 
@@ -110,6 +110,8 @@ class SFTConfig(TrainConfig):
     dataset_config: str = opt("l", "Dataset config: l (label only) or lr (label + reason).")
     train_split: str = opt("train", "Split to train on.")
     eval_split: str = opt("test", "Split for eval loss and the post-training evaluation.")
+    subsets: list[str] | None = opt(None, "Subsets of a dataset with a subset column (ethics instruct: "
+                                          "deontology,justice); default all, mixed in a seeded order.")
     packing: bool = opt(False, "Pack examples into max-length blocks.")
     append_eos: bool = opt(True, "End each completion with EOS so generation learns to stop.")
 
@@ -123,6 +125,8 @@ class KDConfig(TrainConfig):
     template: Template | None = opt(None, "Must match the cache's template (default: the cache's).")
     cache: str = opt("dfar-lr-logits", "Teacher-logit cache version (name or name@tag).")
     train_split: str = opt("train", "Cache split to train on.")
+    subsets: list[str] | None = opt(None, "Train on the cached rows of these subsets of the parent (ethics instruct: "
+                                          "deontology,justice); default all, mixed in a seeded order.")
     eval_split: str = opt("test", "Split for eval loss and the post-training evaluation (of the cache's parent).")
     alpha: Annotated[float, at.Interval(ge=0, le=1)] = opt(
         0.5, "Weight of gold-token CE; 1 - alpha weighs the KD term (1 = the no-teacher baseline).")

@@ -9,7 +9,7 @@ a cached teacher and a KD student all see the same ids for the same row, and the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -18,7 +18,47 @@ from torch.utils.data import Dataset
 from curate.errors import CurateError
 from curate.models import prompt_token_ids
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+
 IGNORE = -100  # label value the loss skips (prompt and padding)
+
+
+def check_subsets(wanted: list[str], known: list[str], where: str) -> None:
+    """A subset name the data does not have: one line listing the known ones."""
+    unknown = [s for s in wanted if s not in known]
+    if unknown:
+        raise CurateError(f"unknown subset(s) {', '.join(unknown)} in {where}; known: {', '.join(known)}")
+
+
+def select_subsets(table: pa.Table, subsets: list[str] | None, where: str) -> pa.Table:
+    """The rows of the given subsets (all when None), in their stored order; the table needs a `subset`
+    column when subsets are named."""
+    import pyarrow.compute as pc
+
+    if "subset" not in table.column_names:
+        if subsets:
+            raise CurateError(f"{where} has no subset column: --subsets does not apply")
+        return table
+    known = sorted(set(table["subset"].to_pylist()), key=str)
+    if not subsets:
+        return table
+    check_subsets(subsets, known, where)
+    return table.filter(pc.is_in(table["subset"], value_set=pa_array(subsets)))
+
+
+def pa_array(values: list[str]) -> Any:
+    import pyarrow as pa
+
+    return pa.array(values, pa.string())
+
+
+def mix_rows(n: int, seed: int) -> list[int]:
+    """A seeded permutation of range(n): rows stored subset after subset are interleaved before --limit
+    takes the first N, and the same seed gives the same order for SFT, KD and a rerun."""
+    import numpy as np
+
+    return np.random.default_rng(seed).permutation(n).tolist()
 
 
 @dataclass

@@ -27,6 +27,7 @@ from curate.errors import CurateError
 from curate.models import ModelSpec
 from curate.store import DatasetStore, Version
 from curate.urls import redact_url
+from train.data import check_subsets
 from train.judge import Judge, make_judge
 from train.metrics import SCORES, classification_metrics, macro_over_groups, misalignment
 from train.modeling import check_model_spec
@@ -197,13 +198,6 @@ def read_eval_rows(store: DatasetStore, dataset: str, config: str, split: str, l
             words = (by_subset or {}).get(name, flat)
             parts[(name, sp)] = _rows_of(version, config, sp, part, words, where=f" subset {name!r}")
     return GroupedEvalRows(parts, version)
-
-
-def check_subsets(wanted: list[str], known: list[str], where: str) -> None:
-    """A subset name the data does not have: one line listing the known ones."""
-    unknown = [s for s in wanted if s not in known]
-    if unknown:
-        raise CurateError(f"unknown subset(s) {', '.join(unknown)} in {where}; known: {', '.join(known)}")
 
 
 @dataclass

@@ -180,10 +180,12 @@ def prepare_kd(cfg: KDConfig, tokenizer: Any | None = None, *, cache: Version | 
     if label_ids and max(label_ids) >= len(tok):
         raise CurateError(f"{cache.ref} label token ids {label_ids} are outside the student's vocabulary")
     examples = load_cache(cache, cfg.train_split)
+    parent_config = parent_rec.get("config") or params.get("parent_config")
+    notes = []
+    examples = _mix_by_subset(cfg, examples, parent, parent_config, notes)
     if cfg.limit:
         examples = examples[: cfg.limit]
     feats = [f for f in (kd_features(e, cfg.max_length) for e in examples) if f is not None]
-    notes = []
     if len(feats) < len(examples):
         notes.append(f"{len(examples) - len(feats)} cached rows dropped: no completion token within max_length")
     if not feats:
@@ -196,12 +198,11 @@ def prepare_kd(cfg: KDConfig, tokenizer: Any | None = None, *, cache: Version | 
         ev = load_cache(cache, cfg.eval_split)[: cfg.eval_limit or None]
         eval_ds = ListDataset([f for f in (kd_features(e, cfg.max_length) for e in ev) if f is not None])
     eval_rows = None
-    parent_config = parent_rec.get("config") or params.get("parent_config")
     if cfg.evaluate and parent_config and cfg.eval_split in parent.splits(parent_config):
         from train.evaluate import read_eval_rows
 
         eval_rows = read_eval_rows(store, f"{parent.name}@{parent.tag}", parent_config, cfg.eval_split,
-                                   cfg.eval_limit)
+                                   cfg.eval_limit, cfg.subsets or params.get("subsets"))
         used[f"{cfg.eval_split} (evaluation, parent)"] = len(eval_rows.labels)
     model, tok, facts = load_student(cfg, tok)
     facts.update(tokenizer_fingerprint=fingerprint, teacher=params.get("teacher"), cache_k=params.get("k"),
@@ -211,6 +212,31 @@ def prepare_kd(cfg: KDConfig, tokenizer: Any | None = None, *, cache: Version | 
                       collator=KDCollator(tok.pad_token_id, num_labels=len(label_ids)), datasets=datasets,
                       facts=facts, eval_rows=eval_rows, template=template, notes=notes,
                       label_prefix=params.get("label_prefix", " "), cache=cache, label_token_ids=label_ids)
+
+
+def _mix_by_subset(cfg: KDConfig, examples: list[Any], parent: Version, parent_config: str | None,
+                   notes: list[str]) -> list[Any]:
+    """Cached rows of the chosen subsets of the parent (by id), in the seeded order SFT uses; unchanged when
+    the parent has no subset column."""
+    from train.data import check_subsets, mix_rows
+
+    table = (parent.read(parent_config, cfg.train_split)
+             if parent_config and cfg.train_split in parent.splits(parent_config) else None)
+    if table is None or "subset" not in table.column_names:
+        if cfg.subsets:
+            raise CurateError(f"{parent.ref} {parent_config}/{cfg.train_split} has no subset column: "
+                              "--subsets does not apply")
+        return examples
+    by_id = dict(zip(table["id"].to_pylist(), table["subset"].to_pylist(), strict=True))
+    subsets = sorted({by_id.get(e.id) for e in examples} - {None})
+    if cfg.subsets:
+        check_subsets(cfg.subsets, subsets, f"{parent.ref} {parent_config}/{cfg.train_split} (cached rows)")
+        examples = [e for e in examples if by_id.get(e.id) in cfg.subsets]
+    examples = [examples[i] for i in mix_rows(len(examples), cfg.seed)]
+    counts = {s: sum(by_id.get(e.id) == s for e in examples) for s in sorted(cfg.subsets or subsets)}
+    notes.append(f"subsets mixed in seeded order (seed {cfg.seed}): "
+                 + ", ".join(f"{s} {n}" for s, n in counts.items()))
+    return examples
 
 
 def run_kd(cfg: KDConfig, *, tokenizer: Any | None = None, console: Any = None) -> RunResult:

@@ -9,7 +9,7 @@ from transformers import Trainer
 
 from curate.store import DatasetStore
 from train.config import SFTConfig
-from train.data import CompletionCollator, ListDataset, pack, tokenize_rows
+from train.data import CompletionCollator, ListDataset, mix_rows, pack, select_subsets, tokenize_rows
 from train.modeling import load_student
 from train.run_folder import RunFolder, version_record
 from train.runner import Prepared, RunResult, step_token_scale, train_and_save
@@ -47,6 +47,14 @@ def prepare_sft(cfg: SFTConfig, tokenizer: Any | None = None) -> Prepared:
     if missing:
         raise CurateError(f"{version.ref} config {cfg.dataset_config!r} lacks column(s) {', '.join(missing)}; "
                           "SFT needs prompt and completion")
+    mixed = []
+    if cfg.subsets or "subset" in table.column_names:  # ethics instruct: chosen paradigms, seeded mix
+        table = select_subsets(table, cfg.subsets, f"{version.ref} {cfg.dataset_config}/{cfg.train_split}")
+        table = table.take(mix_rows(table.num_rows, cfg.seed))
+        counts = sorted(table.group_by("subset").aggregate([("subset", "count")]).to_pylist(),
+                        key=lambda c: str(c["subset"]))
+        mixed.append(f"subsets mixed in seeded order (seed {cfg.seed}): "
+                     + ", ".join(f"{c['subset']} {c['subset_count']}" for c in counts))
     if cfg.limit:
         table = table.slice(0, cfg.limit)
     if table.num_rows == 0:
@@ -57,7 +65,7 @@ def prepare_sft(cfg: SFTConfig, tokenizer: Any | None = None) -> Prepared:
     facts["tokenizer_fingerprint"] = tokenizer_fingerprint(tok)
     train = tokenize_rows(tok, table["prompt"].to_pylist(), table["completion"].to_pylist(),
                           template=cfg.template, max_length=cfg.max_length, append_eos=cfg.append_eos)
-    notes = list(train.notes)
+    notes = mixed + list(train.notes)
     examples = train.examples
     if cfg.packing:
         examples = pack(examples, cfg.max_length)
@@ -67,6 +75,8 @@ def prepare_sft(cfg: SFTConfig, tokenizer: Any | None = None) -> Prepared:
     eval_rows = None
     if cfg.eval_split in version.splits(cfg.dataset_config):
         et = version.read(cfg.dataset_config, cfg.eval_split)
+        if cfg.subsets:
+            et = select_subsets(et, cfg.subsets, f"{version.ref} {cfg.dataset_config}/{cfg.eval_split}")
         if cfg.eval_limit:
             et = et.slice(0, cfg.eval_limit)
         used[cfg.eval_split] = et.num_rows
@@ -78,7 +88,7 @@ def prepare_sft(cfg: SFTConfig, tokenizer: Any | None = None) -> Prepared:
             from train.evaluate import read_eval_rows
 
             eval_rows = read_eval_rows(store, f"{version.name}@{version.tag}", cfg.dataset_config,
-                                       cfg.eval_split, cfg.eval_limit)
+                                       cfg.eval_split, cfg.eval_limit, cfg.subsets)
     return Prepared(model=model, tokenizer=tok, train_dataset=ListDataset(examples), eval_dataset=eval_ds,
                     collator=CompletionCollator(tok.pad_token_id), template=cfg.template,
                     datasets=[version_record(version, cfg.dataset_config, used)], facts=facts,

@@ -1,0 +1,133 @@
+"""Training on ETHICS `instruct` (tiny random models, real ETHICS rows): SFT on chosen subsets in a seeded mix,
+a teacher-logit cache of chosen subsets, label KD and token KD on it, and the unknown-subset refusal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from curate.store import DatasetStore
+from tests.tiny import save_tiny, smollm2_tokenizer, tiny_llama
+from train.config import KDConfig, SFTConfig, load_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
+
+QUICK = dict(max_steps=6, batch_size=4, learning_rate=1e-2, logging_steps=1, save_steps=50, max_length=96,
+             eval_limit=3, gen_max_new_tokens=2, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return smollm2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, tok) -> dict[str, Path]:
+    """ETHICS (12 rows per file), a tiny student, and a cache of deontology + justice (shared label words)
+    and one of every subset (per-subset words) from a different, sharpened tiny teacher."""
+    from builders.ethics import EthicsParams, build_ethics
+    from builders.teacher_logits import LogitCacheConfig, cache_teacher_logits
+
+    from .conftest import shared
+
+    root = tmp_path_factory.mktemp("ethics-train")
+    store = DatasetStore(root / "store")
+    build_ethics(store, shared("ethics"), EthicsParams(limit=12, check_tokenizer=False))
+    student = save_tiny(root / "student", tok, hidden=32, seed=0)
+    teacher = tiny_llama(len(tok), hidden=32, seed=1, pad_token_id=tok.pad_token_id).eval()
+    with torch.no_grad():
+        teacher.model.norm.weight.mul_(40.0)
+    for name, subsets in (("ethics-dj-logits", ["deontology", "justice"]), ("ethics-all-logits", None)):
+        params = LogitCacheConfig(dataset="ethics", config="instruct", model=str(student), k=8, max_length=96,
+                                  batch_size=8, chunk_size=16, splits=["train"], subsets=subsets, name=name)
+        cache_teacher_logits(store, params, model=teacher, tokenizer=tok, progress=False)
+    return {"root": root, "store": store.root, "student": student}
+
+
+def test_sft_on_chosen_subsets_mixes_them_in_a_seeded_order(world: dict[str, Path], tmp_path: Path, tok) -> None:
+    from train.sft import prepare_sft, run_sft
+
+    cfg = load_config(SFTConfig, None, {**QUICK, "model": str(world["student"]), "store": str(world["store"]),
+                                        "dataset": "ethics", "dataset_config": "instruct",
+                                        "subsets": ["deontology", "justice"], "run_dir": str(tmp_path / "run")})
+    assert cfg.subsets == ["deontology", "justice"]
+    result = run_sft(cfg, tokenizer=tok)
+    notes = result.metrics["notes"]
+    assert any("subsets mixed in seeded order (seed 0): deontology 12, justice 12" in n for n in notes), notes
+    ev = result.metrics["eval"]
+    assert set(ev["per_group"]) == {"deontology", "justice"} and ev["n"] == 6
+    assert (result.run.path / "eval" / "confusion_matrix.png").is_file()
+    assert "confusion_matrix.png" in (result.run.path / "README.md").read_text()
+    # the order: a seeded permutation of the chosen rows, the same for the same seed, another for another seed
+    rows = DatasetStore(world["store"]).get("ethics").read("instruct", "train").to_pylist()
+    chosen = [r["prompt"] for r in rows if r["subset"] in ("deontology", "justice")]
+
+    def order(seed: int) -> list[str]:
+        prep = prepare_sft(load_config(SFTConfig, None, {**cfg.to_dict(), "seed": seed, "evaluate": False}),
+                           tokenizer=tok)
+        return [tok.decode(ex["input_ids"][: ex["labels"].index(next(x for x in ex["labels"] if x != -100))])
+                for ex in prep.train_dataset.items]
+
+    first, again, other = order(0), order(0), order(1)
+    assert first == again != other
+    assert sorted(first) == sorted(chosen)  # the prompts decode back to exactly the chosen rows
+    head = [p.split("\n")[0] for p in first[:8]]
+    assert len(set(head)) == 2  # both paradigms within the first 8 rows: mixed, not one block after the other
+
+
+def test_unknown_subset_lists_the_known_ones(world: dict[str, Path], tmp_path: Path) -> None:
+    from curate.cli import app
+
+    res = CliRunner().invoke(app, ["train", "sft", "--model", str(world["student"]), "--store", str(world["store"]),
+                                   "--dataset", "ethics", "--dataset-config", "instruct", "--subsets", "justice,karma",
+                                   "--run-dir", str(tmp_path / "r"), "--max-steps", "1"])
+    assert res.exit_code == 1
+    line = " ".join(res.output.split())
+    assert ("unknown subset(s) karma in ethics@v1 instruct/train; known: commonsense, deontology, justice, "
+            "utilitarianism, virtue") in line or "known: deontology, justice, utilitarianism, virtue" in line, line
+    assert "Traceback" not in res.output
+    cache = CliRunner().invoke(app, ["cache-logits", "--store", str(world["store"]), "--dataset", "ethics",
+                                     "--config", "instruct", "--subsets", "karma", "--teacher", str(world["student"])])
+    assert cache.exit_code == 1 and "unknown subset(s) karma" in cache.output, cache.output
+
+
+def test_label_kd_on_an_ethics_cache(world: dict[str, Path], tmp_path: Path, tok) -> None:
+    from train.kd import run_kd
+
+    cache = DatasetStore(world["store"]).get("ethics-dj-logits")
+    params = cache.manifest["params"]
+    assert params["subsets"] == ["deontology", "justice"]
+    assert params["label_token_ids"] == [tok(" unreasonable", add_special_tokens=False).input_ids[0],
+                   tok(" reasonable", add_special_tokens=False).input_ids[0]]
+    cfg = load_config(KDConfig, None, {**QUICK, "model": str(world["student"]), "store": str(world["store"]),
+                                       "cache": "ethics-dj-logits", "kd_target": "labels", "alpha": 0.5,
+                                       "run_dir": str(tmp_path / "kd")})
+    result = run_kd(cfg, tokenizer=tok)
+    kd = [r["kd"] for r in result.metrics["log_history"] if "kd" in r]
+    assert len(kd) == 6 and all(x > 0 for x in kd)
+    assert any("deontology 12, justice 12" in n for n in result.metrics["notes"])
+    assert set(result.metrics["eval"]["per_group"]) == {"deontology", "justice"}  # the cache's subsets
+
+
+def test_all_subset_cache_is_token_kd_only_and_subsets_filter_it(world: dict[str, Path], tmp_path: Path,
+                                                                 tok) -> None:
+    from curate.errors import CurateError
+    from train.kd import run_kd
+
+    cache = DatasetStore(world["store"]).get("ethics-all-logits")
+    assert not cache.manifest["params"].get("label_token_ids")  # label words differ by paradigm
+    base = {**QUICK, "model": str(world["student"]), "store": str(world["store"]), "cache": "ethics-all-logits",
+            "evaluate": False}
+    result = run_kd(load_config(KDConfig, None, {**base, "subsets": ["virtue", "utilitarianism"],
+                                                 "run_dir": str(tmp_path / "tok")}), tokenizer=tok)
+    assert any("utilitarianism 12, virtue 12" in n for n in result.metrics["notes"]), result.metrics["notes"]
+    assert all(r["kd"] > 0 for r in result.metrics["log_history"] if "kd" in r)
+    with pytest.raises(CurateError, match="label"):
+        run_kd(load_config(KDConfig, None, {**base, "kd_target": "labels", "run_dir": str(tmp_path / "lab")}),
+               tokenizer=tok)
+    used = json.loads((result.run.path / "datasets.json").read_text())
+    assert [d["name"] for d in used] == ["ethics-all-logits", "ethics"]
