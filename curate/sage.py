@@ -29,6 +29,17 @@ Degenerate cases, chosen so that scores are always finite:
   with itself. ``n_pairs`` is 0 in the output so callers can drop such questions instead;
 * no positive edge at all (every strength is 0): entropy = 0, so sage = 0.
 
+Difference from the published reference (its notebooks are not public; the rule below is the one its
+edges files imply, where strength accumulates per RoT text over every paraphrase-pair row, as reconstructed
+in tests/test_sage.py):
+
+* repeated RoTs: the reference *sums* every pair row into the strengths of both RoT texts, so duplicate
+  node pairs count once per pair and a pair inside one node adds its weight twice to that node. Here
+  duplicate node pairs are *averaged* and pairs inside a node are not edges, so a node's strength does not
+  grow with how many paraphrases share its RoT (the entropy measures spread over rules, not repetition).
+  On data with all-distinct RoTs (the published q100 files) the two rules are identical;
+* single-node questions: the reference divides by ``log(1) = 0`` (undefined, NaN); here entropy = 1.
+
 Speed: each distinct text is embedded exactly once, in batches, and all cosines come from one matrix
 product per question. The reference embeds the four texts of every pair separately.
 """

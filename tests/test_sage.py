@@ -284,3 +284,47 @@ def test_null_texts_are_rejected() -> None:
     df = pl.DataFrame({"question_id": [7, 7], "model_output": ["a", None], "rot": ["r", "s"]})
     with pytest.raises(ValueError, match=r"'model_output'.*1 null.*7"):
         sage_scores(df)
+
+
+# ------------------------------------------------------------------------------------------------
+# Edge cases against the reference's per-row rule (documented difference in curate/sage.py)
+# ------------------------------------------------------------------------------------------------
+
+
+def _row_sum_reference(weights: list[float], rots: list[str]) -> float:
+    """The reference rule: every pair row adds its positive weight to both RoT texts' strengths."""
+    n = len(rots)
+    strength: dict[str, float] = {r: 0.0 for r in rots}
+    for w, (i, j) in zip(weights, itertools.combinations(range(n), 2), strict=True):
+        for rot in (rots[i], rots[j]):
+            strength[rot] += max(w, 0.0)
+    info = [(10 * s) ** 10 for s in strength.values()]
+    p = [x / sum(info) for x in info]
+    k = len(p)
+    entropy = -sum(x * math.log(x) for x in p if x > 0) / math.log(k) if k > 1 else float("nan")
+    return sum(weights) / len(weights) * entropy
+
+
+def test_repeated_rots_differ_from_reference_row_sum_as_documented() -> None:
+    # RoTs [a, a, b], weights (0,1)=0.9 inside a, (0,2)=0.4 and (1,2)=0.8 between a and b.
+    w = [0.9, 0.4, 0.8]
+    ours = graph_entropy_score(np.array(w), None, ["a", "a", "b"])
+    # Ours: one a-b edge of mean 0.6 -> both strengths 0.6 -> entropy 1 -> sage = mean edge 0.7.
+    assert ours.sage == pytest.approx(0.7)
+    # Reference: s_a = 0.9*2 + 0.4 + 0.8 = 3.0, s_b = 1.2 -> p ∝ (30**10, 12**10) -> low entropy.
+    pa = 30.0**10 / (30.0**10 + 12.0**10)
+    ref_entropy = -(pa * math.log(pa) + (1 - pa) * math.log(1 - pa)) / math.log(2)
+    assert _row_sum_reference(w, ["a", "a", "b"]) == pytest.approx(0.7 * ref_entropy)
+    assert ref_entropy < 0.01 < ours.sage  # the documented difference: repetition is not rewarded here
+
+
+def test_distinct_rots_agree_with_reference_row_sum() -> None:
+    w = [0.9, 0.4, 0.8, 0.3, 0.2, 0.7]
+    rots = ["a", "b", "c", "d"]
+    assert graph_entropy_score(np.array(w), None, rots).sage == pytest.approx(_row_sum_reference(w, rots))
+
+
+def test_single_node_reference_is_undefined_ours_is_mean_edge() -> None:
+    w = [0.9, 0.7, 0.8]
+    assert math.isnan(_row_sum_reference(w, ["same"] * 3))  # log(1) = 0 in the reference's normaliser
+    assert graph_entropy_score(np.array(w), None, ["same"] * 3).sage == pytest.approx(0.8)
