@@ -146,3 +146,59 @@ def score_cmd(
             t.add_row(str(r["question_id"]), f"{r['sage']:.4f}", str(r["n_paraphrases"]), str(r["n_nodes"]))
         t.add_row("[bold]mean[/]", f"[bold]{mean:.4f}[/]", "", "")
         console.print(t)
+
+
+@sage_app.command("eval")
+@friendly_errors
+def eval_sage_cmd(
+    model: Annotated[str, typer.Option(help="smollm2, a hub id, a folder, a training run folder, or "
+                                            "openai:<model> (OpenAI-compatible endpoint).")] = "smollm2",
+    questions: Annotated[str, typer.Option(help="quality100, moral100-high, moral100-low, a CSV (MCC layout "
+                                                "question_id, question, paraphrased) or a store dataset.")]
+    = "moral100-low",
+    questions_config: Annotated[str, typer.Option(help="Config read when --questions is a store dataset.")]
+    = "responses",
+    limit_questions: Annotated[int | None, typer.Option(help="Only the first N questions (quick runs).")] = None,
+    rot_model: Annotated[str, typer.Option(help="Model that writes the Rules of Thumb (LLM client).")]
+    = "gpt-3.5-turbo",
+    no_rots: Annotated[bool, typer.Option("--no-rots", help="Score answers only (no RoT model is called).")]
+    = False,
+    base_url: Annotated[str | None, typer.Option(help="Endpoint of openai:<model> and the RoT model (default "
+                                                      "$OPENAI_BASE_URL, else api.openai.com).")] = None,
+    rot_base_url: Annotated[str | None, typer.Option(help="Endpoint of the RoT model (default --base-url).")]
+    = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature of the answers (0: greedy).")] = 0.8,
+    top_p: float = 0.95,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length (local models).")] = 96,
+    batch_size: Annotated[int, typer.Option(help="Paraphrases per generate call (local models).")] = 8,
+    seed: int = 0,
+    template: Annotated[str, typer.Option(help="auto | chat | plain prompt for local models.")] = "auto",
+    device: str = "auto",
+    embedding_model: Annotated[str, typer.Option(help="sentence-transformers id or path.")]
+    = "sentence-transformers/all-MiniLM-L6-v2",
+    name: Annotated[str, typer.Option(help="Dataset name in the store.")] = "sage-eval",
+    store: StoreOpt = None,
+) -> None:
+    """SaGE of any model: answers to every paraphrase, RoTs, per-question scores, mean with a bootstrap 95 %
+    interval, a histogram; one `sage-eval` store version whose lineage names the model and questions."""
+    from builders.sage_eval import SageEvalParams, build_sage_eval
+
+    if template not in ("auto", "chat", "plain"):
+        raise CurateError("--template must be auto, chat or plain")
+    if max_new_tokens < 1 or batch_size < 1:
+        raise CurateError("--max-new-tokens and --batch-size must be at least 1")
+    params = SageEvalParams(model=model, questions=questions, questions_config=questions_config,
+                            limit_questions=limit_questions, rot_model=rot_model, no_rots=no_rots,
+                            base_url=base_url, rot_base_url=rot_base_url, temperature=temperature, top_p=top_p,
+                            max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, template=template,
+                            device=device, embedding_model=embedding_model)
+    result = build_sage_eval(DatasetStore(store), params, name=name)
+    report(result)
+    for step, u in result.usage.items():
+        console.print(f"  {step}: {usage_line(u, result.created)}", highlight=False)
+    mode = "answers + RoTs" if params.use_rots else "answers only (--no-rots)"
+    t = Table("model", "questions scored", "mean SaGE", "95% CI", "empty answers", "scored on",
+              title="SaGE evaluation")
+    t.add_row(safe(model), str(result.n_scored), f"{result.mean:.4f}", f"[{result.ci_low:.4f}, {result.ci_high:.4f}]",
+              str(result.empty_answers), mode)
+    console.print(t)
