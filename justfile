@@ -104,6 +104,28 @@ train-kd *args: build-dfar
 eval *args: install
     .venv/bin/curate eval --limit 50 "$@"
 
+# ETHICS `instruct` (one prompt template and label-word pair per paradigm). Quick CPU defaults like train-kd:
+# a few rows per paradigm, 8 steps, 8 test rows of each paradigm evaluated; later options win, e.g.
+# `just train-ethics-sft --limit 0 --epochs 1 --max-steps -1 --subsets deontology,justice`.
+# SFT on the four paradigms with train files, mixed in a seeded order (--seed).
+train-ethics-sft *args: build-ethics
+    .venv/bin/curate train sft --dataset ethics --dataset-config instruct --limit 64 --max-steps 8 --batch-size 4 --max-length 192 --eval-limit 8 --run-dir runs/ethics-sft --overwrite "$@"
+
+# With --subsets deontology,justice (shared label words) the cache also holds label log-probs (--kd-target labels).
+# Teacher logits of the ETHICS instruct train rows for KD (SmolLM2; 16 rows of each paradigm by default).
+cache-ethics-logits *args: build-ethics
+    .venv/bin/curate cache-logits --dataset ethics --config instruct --split train --teacher smollm2 --limit 16 --name ethics-instruct-logits "$@"
+
+# Reads the cache cache-ethics-logits wrote; --kd-target labels on a cache of subsets sharing label words.
+# Offline KD on ETHICS instruct (token KD at the answer position), quick defaults as train-ethics-sft.
+train-ethics-kd *args: build-ethics
+    .venv/bin/curate train kd --cache ethics-instruct-logits --limit 64 --max-steps 8 --batch-size 4 --max-length 192 --eval-limit 8 --run-dir runs/ethics-kd --overwrite "$@"
+
+# e.g. `just eval-ethics --model runs/ethics-sft --limit 0`.
+# Evaluate on ETHICS: accuracy / P / R / F1 per paradigm and split (test, test_hard), macro average, figure.
+eval-ethics *args: build-ethics
+    .venv/bin/curate eval --dataset ethics --dataset-config instruct --split test,test_hard --limit 25 --judge none "$@"
+
 # Debian's chromium + chromium-driver for the real-browser test of `curate view` (nothing to do when present).
 install-browser:
     #!/usr/bin/env bash

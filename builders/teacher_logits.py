@@ -224,6 +224,11 @@ def read_parent(store: DatasetStore, params: LogitCacheConfig) -> tuple[Version,
             from train.data import select_subsets
 
             t = select_subsets(t, params.subsets, f"{parent.ref} {params.config}/{split}")
+            if params.limit and "subset" in t.column_names:  # --limit N: the first N rows of each subset
+                from train.data import head_per_subset
+
+                tables[split] = head_per_subset(t, params.limit)
+                continue
         tables[split] = t.slice(0, params.limit) if params.limit else t
     return parent, tables
 

@@ -131,3 +131,17 @@ def test_all_subset_cache_is_token_kd_only_and_subsets_filter_it(world: dict[str
                tokenizer=tok)
     used = json.loads((result.run.path / "datasets.json").read_text())
     assert [d["name"] for d in used] == ["ethics-all-logits", "ethics"]
+
+
+def test_head_per_subset_takes_every_paradigm(world: dict[str, Path]) -> None:
+    from train.data import head_per_subset
+
+    table = DatasetStore(world["store"]).get("ethics").read("instruct", "train")
+    got = head_per_subset(table, 5)
+    counts = {s: got["subset"].to_pylist().count(s) for s in set(got["subset"].to_pylist())}
+    assert counts == {"deontology": 5, "justice": 5, "utilitarianism": 5, "virtue": 5}
+    rows = table.to_pylist()
+    want = [r for s in ("deontology", "justice", "utilitarianism", "virtue") for r in rows if r["subset"] == s][:0]
+    for s in counts:
+        want += [r for r in rows if r["subset"] == s][:5]
+    assert sorted(r["id"] + r["subset"] for r in got.to_pylist()) == sorted(r["id"] + r["subset"] for r in want)

@@ -47,6 +47,16 @@ def select_subsets(table: pa.Table, subsets: list[str] | None, where: str) -> pa
     return table.filter(pc.is_in(table["subset"], value_set=pa_array(subsets)))
 
 
+def head_per_subset(table: pa.Table, n: int) -> pa.Table:
+    """The first `n` rows of each subset, in stored order (a quick cache or eval of every paradigm, where the
+    first `n` rows of the table would all be one paradigm's)."""
+    import numpy as np
+
+    subsets = np.array(table["subset"].to_pylist(), dtype=object)
+    keep = [i for s in dict.fromkeys(subsets.tolist()) for i in np.flatnonzero(subsets == s)[:n].tolist()]
+    return table.take(sorted(keep))
+
+
 def pa_array(values: list[str]) -> Any:
     import pyarrow as pa
 

@@ -67,6 +67,10 @@ def _report(result: Any) -> None:
             r = ev[reading]
             console.print(f"  {reading:<11} acc {r['accuracy']:.3f}  P {r['precision']:.3f}  R {r['recall']:.3f}  "
                           f"F1 {r['f1']:.3f}  (n={r['n']})", highlight=False)
+        if "per_group" in ev:  # per paradigm and split (ethics instruct)
+            from curate.commands.evaluate import print_group_table
+
+            print_group_table(ev)
         if ev.get("reason_perplexity") is not None:  # none for label-only runs
             console.print(f"  gold-reason perplexity {ev['reason_perplexity']:.2f}", highlight=False)
 
