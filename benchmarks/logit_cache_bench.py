@@ -1,9 +1,10 @@
 """Teacher-logit cache benchmark on SmolLM2-135M-Instruct (GGUF) over DFAR lr examples.
 
-1. Fidelity vs size: for each k and quantisation scheme, bytes per completion token of the real cache table
-   (all columns, parquet + zstd as the store writes it) and mean KL(full teacher || distribution rebuilt from
-   the cache, residual spread over the other tokens), plus top-1 agreement of the rebuilt distribution.
-   The teacher runs once with k=128; smaller k are prefixes of that top-128 (exactly what top-k would give).
+1. Fidelity vs size: for each selection (fixed k, --top-p, --entry-cost, the presets, sampled rows) and
+   quantisation scheme, bytes per completion token of the real cache table (all columns, parquet + zstd as
+   the store writes it) and mean KL(full teacher || distribution rebuilt from the cache, residual spread
+   evenly over the other tokens), plus top-1 agreement. The teacher runs once per batch; every setting reduces
+   the same logits with the cacher's own code (`scored_examples` + `unit_table`).
 2. Overhead: wall and CPU time of the whole caching pipeline (tokenize, forward, reduce, encode, write, merge)
    against a bare forward pass over the same padded, length-sorted batches, interleaved batch by batch so a
    shared machine's load hits all three alike (the median of per-batch ratios is the headline figure).
@@ -35,11 +36,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks._common import RESULTS, SHARED_DATA, emit  # noqa: E402
 from builders.dfar import build_dfar  # noqa: E402
-from builders.teacher_logits import LogitCacheConfig, Plan, cache_teacher_logits, plan_cache, unit_table  # noqa: E402
+from builders.teacher_logits import (  # noqa: E402
+    PRESETS,
+    LogitCacheConfig,
+    Plan,
+    cache_teacher_logits,
+    plan_cache,
+    unit_table,
+)
 from curate.logit_codec import SCHEMES, decode_logprobs, encode_logprobs, reconstruct_topk  # noqa: E402
 from curate.models import SMOLLM2, ModelRef, load_causal_lm, load_tokenizer  # noqa: E402
 from curate.store import DatasetStore  # noqa: E402
-from curate.teacher_scoring import ScoredExample, pad_batch, score_batch  # noqa: E402
+from curate.teacher_scoring import completion_logits, pad_batch, score_batch, scored_examples  # noqa: E402
 
 KS = (8, 16, 32, 64, 128)
 BATCH = 8
@@ -51,72 +59,87 @@ def batches(plan: Plan) -> list[list[int]]:
     return [u[a: a + bs] for u in plan.units for a in range(0, len(u), bs)]
 
 
-def truncate(s: ScoredExample, k: int, full: np.ndarray) -> ScoredExample:
-    """The top-k prefix of a top-128 result, with the exact residual of that k (from the full distribution)."""
-    p_top = np.exp(full[np.arange(len(full))[:, None], s.topk_ids[:, :k]].astype(np.float64))
-    return ScoredExample(s.topk_ids[:, :k], s.topk_logprobs[:, :k], (1 - p_top.sum(1)).clip(0).astype(np.float32),
-                         s.entropy, s.label_logprobs)
+# Settings measured: (label, LogitCacheConfig fields). Fixed k for every scheme (the earlier table), then the
+# per-token selections the preset is chosen from.
+SETTINGS: list[tuple[str, dict[str, Any]]] = (
+    [(f"k={k} {q}", {"k": k, "quantization": q}) for k in KS for q in SCHEMES]
+    + [(f"top-p {tp} k<={k} k_min={m} {q}", {"k": k, "top_p": tp, "k_min": m, "quantization": q})
+       for tp, k, m in ((0.95, 96, 8), (0.98, 64, 8), (0.97, 96, 8)) for q in ("u8-delta", "u8-delta-coarse")]
+    + [(f"entry-cost {c} k<={k} {q}", {"k": k, "entry_cost": c, "quantization": q})
+       for c in (0.003, 0.004, 0.005, 0.006) for k in (128,) for q in ("u8-delta", "u8-delta-coarse")]
+    + [(f"entry-cost {c} k<=128 u8-delta-coarse", {"k": 128, "entry_cost": c, "quantization": "u8-delta-coarse"})
+       for c in (0.0045, 0.0055)]
+    + [(f"sample N={n} {q}", {"select": "sample", "samples": n, "k": 1, "quantization": q})
+       for n in (16, 48) for q in ("u8-delta",)]
+    + [(f"preset {name}", dict(values)) for name, values in PRESETS.items()]
+)
 
 
+@np.errstate(invalid="ignore")  # 0 * -inf on padding, masked by np.where
 def fidelity(model: Any, plan: Plan) -> tuple[list[dict], dict[str, float]]:
-    """One teacher pass (top-128 + full log-probs); KL / top-1 / bytes for every (k, scheme)."""
+    """One teacher pass per batch; every setting reduces the same logits. KL / top-1 / bytes per setting."""
     vocab = plan.vocab_size
-    acc: dict[tuple[int, str], dict[str, float]] = {
-        (k, s): {"kl": 0.0, "kl_bucket": 0.0, "top1": 0.0} for k in KS for s in SCHEMES}
-    tables: dict[tuple[int, str], list[pa.Table]] = {key: [] for key in acc}
+    acc = {label: {"kl": 0.0, "kl_bucket": 0.0, "top1": 0.0, "entries": 0.0} for label, _ in SETTINGS}
+    tables: dict[str, list[pa.Table]] = {label: [] for label, _ in SETTINGS}
     tokens = 0
     t0 = time.perf_counter()
     for bi, idx in enumerate(batches(plan)):
         exs = [plan.examples[i] for i in idx]
-        scored = score_batch(model, [e.input_ids for e in exs], [e.prompt_len for e in exs], k=max(KS),
-                             pad_id=plan.pad_id, label_token_ids=plan.label_token_ids, keep_full=True)
-        for s in scored:
-            full = s.full_logprobs.astype(np.float64)
-            neg_h = (np.exp(full) * full).sum(1)  # sum p log p, exact
-            true_top1 = full.argmax(1)
-            tokens += len(full)
-            for k in KS:
-                sk = truncate(s, k, full)
-                p_top = np.exp(sk.topk_logprobs.astype(np.float64))
-                for name, scheme in SCHEMES.items():
-                    stored = decode_logprobs(encode_logprobs(sk.topk_logprobs, scheme), scheme)
-                    resid = sk.residual.astype(np.float16).astype(np.float32)
-                    log_top, log_other = reconstruct_topk(stored, resid, vocab)
-                    r_true = sk.residual.astype(np.float64)
-                    kl = neg_h - (p_top * log_top).sum(1) - r_true * log_other
-                    # quantisation alone: KL over the k + 1 buckets (top-k tokens, "everything else")
-                    log_r = np.log(np.maximum(r_true, 1e-300))
-                    log_rq = log_other + np.log(vocab - k)
-                    kl_b = (p_top * (np.log(p_top) - log_top)).sum(1)
-                    kl_b += np.where(r_true > 0, r_true * (log_r - log_rq), 0)
-                    # argmax of the rebuilt distribution; ties go to the lowest token id, as a dense argmax would
-                    best = log_top.max(1, keepdims=True)
-                    tied_ids = np.where(log_top >= best, sk.topk_ids, np.iinfo(np.int64).max)
-                    acc[(k, name)]["kl"] += float(np.maximum(kl, 0).sum())
-                    acc[(k, name)]["kl_bucket"] += float(np.maximum(kl_b, 0).sum())
-                    acc[(k, name)]["top1"] += float((tied_ids.min(1) == true_top1).sum())
-        for k in KS:
-            trunc = [truncate(s, k, s.full_logprobs) for s in scored]
-            for name in SCHEMES:
-                kplan = replace(plan, params=replace(plan.params, k=k, quantization=name), scheme=SCHEMES[name])
-                tables[(k, name)].append(unit_table(kplan, idx, trunc).drop_columns(["_row"]))
+        seqs, plens = [e.input_ids for e in exs], [e.prompt_len for e in exs]
+        logits = completion_logits(model, seqs, plens, plan.pad_id)
+        full_all = torch.log_softmax(logits.double(), dim=-1).numpy()
+        tokens += len(full_all)
+        neg_h_all = (np.exp(full_all) * full_all).sum(1)
+        for label, fields in SETTINGS:
+            cfg = replace(plan.params, **{"top_p": None, "entry_cost": None, "k_min": 1, "select": "top", **fields})
+            scheme = SCHEMES[cfg.quantization]
+            scored = scored_examples(logits.clone(), seqs, plens, k=cfg.k, label_token_ids=plan.label_token_ids,
+                                     top_p=cfg.top_p, k_min=cfg.k_min, entry_cost=cfg.entry_cost,
+                                     samples=cfg.samples if cfg.select == "sample" else None)
+            kplan = replace(plan, params=cfg, scheme=scheme)
+            tables[label].append(unit_table(kplan, idx, scored).drop_columns(["_row"]))
+            row = 0
+            a = acc[label]
+            for s in scored:
+                n = len(s.residual)
+                full, neg_h = full_all[row: row + n], neg_h_all[row: row + n]
+                row += n
+                kept = np.isfinite(s.topk_logprobs)
+                stored = np.where(kept, decode_logprobs(encode_logprobs(s.topk_logprobs, scheme), scheme), -np.inf)
+                resid = s.residual.astype(np.float16).astype(np.float32)
+                log_top, log_other = reconstruct_topk(stored, resid, vocab)
+                p_top = np.where(kept, np.exp(np.take_along_axis(full, s.topk_ids, 1)), 0.0)
+                r_true = np.clip(1 - p_top.sum(1), 0, 1)
+                kl = neg_h - np.where(kept, p_top * log_top, 0).sum(1) - r_true * log_other
+                # quantisation alone: KL over the kept entries + one bucket for everything else
+                log_rq = log_other + np.log(vocab - kept.sum(1))
+                kl_b = np.where(kept, p_top * (np.log(np.maximum(p_top, 1e-300)) - log_top), 0).sum(1)
+                kl_b += np.where(r_true > 0, r_true * (np.log(np.maximum(r_true, 1e-300)) - log_rq), 0)
+                best = np.where(kept, log_top, -np.inf).max(1, keepdims=True)
+                tied = np.where(kept & (log_top >= best), s.topk_ids, np.iinfo(np.int64).max)
+                a["kl"] += float(np.maximum(kl, 0).sum())
+                a["kl_bucket"] += float(np.maximum(kl_b, 0).sum())
+                a["top1"] += float((tied.min(1) == full.argmax(1)).sum())
+                a["entries"] += float(kept.sum())
         print(f"  fidelity batch {bi + 1}: {tokens} tokens, {time.perf_counter() - t0:.0f}s", flush=True)
     rows = []
     breakdown: dict[str, float] = {}
-    for (k, name), a in acc.items():
+    for label, fields in SETTINGS:
+        a = acc[label]
         buf = io.BytesIO()
-        table = pa.concat_tables(tables[(k, name)])
-        pq.write_table(table, buf, compression="zstd")  # the store's writer options
-        rows.append({"k": k, "quantization": name, "bytes_per_token": buf.tell() / tokens,
+        pq.write_table(pa.concat_tables(tables[label]), buf, compression="zstd")  # the store's writer options
+        rows.append({"setting": label, **fields, "bytes_per_token": buf.tell() / tokens,
                      "mean_kl": a["kl"] / tokens, "mean_kl_quantisation": a["kl_bucket"] / tokens,
-                     "top1_agreement": a["top1"] / tokens})
-        if (k, name) == (64, "u8-delta"):
+                     "top1_agreement": a["top1"] / tokens, "mean_entries": a["entries"] / tokens})
+        if label.startswith("preset small") or label == "k=64 u8-delta":
             md = pq.ParquetFile(io.BytesIO(buf.getvalue())).metadata
+            part: dict[str, float] = {}
             for g in range(md.num_row_groups):
                 for c in range(md.num_columns):
                     col = md.row_group(g).column(c)
                     key = col.path_in_schema.split(".")[0]
-                    breakdown[key] = breakdown.get(key, 0.0) + col.total_compressed_size / tokens
+                    part[key] = part.get(key, 0.0) + col.total_compressed_size / tokens
+            breakdown[label] = part  # type: ignore[assignment]
     return rows, breakdown
 
 
@@ -133,14 +156,13 @@ def measure_overhead(model: Any, tok: Any, store: DatasetStore, plan: Plan, base
     units, merge, version) is timed once on top."""
     from builders.teacher_logits import unit_table
 
-    kplan = replace(plan, params=replace(plan.params, k=base.k, quantization=base.quantization),
-                    scheme=SCHEMES[base.quantization])
+    kplan = replace(plan, params=base, scheme=SCHEMES[base.quantization])
     steps = {
         "full": lambda seqs, plens, idx: _bare(model, seqs, plens, plan.pad_id, keep=False),
         "keep": lambda seqs, plens, idx: _bare(model, seqs, plens, plan.pad_id, keep=True),
         "cache": lambda seqs, plens, idx: pq.write_table(unit_table(kplan, idx, score_batch(
-            model, seqs, plens, k=base.k, pad_id=plan.pad_id, label_token_ids=plan.label_token_ids)),
-            io.BytesIO(), compression="zstd"),
+            model, seqs, plens, k=base.k, pad_id=plan.pad_id, label_token_ids=plan.label_token_ids,
+            top_p=base.top_p, k_min=base.k_min, entry_cost=base.entry_cost)), io.BytesIO(), compression="zstd"),
     }
     names = list(steps)
     first = batches(plan)[0]
@@ -195,27 +217,43 @@ def _bare(model: Any, seqs: list[list[int]], plens: list[int], pad_id: int, keep
         model(input_ids=ids, attention_mask=mask, use_cache=False, **kw).logits.sum()
 
 
+# DistillKit's two settings as issue 14 measured them (2,560 DFAR L+R tokens, same teacher); not rerun here.
+DISTILLKIT = [{"setting": "DistillKit k=128 polynomial (recommended)", "bytes_per_token": 312, "mean_kl": 0.294},
+              {"setting": "DistillKit k=50 (budget)", "bytes_per_token": 114, "mean_kl": 0.497}]
+GOAL = {"bytes_per_token": 100, "mean_kl": 0.29}
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in SCHEMES:
-        pts = sorted((r["bytes_per_token"], r["mean_kl"], r["k"]) for r in rows if r["quantization"] == name)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-        if name == "fp16":  # one labelled series keeps the plot readable; k grows left to right on every line
-            for x, y, k in pts:
-                ax.annotate(f"k={k}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    families = {"fixed k, u8-delta": lambda r: r["setting"].startswith("k=") and r["quantization"] == "u8-delta",
+                "fixed k, fp16": lambda r: r["setting"].startswith("k=") and r["quantization"] == "fp16",
+                "--top-p": lambda r: r["setting"].startswith("top-p"),
+                "--entry-cost": lambda r: r["setting"].startswith("entry-cost"),
+                "--select sample": lambda r: r["setting"].startswith("sample")}
+    for name, keep in families.items():
+        pts = sorted((r["bytes_per_token"], r["mean_kl"]) for r in rows if keep(r))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=name)
+    for r in rows:
+        if r["setting"].startswith("preset"):
+            ax.plot(r["bytes_per_token"], r["mean_kl"], "k*", ms=14, label=r["setting"])
+    for d in DISTILLKIT:
+        ax.plot(d["bytes_per_token"], d["mean_kl"], "s", ms=8, label=d["setting"] + " [issue 14]")
+    ax.axvline(GOAL["bytes_per_token"], color="grey", ls=":", lw=1)
+    ax.axhline(GOAL["mean_kl"], color="grey", ls=":", lw=1)
     ax.set_xlabel("bytes per completion token (all columns, parquet + zstd)")
     ax.set_ylabel("mean KL(teacher || cache reconstruction), nats")
+    ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_title("SmolLM2-135M teacher-logit cache on DFAR lr: fidelity vs size")
+    ax.set_title("SmolLM2-135M teacher-logit cache on DFAR lr: size vs fidelity")
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
@@ -231,8 +269,8 @@ def main() -> None:
         tok = load_tokenizer(ref)
         model = load_causal_lm(ref, dtype="float32", device="cpu").eval()
         base = LogitCacheConfig(model=SMOLLM2, splits=["train"], limit=args.examples, batch_size=BATCH,
-                                dtype="float32", k=64, quantization="u8-delta")
-        plan = plan_cache(store, replace(base, k=max(KS)), tok)
+                                dtype="float32", **PRESETS["small"], preset="small")  # overhead: the preset
+        plan = plan_cache(store, base, tok)
         n_tokens = sum(len(e.input_ids) - e.prompt_len for e in plan.examples)
         print(f"{len(plan.examples)} examples, {n_tokens} completion tokens, {len(batches(plan))} batches")
 
@@ -245,19 +283,22 @@ def main() -> None:
         for r in rows:
             r["train_split_mb"] = r["bytes_per_token"] * train_tokens / 1e6
 
-    columns = ["k", "quantization", "bytes/token", "mean KL (nats)", "KL from quantisation", "top-1 agreement",
-               "DFAR train cache (MB)"]
-    table = [[r["k"], r["quantization"], round(r["bytes_per_token"], 1), float(f"{r['mean_kl']:.3g}"),
-              float(f"{r['mean_kl_quantisation']:.2g}"), round(r["top1_agreement"], 4),
-              round(r["train_split_mb"], 2)] for r in rows]
-    table.sort(key=lambda r: (r[1], r[0]))
+    columns = ["setting", "entries/token", "bytes/token", "mean KL (nats)", "KL from quantisation",
+               "top-1 agreement", "DFAR train cache (MB)", "meets goal"]
+    for r in rows:
+        r["meets_goal"] = r["bytes_per_token"] <= GOAL["bytes_per_token"] and r["mean_kl"] <= GOAL["mean_kl"]
+    table = [[r["setting"], round(r["mean_entries"], 1), round(r["bytes_per_token"], 1),
+              float(f"{r['mean_kl']:.3g}"), float(f"{r['mean_kl_quantisation']:.2g}"), round(r["top1_agreement"], 4),
+              round(r["train_split_mb"], 2), r["meets_goal"]] for r in rows]
     extra = {
         "teacher": "SmolLM2-135M-Instruct.Q4_1.gguf (transformers, dequantised to float32, CPU)",
         "examples": len(plan.examples), "completion_tokens": n_tokens, "train_split_completion_tokens": train_tokens,
-        "results": rows, "overhead": overhead, "bytes_per_token_by_column_k64_u8_delta": breakdown,
-        "notes": "KL uses the exact full-vocabulary teacher distribution; the cache keeps top-k log-probs "
+        "results": rows, "overhead": overhead, "bytes_per_token_by_column": breakdown,
+        "goal": GOAL, "distillkit_from_issue_14": DISTILLKIT, "presets": PRESETS,
+        "notes": "KL uses the exact full-vocabulary teacher distribution; the cache keeps the selected log-probs "
                  "(quantised), the residual mass (float16) and spreads it evenly over the other tokens. "
-                 "No GPU part: this task had no GPU.",
+                 "DistillKit points are issue 14's measurement, not rerun. No GPU part.",
+        "machine_load": os.getloadavg(),
     }
     emit("logit_cache_bench", f"Teacher-logit cache fidelity vs size ({len(plan.examples)} DFAR lr examples)",
          columns, table, extra)
@@ -269,7 +310,8 @@ def main() -> None:
               f"(totals {t['cache']['wall']:.0f}s / {t['full']['wall']:.0f}s / {t['keep']['wall']:.0f}s); "
               f"fixed plan + merge {sum(o['fixed_costs_s'].values()):.1f}s "
               f"({o['fixed_costs_pct_of_full_forward']:.1f}% of the forward)")
-    print("bytes/token by column (k=64, u8-delta):", {k: round(v, 2) for k, v in breakdown.items()})
+    for label, part in breakdown.items():
+        print(f"bytes/token by column ({label}):", {k: round(v, 2) for k, v in part.items()})
     png = RESULTS / "logit_cache_bench.png"
     plot(rows, png)
     print(f"wrote {png}")

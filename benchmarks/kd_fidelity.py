@@ -1,0 +1,189 @@
+"""Training-level fidelity of teacher-logit caches (issue 14), at a small CPU scale.
+
+The same half-depth SmolLM2 student (15 of the teacher's 30 layers, initialised from it), data order, steps
+and optimiser, trained with pure distillation (no gold CE) from
+  (a) online dense KD: the teacher runs every step, forward KL over the full vocabulary;
+  (b) an offline top-64 u8-delta cache;
+  (c) an offline ``--preset small`` cache;
+  (d) an offline sampled cache (``--select sample``) whose bytes/token are closest to (c)'s among two sizes.
+Offline runs use the trainer's own pieces (`kd_features`, `KDCollator`, `ce_and_distillation`). Reported:
+held-out KL(teacher || student) and CE on DFAR lr test completions, DFAR accuracy / macro-F1 from the label
+words at the answer position, median step time and cache size. The teacher is SmolLM2-135M-Instruct (the
+GGUF, dequantised), not an L+R fine-tune; TRL's trainer is not used as an anchor here.
+
+Run: ``python benchmarks/kd_fidelity.py [--train 40 --test 16 --steps 10]`` (a few minutes on 2 CPU cores).
+Writes benchmarks/results/kd_fidelity.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from benchmarks._common import SHARED_DATA, emit  # noqa: E402
+from builders.dfar import build_dfar  # noqa: E402
+from builders.teacher_logits import PRESETS, LogitCacheConfig, cache_teacher_logits, plan_cache  # noqa: E402
+from curate.logit_codec import load_cache  # noqa: E402
+from curate.models import SMOLLM2, ModelRef, load_causal_lm, load_tokenizer  # noqa: E402
+from curate.store import DatasetStore  # noqa: E402
+from train.kd import ce_and_distillation  # noqa: E402
+from train.kd_data import KDCollator, kd_features  # noqa: E402
+from train.losses import get_loss  # noqa: E402
+from train.modeling import keep_layers  # noqa: E402
+from train.token_rows import logprobs_at, supervised_positions  # noqa: E402
+
+
+def make_cache(store: DatasetStore, model: Any, tok: Any, name: str, n: int, **fields: Any) -> tuple[Any, float]:
+    params = LogitCacheConfig(model=SMOLLM2, splits=["train"], limit=n, dtype="float32", name=name, **fields)
+    t0 = time.perf_counter()
+    result = cache_teacher_logits(store, params, model=model, tokenizer=tok, progress=False)
+    return result.version, time.perf_counter() - t0
+
+
+def train(student: Any, teacher: Any, feats: list[dict], order: list[list[int]], collate: KDCollator, *,
+          online: bool, lr: float) -> list[float]:
+    """Pure-KD steps over the given batches; returns each step's wall time."""
+    opt = torch.optim.AdamW(student.parameters(), lr=lr)
+    loss_fn = get_loss("forward_kl")
+    student.train()
+    times = []
+    for idx in order:
+        t0 = time.perf_counter()
+        batch = collate([feats[i] for i in idx])
+        rows, pos, targets = supervised_positions(batch["labels"])
+        logprobs = logprobs_at(student, batch["input_ids"], batch["attention_mask"], rows, pos)
+        if online:
+            with torch.no_grad():
+                t_lp = logprobs_at(teacher, batch["input_ids"], batch["attention_mask"], rows, pos)
+            kd = (t_lp.exp() * (t_lp - logprobs)).sum(-1).mean()
+        else:
+            _, kd = ce_and_distillation(logprobs, rows, pos, targets, batch, kd_loss=loss_fn, temperature=1.0)
+        opt.zero_grad()
+        kd.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    student.eval()
+    return times
+
+
+@torch.no_grad()
+def evaluate(student: Any, teacher: Any, examples: list[Any], label_ids: list[int]) -> dict[str, float]:
+    """Held-out KL(teacher || student) and CE per completion token; label accuracy and macro-F1."""
+    kl_sum = ce_sum = 0.0
+    tokens = 0
+    pred, gold = [], []
+    for e in examples:
+        ids = torch.tensor([e.input_ids])
+        t = torch.log_softmax(teacher(ids).logits[0].double(), -1)[e.prompt_len - 1: -1]
+        s = torch.log_softmax(student(ids).logits[0].double(), -1)[e.prompt_len - 1: -1]
+        target = ids[0, e.prompt_len:]
+        kl_sum += float((t.exp() * (t - s)).sum())
+        ce_sum += float(-s.gather(-1, target[:, None]).sum())
+        tokens += len(target)
+        if e.label is not None:
+            pred.append(int(torch.argmax(s[0, label_ids])))
+            gold.append(e.label)
+    p, g = np.array(pred), np.array(gold)
+    f1s = []
+    for c in sorted(set(g.tolist())):
+        tp, fp, fn = ((p == c) & (g == c)).sum(), ((p == c) & (g != c)).sum(), ((p != c) & (g == c)).sum()
+        f1s.append(2 * tp / max(2 * tp + fp + fn, 1))
+    return {"heldout_kl": kl_sum / tokens, "heldout_ce": ce_sum / tokens, "accuracy": float((p == g).mean()),
+            "macro_f1": float(np.mean(f1s)), "heldout_tokens": tokens}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--train", type=int, default=40, help="DFAR lr train examples (cached and trained on)")
+    ap.add_argument("--test", type=int, default=16, help="DFAR lr test examples (held out)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--layers", type=int, default=15)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    wall0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = DatasetStore(tmp)
+        build_dfar(store, SHARED_DATA / "dfar")
+        ref = ModelRef.parse(SMOLLM2)
+        tok = load_tokenizer(ref)
+        teacher = load_causal_lm(ref, dtype="float32", device="cpu").eval()
+        caches: dict[str, tuple[Any, float]] = {
+            "(b) top-64 u8-delta": make_cache(store, teacher, tok, "c-top64", a.train, k=64),
+            "(c) --preset small": make_cache(store, teacher, tok, "c-small", a.train, **PRESETS["small"],
+                                             preset="small"),
+        }
+        target = caches["(c) --preset small"][0].manifest["params"]["bytes_per_token"]
+        sampled = [make_cache(store, teacher, tok, f"c-sample-{n}", a.train, select="sample", samples=n)
+                   for n in (96, 192)]
+        best = min(sampled, key=lambda vc: abs(vc[0].manifest["params"]["bytes_per_token"] - target))
+        caches[f"(d) sampled N={best[0].manifest['params']['samples']}"] = best
+        test_plan = plan_cache(store, LogitCacheConfig(model=SMOLLM2, splits=["test"], limit=a.test), tok)
+        label_ids = test_plan.label_token_ids
+
+        base = load_cache(caches["(b) top-64 u8-delta"][0])
+        rng = np.random.default_rng(0)
+        order = [rng.permutation(len(base))[: a.batch].tolist() for _ in range(a.steps)]  # same for every run
+        collate = KDCollator(pad_id=int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id))
+        variants: dict[str, tuple[list[dict], bool, Any]] = {
+            "(a) online dense KD": ([kd_features(e, 1024) for e in base], True, None)}
+        for name, (version, _) in caches.items():
+            exs = load_cache(version)
+            assert [e.id for e in exs] == [e.id for e in base]
+            variants[name] = ([kd_features(e, 1024) for e in exs], False, version)
+        results = []
+        for name, (feats, online, version) in variants.items():
+            student = copy.deepcopy(teacher)
+            keep_layers(student, a.layers)
+            print(f"training {name} ...", flush=True)
+            times = train(student, teacher, feats, order, collate, online=online, lr=a.lr)
+            ev = evaluate(student, teacher, test_plan.examples, label_ids)
+            p = version.manifest["params"] if version is not None else {}
+            secs = dict(caches).get(name, (None, None))[1]
+            results.append({"variant": name, **ev, "step_s_median": statistics.median(times[1:] or times),
+                            "cache_bytes_per_token": p.get("bytes_per_token"), "cache_seconds": secs})
+            print(results[-1], flush=True)
+            del student
+        untrained = copy.deepcopy(teacher)
+        keep_layers(untrained, a.layers)
+        results.append({"variant": "(0) half-depth student before training",
+                        **evaluate(untrained, teacher, test_plan.examples, label_ids)})
+        results.append({"variant": "teacher itself", **evaluate(teacher, teacher, test_plan.examples, label_ids)})
+
+    online = results[0]
+    for r in results:
+        if "step_s_median" in r:
+            r["kl_vs_online_pct"] = 100 * (r["heldout_kl"] / online["heldout_kl"] - 1)
+            r["step_time_vs_online"] = r["step_s_median"] / online["step_s_median"]
+    columns = ["variant", "held-out KL", "vs online", "held-out CE", "accuracy", "macro-F1", "step s",
+               "step vs online", "cache B/token"]
+    table = [[r["variant"], round(r["heldout_kl"], 4), f"{r['kl_vs_online_pct']:+.1f}%" if "kl_vs_online_pct" in r
+              else "", round(r["heldout_ce"], 4), round(r["accuracy"], 3), round(r["macro_f1"], 3),
+              round(r["step_s_median"], 2) if "step_s_median" in r else "",
+              round(r["step_time_vs_online"], 2) if "step_time_vs_online" in r else "",
+              r.get("cache_bytes_per_token") or ""] for r in results]
+    emit("kd_fidelity", f"KD fidelity: {a.steps} steps x {a.batch} of {a.train} DFAR lr train examples, "
+         f"{a.test} held out", columns, table,
+         {"args": vars(a), "results": results, "total_seconds": time.perf_counter() - wall0,
+          "machine_load": os.getloadavg(),
+          "notes": "Pure KD (no gold CE), forward KL at temperature 1, AdamW, float32 CPU, one thread. The scale "
+                   "is far below the issue's (a few steps); differences between variants at this scale are "
+                   "mostly noise-level. TRL not run."})
+
+
+if __name__ == "__main__":
+    main()
