@@ -125,6 +125,8 @@ def score_cmd(
     if path.is_file():
         df = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path, infer_schema=False)
         origin = str(path)
+    elif path.suffix.lower() in (".csv", ".parquet") or "/" in source:
+        raise CurateError(f"no such file: {source}")
     else:
         v = DatasetStore(store).get(source)
         df, origin = v.read_polars(config), f"{v.ref} [{config}]"
