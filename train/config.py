@@ -151,6 +151,41 @@ class KDConfig(TrainConfig):
         return super().identity()
 
 
+@dataclass
+class RLSageConfig(TrainConfig):
+    """Online RL (TRL GRPO) with a SaGE reward: each sampled answer scores its consistency with the other
+    answers to paraphrases of the same question."""
+
+    method: str = opt("rl-sage", "Training method (set by the command).", cli=False, fixed=True)
+    template: Template = opt("chat", "chat (the tokenizer's chat template around the answer prompt) or plain.")
+    questions: str = opt("quality100", "Questions with paraphrases: quality100, moral100-high, moral100-low, a CSV "
+                                       "(MCC layout) or a store dataset.")
+    limit_questions: Annotated[int, at.Ge(1)] | None = opt(8, "Train on the first N questions.")
+    paraphrases: PositiveInt = opt(2, "Paraphrases kept per question (rows are grouped by question).")
+    num_generations: Annotated[int, at.Ge(2)] = opt(4, "Answers sampled per prompt (the GRPO group).")
+    max_completion_length: PositiveInt = opt(48, "Tokens per sampled answer.")
+    rl_temperature: Annotated[float, at.Gt(0)] = opt(0.9, "Sampling temperature of the answers.")
+    kl_beta: Annotated[float, at.Ge(0)] = opt(0.0, "KL penalty to the base model (0: none, no reference model).")
+    format_weight: Annotated[float, at.Ge(0)] = opt(0.0, "Weight of a format term: 1 for a non-empty answer that "
+                                                         "ended before the length limit.")
+    rot_model: str | None = opt(None, "RoT model through the LLM client: reward on answers and RoTs (default: "
+                                      "answers only, works offline).")
+    rot_base_url: str | None = opt(None, "Endpoint of the RoT model (default $OPENAI_BASE_URL).")
+    embedding_model: str = opt("sentence-transformers/all-MiniLM-L6-v2", "Embedding model of the reward.")
+    max_steps: Annotated[int, at.Ge(-1)] = opt(4, "Stop after N optimizer steps (-1: --epochs).")
+    batch_size: PositiveInt = opt(8, "Sampled answers per device step (a multiple of --num-generations).")
+    learning_rate: Annotated[float, at.Gt(0)] = opt(1e-5, "Learning rate.", flags=("--lr", "--learning-rate"))
+    logging_steps: PositiveInt = opt(1, "Log reward and loss every N steps.")
+    evaluate: bool = opt(False, "(DFAR accuracy: run `curate eval --model <run>` after training.)",
+                         flags=("--eval/--no-eval",))
+
+    def validate(self) -> None:
+        super().validate()
+        if (self.batch_size * self.grad_accum) % self.num_generations:
+            raise ConfigError("batch_size", f"batch_size x grad_accum ({self.batch_size * self.grad_accum}) must be "
+                                            f"a multiple of num_generations ({self.num_generations})")
+
+
 def parse_value(text: str) -> Any:
     """`--set key=value` values are YAML scalars/lists: 3, 0.5, true, null, [q_proj, v_proj]."""
     return yaml.safe_load(text) if text != "" else ""
@@ -160,5 +195,5 @@ def dump_config(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-__all__ = ["KDConfig", "RUN_CONTROL", "SFTConfig", "TrainConfig", "dump_config", "load_config",
+__all__ = ["KDConfig", "RLSageConfig", "RUN_CONTROL", "SFTConfig", "TrainConfig", "dump_config", "load_config",
            "parse_value"]

@@ -18,7 +18,7 @@ import typer
 from curate.commands._app import StoreOpt, app, console, friendly_errors
 from curate.commands._options import config_options
 from curate.errors import CurateError
-from train.config import KDConfig, SFTConfig
+from train.config import KDConfig, RLSageConfig, SFTConfig
 
 train_app = typer.Typer(help="Fine-tune (SFT: label only or label + reason) or distil (KD) a student.",
                         no_args_is_help=True)
@@ -111,3 +111,18 @@ def kd_cmd(config: ConfigOpt = None, store: StoreOpt = None, set_: SetOpt = None
 
     _report(run_kd(load_config(KDConfig, config, _overrides(KDConfig, options or {}, set_, store)),
                    console=console))
+
+
+@train_app.command("rl-sage")
+@friendly_errors
+@config_options(RLSageConfig)
+def rl_sage_cmd(config: ConfigOpt = None, store: StoreOpt = None, set_: SetOpt = None,
+                options: dict[str, Any] | None = None) -> None:
+    """Online RL (TRL GRPO) with a SaGE reward: each sampled answer's consistency with the answers to the other
+    paraphrases of its question (answers only offline; answers + RoTs with --rot-model)."""
+    from train.config import load_config
+    from train.rl_sage import run_rl_sage
+
+    result = run_rl_sage(load_config(RLSageConfig, config, _overrides(RLSageConfig, options or {}, set_, store)),
+                         console=console)
+    console.print(f"[green]run finished[/]: {result.run.path}", highlight=False)
