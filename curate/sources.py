@@ -81,6 +81,10 @@ class _Retry(Exception):
         self.reason, self.retry_after = reason, retry_after
 
 
+# getaddrinfo's answers for a host name that does not resolve (glibc, musl/BSD)
+UNKNOWN_HOST = ("Name or service not known", "nodename nor servname provided", "No address associated with hostname")
+
+
 def _fetch(url: str, tmp: Path, name: str) -> None:
     try:
         with httpx.stream("GET", url, follow_redirects=True, timeout=60) as r:
@@ -96,6 +100,11 @@ def _fetch(url: str, tmp: Path, name: str) -> None:
                 for chunk in r.iter_bytes():
                     f.write(chunk)
                     bar.advance(task, len(chunk))
+    except httpx.ConnectError as e:
+        if any(m in str(e) for m in UNKNOWN_HOST):  # no network or a typo: waiting will not help
+            raise CurateError(f"could not download {url}: cannot resolve {httpx.URL(url).host} (offline? give a local "
+                              f"folder with --source)") from None
+        raise _Retry(f"{type(e).__name__}: {e}") from None
     except httpx.TransportError as e:  # refused, reset, timed out, cut off mid-body
         raise _Retry(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from None
 
