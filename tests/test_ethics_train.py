@@ -145,3 +145,23 @@ def test_head_per_subset_takes_every_paradigm(world: dict[str, Path]) -> None:
     for s in counts:
         want += [r for r in rows if r["subset"] == s][:5]
     assert sorted(r["id"] + r["subset"] for r in got.to_pylist()) == sorted(r["id"] + r["subset"] for r in want)
+
+
+def test_smollm2_on_ethics_end_to_end(world: dict[str, Path], tmp_path: Path) -> None:
+    """The real model: SmolLM2 zero-shot through `curate eval` on every paradigm's test and test_hard, each
+    verbalizer word a single first token of the real tokenizer (the logit cache's rule)."""
+    from curate.cli import app
+    from curate.models import ModelRef, load_tokenizer
+
+    res = CliRunner().invoke(app, ["eval", "--model", "smollm2", "--store", str(world["store"]), "--dataset", "ethics",
+                                   "--dataset-config", "instruct", "--split", "test,test_hard", "--limit", "2",
+                                   "--judge", "none", "--max-new-tokens", "2", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert m["n"] == 20 and len(m["per_group"]) == 5
+    tok = load_tokenizer(ModelRef.parse("smollm2"))
+    for words in m["label_words_by_group"].values():
+        firsts = {tok(" " + w, add_special_tokens=False).input_ids[0] for w in words.values()}
+        assert len(firsts) == len(words)
+    preds = [json.loads(x) for x in (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()]
+    assert all(p["verbalizer"] in (0, 1) for p in preds)
