@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 from curate.commands._app import StoreOpt, app, build_app, console, err_console, friendly_errors, safe
+from curate.commands._options import config_options
 from curate.commands.build import report
 from curate.errors import CurateError
 from curate.store import DatasetStore
+from train.sage_loop import SageLoopConfig
 
 sage_app = typer.Typer(help="SaGE (semantic graph entropy): moral consistency across paraphrases.",
                        no_args_is_help=True)
@@ -204,3 +206,26 @@ def eval_sage_cmd(
     t.add_row(safe(model), str(result.n_scored), f"{result.mean:.4f}", f"[{result.ci_low:.4f}, {result.ci_high:.4f}]",
               str(result.empty_answers), mode)
     console.print(t)
+
+
+@app.command("sage-loop")
+@friendly_errors
+@config_options(SageLoopConfig, exclude=["store"])
+def sage_loop_cmd(store: StoreOpt = None, options: dict[str, Any] | None = None) -> None:
+    """Rounds of {select consistent aligned answers → LoRA SFT of the base target → SaGE on held-out questions},
+    keeping the best; resumes at the first unfinished round. Writes <loop-dir>/rounds.md and rounds.png."""
+    from curate.configs import COMMAND_LINE, build_config
+    from train.sage_loop import run_sage_loop
+
+    given = {**(options or {}), "store": str(store) if store else None}
+    cfg = build_config(SageLoopConfig, [(given, COMMAND_LINE)])
+    result = run_sage_loop(cfg, console=console)
+    t = Table("round", "threshold", "rows", "mean SaGE", "95% CI", "questions", title="SaGE loop")
+    for row in result.rounds:
+        t.add_row(str(row["round"]), "base" if row["threshold"] is None else f"{row['threshold']:.3f}",
+                  str(row["rows_selected"]), f"{row['mean_sage']:.4f}",
+                  f"[{row['ci_low']:.4f}, {row['ci_high']:.4f}]", str(row["n_questions"]))
+    console.print(t)
+    if result.best:
+        console.print(f"best: round {result.best['round']} ({safe(result.best['model'])})", highlight=False)
+    console.print(f"[green]wrote[/] {safe(str(result.loop_dir))}/rounds.md, rounds.png, state.json", highlight=False)
