@@ -79,6 +79,24 @@ build-sage-responses *args: install
 sage-score *args: install
     .venv/bin/curate sage score "$@"
 
+# Later options win, e.g. `just eval-sage --model runs/<run> --limit-questions 0`, or RoT-aware with an
+# endpoint: `just eval-sage --rots --rot-model gpt-3.5-turbo --base-url ...`.
+# SaGE of a model on 5 held-out moral100 questions: SmolLM2 answers, answers only (--no-rots: offline).
+eval-sage *args: install
+    .venv/bin/curate sage eval --model smollm2 --questions "{{shared}}/sage/moral100/low_amb_para.csv" \
+        --limit-questions 5 --max-new-tokens 48 --no-rots "$@"
+
+# Aligned answers come from build-sage-responses (offline replay unless OPENAI_* is set); rerunning resumes.
+# The SaGE loop: 2 rounds of select -> LoRA SFT of SmolLM2 -> SaGE on 5 held-out moral100 questions.
+sage-loop *args: build-sage-responses
+    .venv/bin/curate sage-loop --heldout "{{shared}}/sage/moral100/low_amb_para.csv" --heldout-limit 5 \
+        --rounds 2 --max-steps 8 --max-new-tokens 48 "$@"
+
+# RL with a SaGE reward (TRL GRPO, answers-only reward: offline): SmolLM2 on 4 quality100 questions, 4 steps.
+train-rl-sage *args: install
+    .venv/bin/curate train rl-sage --questions "{{shared}}/sage/quality100/q100.csv" --limit-questions 4 \
+        --max-steps 4 --overwrite "$@"
+
 # Cache teacher logits for offline KD: dfar lr + SmolLM2 GGUF, a quick --limit 64 rows per split by default;
 # later options win, e.g. `just cache-teacher-logits --limit 0 --k 32` (0 = all rows).
 cache-teacher-logits *args: build-dfar

@@ -165,7 +165,7 @@ def eval_sage_cmd(
     limit_questions: Annotated[int | None, typer.Option(help="Only the first N questions (quick runs).")] = None,
     rot_model: Annotated[str, typer.Option(help="Model that writes the Rules of Thumb (LLM client).")]
     = "gpt-3.5-turbo",
-    no_rots: Annotated[bool, typer.Option("--no-rots", help="Score answers only (no RoT model is called).")]
+    no_rots: Annotated[bool, typer.Option("--no-rots/--rots", help="Score answers only (no RoT model is called).")]
     = False,
     base_url: Annotated[str | None, typer.Option(help="Endpoint of openai:<model> and the RoT model (default "
                                                       "$OPENAI_BASE_URL, else api.openai.com).")] = None,
