@@ -251,6 +251,7 @@ def write_report(loop: Path, rounds: list[dict[str, Any]], best: dict[str, Any] 
                      f"[{row['ci_low']:.4f}, {row['ci_high']:.4f}] | {row['n_questions']} | `{row['model']}` |")
     if best is not None:
         lines.append(f"\nBest: round {best['round']} (mean SaGE {best['mean_sage']:.4f}), `{best['model']}`.")
+    loop.mkdir(parents=True, exist_ok=True)
     atomic_write_text(loop / "rounds.md", "\n".join(lines) + "\n")
     import matplotlib
 
@@ -264,7 +265,8 @@ def write_report(loop: Path, rounds: list[dict[str, Any]], best: dict[str, Any] 
     fig, ax = plt.subplots(figsize=(6, 3.8))
     ax.errorbar(xs, means, yerr=err, marker="o", capsize=4, label="mean SaGE (95% CI)")
     for row in rounds:
-        label = "base" if row["threshold"] is None else f"t={row['threshold']:.2f}\n{row['rows_selected']} rows"
+        label = row.get("name") or ("base" if row["threshold"] is None
+                                    else f"t={row['threshold']:.2f}\n{row['rows_selected']} rows")
         ax.annotate(label, (row["round"], row["mean_sage"]), textcoords="offset points", xytext=(6, -18), fontsize=7)
     ax.set(xlabel="round (0 = base model)", ylabel="mean SaGE on held-out", title="SaGE loop", xticks=xs)
     ax.legend(fontsize=8)
