@@ -93,6 +93,8 @@ def test_a_few_grpo_steps_on_a_tiny_model(tmp_path: Path) -> None:
     assert metrics["train"]["global_step"] == 2 and len(metrics["reward_per_step"]) == 2
     info = json.loads((run / "run.json").read_text())
     assert info["trainer"] == "trl.GRPOTrainer" and info["config"]["method"] == "rl-sage"
+    record = json.loads((run / "datasets.json").read_text())[0]  # a valid dataset name: `curate eval` reads it
+    assert record["name"] == "sage-questions" and record["rows_used"] == {"train": 4}
     with single_thread():
         loaded, _ = load_local_model(str(run), device="cpu")  # the run is a model `curate sage eval` can score
     assert loaded is not None

@@ -128,9 +128,11 @@ def prompt_rows(cfg: RLSageConfig, tok: Any) -> tuple[Any, dict[str, Any], str]:
     texts = [tok.decode(prompt_ids(tok, p, cfg.template)) for p in df["paraphrased"]]
     ds = Dataset.from_dict({"prompt": texts, "question_id": df["question_id"].to_list(),
                             "paraphrased": df["paraphrased"].to_list()})
-    record = {"name": described, "rows_used": {"train": df.height}, "sources": [s.__dict__ for s in sources],
-              "parents": parents, "content_hash": (parents[0]["content_hash"] if parents else
-                                                   (sources[0].sha256 if sources else None)), "tag": None}
+    if parents:  # a store dataset: recorded as any run records its data (`curate eval` finds it by hash)
+        record = {**parents[0], "rows_used": {"train": df.height}}
+    else:  # a question file: a dataset-shaped record (a valid name; never found in a store) with its source
+        record = {"name": "sage-questions", "tag": None, "content_hash": sources[0].sha256, "config": None,
+                  "rows_used": {"train": df.height}, "sources": [s.__dict__ for s in sources]}
     label = Path(cfg.questions).stem if Path(cfg.questions).suffix else cfg.questions
     return ds, record, label
 
