@@ -387,6 +387,9 @@ def build_sage_eval(store: DatasetStore, params: SageEvalParams, name: str = "sa
                          "answers", "answers": "every paraphrase with the model's answer, finish reason and RoT"},
         "build_notes": "\n".join(f"- {n}" for n in notes),
         "figures": ["figures/sage_hist.png"],
+        "scorer_notes": "Repeated RoTs: paraphrase pairs between two nodes are averaged and pairs inside one node "
+        "are not edges (the published reference sums them); a single-node question has entropy 1 (the reference "
+        "divides by log 1). With all-distinct RoTs, or answers only, both rules agree (curate/sage.py).",
         "summary": summary,
         "usage": usage,
     }

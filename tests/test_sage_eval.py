@@ -160,3 +160,18 @@ def test_smollm2_answers_a_handful_of_questions(qcsv: Path, tmp_path: Path) -> N
     assert answers["model_output"].str.len_chars().min() > 10  # real sentences from the instruct model
     assert res.n_scored == 2 and 0.0 < res.mean <= 1.0
     assert res.ci_low <= res.mean <= res.ci_high
+
+
+def test_questions_from_a_store_dataset_are_recorded_as_parent(tiny: Path, tmp_path: Path) -> None:
+    store = DatasetStore(tmp_path / "s")
+    rows = pl.read_csv(QUESTIONS.encode(), schema_overrides={"question_id": pl.String})
+    with store.new_version("my-questions", builder="test", builder_version="0", params={}, sources=[]) as w:
+        w.write_table("responses", "train", rows.to_arrow())
+    with single_thread():
+        res = build_sage_eval(store, SageEvalParams(model=str(tiny), questions="my-questions", no_rots=True,
+                                                    max_new_tokens=4, limit_questions=2))
+    manifest = json.loads((res.version.path / "manifest.json").read_text())
+    assert manifest["parents"][0]["name"] == "my-questions"
+    assert manifest["parents"][0]["content_hash"] == store.get("my-questions").hash
+    assert res.version.read_polars("answers").height == 5  # questions 1 and 2: 3 + 2 paraphrases
+    assert "Repeated RoTs" in manifest["card"]["scorer_notes"]
