@@ -91,8 +91,19 @@ def test_tiny_model_cli_no_rots_writes_version_and_reuses_answers(tiny: Path, qc
     # the answers were cached before scoring: a rerun reads them (same version, no generation)
     cached = list((store / "sage_eval_cache").glob("answers-*.parquet"))
     assert len(cached) == 1
-    r2 = CliRunner().invoke(app, args)
-    assert r2.exit_code == 0 and "unchanged" in r2.output
+    r2 = CliRunner().invoke(app, ["eval", "sage", *args[2:]])  # `curate eval sage` is the same command
+    assert r2.exit_code == 0 and "unchanged" in r2.output, r2.output
+
+
+def test_eval_group_keeps_plain_eval_and_refuses_options_before_sage(tmp_path: Path) -> None:
+    env = {"COLUMNS": "250", "TERMINAL_WIDTH": "250"}
+    plain = CliRunner().invoke(app, ["eval", "--help"], env=env)
+    assert plain.exit_code == 0 and "--dataset-config" in plain.output and "sage" in plain.output
+    old = CliRunner().invoke(app, ["eval", "--model", "/no/such/folder", "--store", str(tmp_path / "s")])
+    assert old.exit_code == 1 and old.output.strip() == "error: no such run folder or model path: /no/such/folder"
+    mixed = CliRunner().invoke(app, ["eval", "--model", "smollm2", "sage", "--no-rots"])
+    assert mixed.exit_code == 1 and "options before `sage` belong to `curate eval` (--model)" in mixed.output
+    assert len(mixed.output.strip().splitlines()) == 1
 
 
 def test_empty_answers_are_counted_and_never_scored(mute: Path, qcsv: Path, tmp_path: Path) -> None:

@@ -13,9 +13,35 @@ from curate.commands._options import config_options
 from curate.configs import COMMAND_LINE, build_config
 from curate.models import ModelSpec
 
+# A group that runs its own callback when no subcommand is given: `curate eval --model …` is unchanged and
+# `curate eval sage …` (curate/commands/sage.py) sits beside it.
+eval_app = typer.Typer(invoke_without_command=True)
+app.add_typer(eval_app, name="eval")
 
-@app.command("eval")
+
+def _unless_subcommand(fn: Any) -> Any:
+    """Run the plain evaluation only without a subcommand; before `curate eval sage …` options would be dropped."""
+    import functools
+
+    from curate.errors import CurateError
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs: Any) -> Any:
+        ctx = kwargs["typer_ctx"]  # the click context `config_options` asks Typer for
+        if not ctx.invoked_subcommand:
+            return fn(**kwargs)
+        given = [p for p in ctx.params if getattr(ctx.get_parameter_source(p), "name", "DEFAULT") != "DEFAULT"]
+        if given:
+            raise CurateError(f"options before `{ctx.invoked_subcommand}` belong to `curate eval` "
+                              f"({', '.join('--' + p.replace('_', '-') for p in given)}); put them after it")
+        return None
+
+    return wrapper
+
+
+@eval_app.callback()
 @friendly_errors
+@_unless_subcommand
 @config_options(ModelSpec)  # --model, --gguf-file, --dtype, --device, --load-in-8bit ... as for cache-logits
 def eval_cmd(
     dataset: Annotated[str, typer.Option(help="Dataset (name or name@tag).")] = "dfar",
@@ -35,7 +61,8 @@ def eval_cmd(
     store: StoreOpt = None,
     options: dict[str, Any] | None = None,
 ) -> None:
-    """Evaluate a model on a labelled split; writes metrics.json, predictions.jsonl, confusion_matrix.png."""
+    """Evaluate a model on a labelled split; writes metrics.json, predictions.jsonl, confusion_matrix.png.
+    `curate eval sage --help`: SaGE moral consistency of a model instead."""
     from train.evaluate import EvalConfig, run_eval
 
     given = dict(dataset=dataset, dataset_config=dataset_config, split=split, subsets=subsets, limit=limit or None,

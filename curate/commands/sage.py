@@ -13,6 +13,7 @@ from rich.table import Table
 from curate.commands._app import StoreOpt, app, build_app, console, err_console, friendly_errors, safe
 from curate.commands._options import config_options
 from curate.commands.build import report
+from curate.commands.evaluate import eval_app
 from curate.errors import CurateError
 from curate.store import DatasetStore
 from train.sage_loop import SageLoopConfig
@@ -152,6 +153,7 @@ def score_cmd(
         console.print(t)
 
 
+@eval_app.command("sage")
 @sage_app.command("eval")
 @friendly_errors
 def eval_sage_cmd(
