@@ -1,9 +1,10 @@
 """Schema, quantisation and reader of teacher-logit caches (the contract between the cacher and KD training).
 
 One parquet row per example. Per completion token ``t`` (``T = len(input_ids) - prompt_len``) the cache keeps
-the teacher's top-k token ids and log-probs of the distribution that predicts ``input_ids[prompt_len + t]``
-(logits at position ``prompt_len + t - 1``), the probability mass outside the top-k (``residual``) and the
-full-vocabulary entropy. Target ids are not duplicated: they are ``input_ids[prompt_len:]``.
+``n_t`` token ids and log-probs of the distribution that predicts ``input_ids[prompt_len + t]`` (logits at
+position ``prompt_len + t - 1``): the top-k, or with ``--top-p`` / ``--entry-cost`` a per-token number of top
+entries, or with ``--select sample`` the distinct ids of N draws. Also the probability mass outside the kept
+ids (``residual``) and the full-vocabulary entropy. Target ids are not duplicated: they are ``input_ids[prompt_len:]``.
 
 Columns (layout 2, the default; ``params.layout`` in the manifest)::
 
