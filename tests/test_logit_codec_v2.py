@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from builders.dfar import DfarParams, build_dfar
 from builders.teacher_logits import BuildResult, LogitCacheConfig, cache_teacher_logits
 from curate.cli import app
+from curate.errors import CurateError
 from curate.logit_codec import SCHEMES, decode_logprobs, encode_logprobs, load_cache
 from curate.store import DatasetStore
 from tests.conftest import shared
@@ -281,6 +282,16 @@ def test_sampled_cache_rows_and_kd_batch(tmp_path: Path, dfar_store: Path, teach
     s = logprobs_all[rows, pos].gather(-1, batch["kd_ids"][rows, t])
     manual = (w * torch.where(w > 0, lp - s, torch.zeros_like(s))).sum(-1).mean()
     assert torch.isfinite(kd) and torch.allclose(kd, manual)
+
+    from train.config import KDConfig
+    from train.kd import prepare_kd
+
+    folder = teacher[0]
+    for kw, message in (({"loss": "reverse_kl"}, "only forward_kl"), ({"temperature": 2.0}, "temperature-1 KL")):
+        cfg = KDConfig(model=str(folder), store=str(store.root), cache="again", limit=2, train_split="test",
+                       eval_limit=0, max_length=64, **kw)
+        with pytest.raises(CurateError, match=message):
+            prepare_kd(cfg, tok)
 
 
 def test_entry_cost_rows_are_the_budget_optimal_prefix(tmp_path: Path, dfar_store: Path, teacher) -> None:

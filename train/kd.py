@@ -177,6 +177,8 @@ def prepare_kd(cfg: KDConfig, tokenizer: Any | None = None, *, cache: Version | 
     label_ids = [int(x) for x in params.get("label_token_ids") or []]
     if cfg.kd_target == "labels" and not label_ids:
         raise CurateError(f"--kd-target labels: {cache.ref} has no label_token_ids (its parent has no labels)")
+    if params.get("select") == "sample" and cfg.kd_target == "tokens":
+        get_loss(cfg.loss).check_sampled(cfg.temperature)  # a one-line refusal before any training
     if label_ids and max(label_ids) >= len(tok):
         raise CurateError(f"{cache.ref} label token ids {label_ids} are outside the student's vocabulary")
     examples = load_cache(cache, cfg.train_split)

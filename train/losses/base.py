@@ -92,6 +92,11 @@ class DistillationLoss(ABC):
                            temperature: float) -> Tensor:
         """Per-position estimate of D from a sampled cache ([N, n] each, weights = counts / draws). Only forward
         KL has an unbiased estimator from draws of the teacher; other losses refuse sampled caches."""
+        self.check_sampled(temperature)
+        raise NotImplementedError
+
+    def check_sampled(self, temperature: float) -> None:
+        """Raise unless this loss can train from a sampled cache at this temperature."""
         raise CurateError(f"--loss {self.name} cannot train from a sampled cache (--select sample): only "
                           "forward_kl has an unbiased estimator; use --loss forward_kl or a top-k cache")
 

@@ -18,7 +18,10 @@ class ForwardKL(DistillationLoss):
                            temperature: float) -> Tensor:
         """The unbiased estimator of KL(teacher ‖ student) at temperature 1 (a tempered teacher's normaliser is
         not known from draws, so other temperatures are refused)."""
+        self.check_sampled(temperature)
+        return sampled_forward_kl(student_logprobs, teacher_logprobs, weights)
+
+    def check_sampled(self, temperature: float) -> None:
         if temperature != 1.0:
             raise CurateError(f"a sampled cache estimates the temperature-1 KL; --temperature {temperature} needs "
                               "a top-k cache")
-        return sampled_forward_kl(student_logprobs, teacher_logprobs, weights)
