@@ -102,6 +102,9 @@ class LogitCacheConfig(ModelSpec):
         "top", "top: the most probable ids; sample: the distinct ids of --samples draws from the teacher "
         "(unbiased forward-KL estimate).")
     samples: Annotated[int, at.Ge(1), at.Le(4096)] = opt(16, "Draws per token with --select sample.")
+    proposal_temperature: Annotated[float, at.Gt(0)] = opt(
+        1.0, "With --select sample: draw from softmax(logits / this) (> 1 reaches further into the tail); stored "
+        "importance weights keep the KD estimate unbiased.")
     layout: Annotated[int, at.Ge(1), at.Le(LAYOUT)] = opt(
         LAYOUT, "2: variable-length rows; 1: exactly k entries per row (readers before v2).")
     preset: str | None = opt(None, f"Named settings ({', '.join(PRESETS_HELP)}); explicit options win.")
@@ -128,6 +131,8 @@ class LogitCacheConfig(ModelSpec):
         if self.layout == 1 and (self.top_p is not None or self.entry_cost is not None or self.select == "sample"):
             raise ConfigError("layout", "--layout 1 stores exactly k entries per token: it cannot hold --top-p or "
                               "--select sample rows")
+        if self.proposal_temperature != 1.0 and self.select != "sample":
+            raise ConfigError("proposal_temperature", "--proposal-temperature is for --select sample")
         if self.preset is not None and self.preset not in PRESETS:
             raise ConfigError("preset", f"--preset must be one of {', '.join(PRESETS)}, not {self.preset!r}")
 
@@ -370,7 +375,8 @@ def _key_params(params: LogitCacheConfig) -> dict[str, Any]:
 def unit_table(plan: Plan, unit: list[int], scored: list[Any]) -> pa.Table:
     scheme = plan.scheme
     p = plan.params
-    schema = cache_schema(plan.vocab_size, scheme, layout=p.layout, sampled=p.select == "sample")
+    schema = cache_schema(plan.vocab_size, scheme, layout=p.layout, sampled=p.select == "sample",
+                          tempered=p.proposal_temperature != 1.0)
     exs = [plan.examples[i] for i in unit]
     lab_type = schema.field("label_logprobs").type
     codes = [encode_logprobs(s.topk_logprobs, scheme) for s in scored]
@@ -391,6 +397,9 @@ def unit_table(plan: Plan, unit: list[int], scored: list[Any]) -> pa.Table:
         if p.select == "sample":
             cols["sample_counts"] = _ragged([s.sample_counts for s in scored], masks,
                                             schema.field("sample_counts").type)
+            if p.proposal_temperature != 1.0:
+                cols["sample_log_weights"] = _ragged([s.sample_log_weights for s in scored], masks,
+                                                     schema.field("sample_log_weights").type)
     cols["residual"] = _lists([s.residual.astype(np.float16) for s in scored], pa.float16())
     cols["entropy"] = _lists([s.entropy.astype(np.float16) for s in scored], pa.float16())
     cols["label_logprobs"] = pa.array(
@@ -471,7 +480,8 @@ def compute_units(plan: Plan, work: Path, get_model: Callable[[], Any], *, shard
                                       k=plan.params.k, pad_id=plan.pad_id,
                                       label_token_ids=plan.label_token_ids or None, top_p=plan.params.top_p,
                                       k_min=plan.params.k_min, entry_cost=plan.params.entry_cost,
-                                      samples=plan.params.samples if plan.params.select == "sample" else None)
+                                      samples=plan.params.samples if plan.params.select == "sample" else None,
+                                      proposal_temperature=plan.params.proposal_temperature)
                 n = sum(e.completion_tokens for e in batch)
                 report.tokens += n
                 rate = report.tokens / max(time.perf_counter() - t0, 1e-9)
@@ -533,6 +543,7 @@ def merge_units(store: DatasetStore, plan: Plan, work: Path, *, teacher: dict[st
         "k_min": p.k_min,
         "entry_cost": p.entry_cost,
         "samples": p.samples if p.select == "sample" else None,
+        "proposal_temperature": p.proposal_temperature if p.select == "sample" else None,
         "max_entries": p.max_entries,
         "preset": p.preset,
         "quantization": scheme.name,
@@ -596,7 +607,8 @@ def merge_units(store: DatasetStore, plan: Plan, work: Path, *, teacher: dict[st
 
 def _kept_words(p: LogitCacheConfig) -> str:
     if p.select == "sample":
-        return f"the distinct ids of {p.samples} draws from the teacher (with their counts),"
+        tempered = "" if p.proposal_temperature == 1.0 else f" at temperature {p.proposal_temperature}"
+        return f"the distinct ids of {p.samples} draws from the teacher{tempered} (with their counts),"
     if p.top_p is not None:
         return f"the fewest top ids reaching mass {p.top_p} ({p.k_min} to {p.k}),"
     if p.entry_cost is not None:

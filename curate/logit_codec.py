@@ -17,6 +17,7 @@ Columns (layout 2, the default; ``params.layout`` in the manifest)::
                                                      n_t = k, or per token with --top-p / --select sample
     topk_logprobs   list<list<float16|uint8>> [T][n_t]  their log-probs, encoded by the scheme below
     sample_counts   list<list<uint16>> [T][n_t]      only with --select sample: draws that hit each id
+    sample_log_weights list<list<float32>> [T][n_t]  only with --proposal-temperature != 1: log p - log proposal
     residual        list<float16> [T]                1 - sum(kept probs), computed exactly at cache time
     entropy         list<float16> [T]                entropy (nats) of the full teacher distribution
     label_logprobs  list<float32> [num_labels]       log-softmax over the full vocab of each label's 1st token
@@ -44,7 +45,8 @@ Quantisation schemes (log-probs are raw, temperature 1; apply any temperature in
 - ``u8-delta-coarse``: ``step = 1/4`` nat (floor -63.75), delta-coded: the smallest, at some fidelity cost.
 
 Sampled caches (``--select sample --samples N``): the kept ids are the distinct ids among N draws from the
-teacher, ``sample_counts`` says how often each was drawn; `CachedExample.sample_weights` = counts / N, so
+teacher (or from a tempered proposal softmax(logits / tau), then with importance log-weights), ``sample_counts``
+says how often each was drawn; `CachedExample.sample_weights` = counts / N (x p / proposal), so
 ``sum_j w_j (log p_j - log q_j)`` is an unbiased estimate of KL(p ‖ q) (`train.losses.base.sampled_forward_kl`).
 """
 
@@ -141,7 +143,8 @@ def id_type(vocab_size: int) -> pa.DataType:
 LAYOUT = 2  # what new caches are written as (layout 1 is still read, and written on request)
 
 
-def cache_schema(vocab_size: int, scheme: Scheme, *, layout: int = LAYOUT, sampled: bool = False) -> pa.Schema:
+def cache_schema(vocab_size: int, scheme: Scheme, *, layout: int = LAYOUT, sampled: bool = False,
+                 tempered: bool = False) -> pa.Schema:
     ids = id_type(vocab_size)
     fields = [
         ("id", pa.string()),
@@ -154,6 +157,8 @@ def cache_schema(vocab_size: int, scheme: Scheme, *, layout: int = LAYOUT, sampl
     ]
     if sampled:
         fields.append(("sample_counts", pa.list_(pa.list_(pa.uint16()))))
+    if sampled and tempered:
+        fields.append(("sample_log_weights", pa.list_(pa.list_(pa.float32()))))
     fields += [
         ("residual", pa.list_(pa.float16())),
         ("entropy", pa.list_(pa.float16())),
@@ -237,6 +242,9 @@ def decode_batch(batch: pa.RecordBatch | pa.Table, scheme: Scheme, k: int, *, ra
         if "sample_counts" in names:
             _, counts, _, _ = _padded_entries(batch.column("sample_counts"), k)
             weights = counts.astype(np.float32) / float(samples or 1)
+            if "sample_log_weights" in names:
+                _, log_w, _, _ = _padded_entries(batch.column("sample_log_weights"), k)
+                weights = (weights * np.exp(log_w.astype(np.float64))).astype(np.float32)
     else:
         tk_off, tk_ids = _nested(batch.column("topk_ids"), k)
         _, tk_lp = _nested(batch.column("topk_logprobs"), k)

@@ -32,6 +32,7 @@ class ScoredExample:
     full_logprobs: np.ndarray | None = None  # [T, V], only when asked for (benchmarks, tests)
     kept: np.ndarray | None = None  # [T] entries kept per token (top-p / sampling); None: all k
     sample_counts: np.ndarray | None = None  # [T, k] draws per kept id (sampling), 0 on padding
+    sample_log_weights: np.ndarray | None = None  # [T, k] log p/proposal per kept id (tempered proposal only)
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,6 +76,7 @@ class Reduced:
     full_logprobs: torch.Tensor | None  # [N, V]
     kept: torch.Tensor | None = None  # [N] int64 entries kept (None: all k)
     sample_counts: torch.Tensor | None = None  # [N, k] int64
+    sample_log_weights: torch.Tensor | None = None  # [N, k] float32, log p(id) - log proposal(id)
 
 
 def _sampled_ids(x: torch.Tensor, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -109,26 +111,36 @@ def row_kl(lp: torch.Tensor, residual_k: torch.Tensor, entropy: torch.Tensor, vo
 @torch.inference_mode()
 def reduce_logits(logits: torch.Tensor, k: int, label_ids: torch.Tensor | None = None,
                   keep_full: bool = False, *, top_p: float | None = None, k_min: int = 1,
-                  entry_cost: float | None = None, samples: int | None = None, seed: int = 0) -> Reduced:
+                  entry_cost: float | None = None, samples: int | None = None, seed: int = 0,
+                  proposal_temperature: float = 1.0) -> Reduced:
     """Kept log-probs, residual mass and entropy of softmax(logits) without materialising log_softmax.
 
     Kept entries: the top-k; with ``top_p`` the smallest top prefix whose mass reaches it (at least
     ``k_min``, at most k); with ``entry_cost`` the n in [k_min, k] that minimises KL(teacher ‖ cache row) +
     entry_cost · n (the budget-optimal allocation; `row_kl`); with ``samples`` the distinct ids of that many
-    draws from the teacher (sorted by descending probability, ties by id). Passes over the vocabulary: top-k,
-    shift, exp, two sums. The residual is summed over the other entries directly (kept ones zeroed), so a
-    tiny residual keeps its precision instead of cancelling in 1 - sum. ``logits`` is overwritten.
+    draws from softmax(logits / proposal_temperature) (sorted by descending teacher probability, ties by id;
+    with a tempered proposal each id also gets its importance log-weight log p - log proposal). Passes over
+    the vocabulary: top-k, shift, exp, two sums. The residual is summed over the other entries directly (kept
+    ones zeroed), so a tiny residual keeps its precision instead of cancelling in 1 - sum. ``logits`` is
+    overwritten.
     """
     x = logits.float()
     full = torch.log_softmax(x, dim=-1) if keep_full else None
-    counts = kept = None
+    counts = kept = log_w = None
     if samples:
-        ids, counts, kept = _sampled_ids(x, samples, seed)
+        tau = proposal_temperature
+        ids, counts, kept = _sampled_ids(x / tau if tau != 1.0 else x, samples, seed)
         m = x.max(dim=-1, keepdim=True).values
         valid = counts > 0
+        if tau != 1.0:  # log p - log proposal, exactly (float64), before x is shifted in place below
+            xs = x.gather(-1, ids).double()
+            log_w = ((xs - torch.logsumexp(x.double(), -1, keepdim=True))
+                     - (xs / tau - torch.logsumexp(x.double() / tau, -1, keepdim=True)))
         top = torch.where(valid, x.gather(-1, ids), -torch.inf)
         top, order = top.sort(dim=-1, descending=True, stable=True)  # ids ascend, so ties stay in id order
         ids, counts, valid = ids.gather(-1, order), counts.gather(-1, order), valid.gather(-1, order)
+        if log_w is not None:
+            log_w = torch.where(valid, log_w.gather(-1, order), 0.0).float()
     else:
         top, ids = torch.topk(x, k, dim=-1, sorted=True)
         m = top[:, :1]
@@ -168,37 +180,41 @@ def reduce_logits(logits: torch.Tensor, k: int, label_ids: torch.Tensor | None =
         full_logprobs=full,
         kept=kept,
         sample_counts=counts,
+        sample_log_weights=log_w,
     )
 
 
 @torch.inference_mode()
 def score_batch(model: Any, seqs: list[list[int]], prompt_lens: list[int], *, k: int, pad_id: int,
                 label_token_ids: list[int] | None = None, keep_full: bool = False, top_p: float | None = None,
-                k_min: int = 1, entry_cost: float | None = None, samples: int | None = None) -> list[ScoredExample]:
+                k_min: int = 1, entry_cost: float | None = None, samples: int | None = None,
+                proposal_temperature: float = 1.0) -> list[ScoredExample]:
     """Run the teacher once over prompt + completion for each sequence and reduce each completion token."""
     logits = completion_logits(model, seqs, prompt_lens, pad_id)
     return scored_examples(logits, seqs, prompt_lens, k=k, label_token_ids=label_token_ids, keep_full=keep_full,
-                           top_p=top_p, k_min=k_min, entry_cost=entry_cost, samples=samples)
+                           top_p=top_p, k_min=k_min, entry_cost=entry_cost, samples=samples,
+                           proposal_temperature=proposal_temperature)
 
 
 def scored_examples(logits: torch.Tensor, seqs: list[list[int]], prompt_lens: list[int], *, k: int,
                     label_token_ids: list[int] | None = None, keep_full: bool = False, top_p: float | None = None,
-                    k_min: int = 1, entry_cost: float | None = None,
-                    samples: int | None = None) -> list[ScoredExample]:
+                    k_min: int = 1, entry_cost: float | None = None, samples: int | None = None,
+                    proposal_temperature: float = 1.0) -> list[ScoredExample]:
     """`completion_logits` of a batch -> one `ScoredExample` per sequence (``logits`` is overwritten)."""
     labels = torch.tensor(label_token_ids, device=logits.device) if label_token_ids else None
     seed = zlib.crc32(np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs]).tobytes())  # from content
     parts = [reduce_logits(logits[a: a + ROWS_PER_REDUCTION], k, labels, keep_full, top_p=top_p, k_min=k_min,
-                           entry_cost=entry_cost, samples=samples, seed=seed + a)
+                           entry_cost=entry_cost, samples=samples, seed=seed + a,
+                           proposal_temperature=proposal_temperature)
              for a in range(0, logits.shape[0], ROWS_PER_REDUCTION)]
 
     def cat(name: str) -> torch.Tensor | None:
         got = [getattr(r, name) for r in parts]
         return None if got[0] is None else torch.cat(got).cpu()
 
-    ids, lps, res, ent, lab, full, kept, counts = (
+    ids, lps, res, ent, lab, full, kept, counts, log_w = (
         cat(n) for n in ("topk_ids", "topk_logprobs", "residual", "entropy", "label_logprobs", "full_logprobs",
-                         "kept", "sample_counts"))
+                         "kept", "sample_counts", "sample_log_weights"))
     out, row = [], 0
     for s, p in zip(seqs, prompt_lens, strict=True):
         sl = slice(row, row + len(s) - p)
@@ -212,6 +228,7 @@ def scored_examples(logits: torch.Tensor, seqs: list[list[int]], prompt_lens: li
                 full_logprobs=full[sl].numpy() if full is not None else None,
                 kept=kept[sl].numpy().astype(np.int64) if kept is not None else None,
                 sample_counts=counts[sl].numpy().astype(np.int64) if counts is not None else None,
+                sample_log_weights=log_w[sl].numpy() if log_w is not None else None,
             )
         )
         row = sl.stop

@@ -217,6 +217,7 @@ def test_variable_rows_round_trip_exactly_through_the_table() -> None:
     (["--layout", "1", "--top-p", "0.9"], "--layout 1 stores exactly k entries"),
     (["--top-p", "0.9", "--entry-cost", "0.01"], "--top-p and --entry-cost are two ways"),
     (["--entry-cost", "0"], "entry_cost must be > 0"),
+    (["--proposal-temperature", "2"], "--proposal-temperature is for --select sample"),
     (["--select", "sample", "--samples", "0"], "samples must be in [1, 4096]"),
     (["--preset", "tiny"], "--preset must be one of small, not 'tiny'"),
 ])
@@ -266,6 +267,15 @@ def test_sampled_cache_rows_and_kd_batch(tmp_path: Path, dfar_store: Path, teach
             assert np.allclose(ex.topk_logprobs[t, kept[t]], want, atol=2e-2, rtol=1e-3)
             assert np.all(np.diff(ex.topk_logprobs[t, kept[t]]) <= 0)
             assert np.isclose(ex.residual[t], 1 - np.exp(want).sum(), rtol=2e-3, atol=1e-5)
+    tempered = load_cache(_cache(store, teacher, select="sample", samples=8, quantization="fp16", splits=["test"],
+                                 proposal_temperature=2.0, name="tempered").version)
+    for ex in tempered[:2]:
+        full = _direct(model, ex.input_ids, ex.prompt_len)
+        proposal = torch.log_softmax(full / 2.0, dim=-1)
+        kept = np.isfinite(ex.topk_logprobs)
+        ratio = (full - proposal).gather(-1, torch.from_numpy(ex.topk_ids)).exp().numpy()
+        counts = np.where(kept, ex.sample_weights * 8 / ratio, 0)  # weights = counts / N * p / proposal
+        assert np.allclose(counts, np.rint(counts), atol=1e-3) and np.allclose(counts.sum(1), 8, atol=1e-3)
     again = _cache(store, teacher, select="sample", samples=8, quantization="fp16", splits=["test"], name="again")
     assert [f.read_bytes() for f in again.version.files("default")] == [f.read_bytes() for f in v.files("default")]
 
