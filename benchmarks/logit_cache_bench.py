@@ -232,8 +232,11 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     families = {"fixed k, u8-delta": lambda r: r["setting"].startswith("k=") and r["quantization"] == "u8-delta",
                 "fixed k, fp16": lambda r: r["setting"].startswith("k=") and r["quantization"] == "fp16",
-                "--top-p": lambda r: r["setting"].startswith("top-p"),
-                "--entry-cost": lambda r: r["setting"].startswith("entry-cost"),
+                "--top-p, u8-delta": lambda r: r["setting"].startswith("top-p") and r["quantization"] == "u8-delta",
+                "--entry-cost, u8-delta": lambda r: (r["setting"].startswith("entry-cost")
+                                                     and r["quantization"] == "u8-delta"),
+                "--entry-cost, u8-delta-coarse": lambda r: (r["setting"].startswith("entry-cost")
+                                                            and r["quantization"] == "u8-delta-coarse"),
                 "--select sample": lambda r: r["setting"].startswith("sample")}
     for name, keep in families.items():
         pts = sorted((r["bytes_per_token"], r["mean_kl"]) for r in rows if keep(r))
