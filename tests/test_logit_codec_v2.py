@@ -332,3 +332,32 @@ def test_entry_cost_rows_are_the_budget_optimal_prefix(tmp_path: Path, dfar_stor
         assert torch.equal(kept[clear], best[clear])
         lengths += kept.tolist()
     assert len(set(lengths)) > 2 and min(lengths) >= k_min
+
+
+def test_cache_written_before_v2_loads_for_kd(tmp_path: Path) -> None:
+    """tests/data/logit_cache_v1.parquet was written by the code before v2 (commit adcf73a, a 1-layer random
+    teacher on two synthetic `tests.tiny` DFAR rows; manifest params in logit_cache_v1.json, no layout key);
+    today's reader gives exactly what that commit's reader gave."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from curate.logit_codec import CACHE_CONFIG
+
+    data = Path(__file__).parent / "data"
+    fixture = json.loads((data / "logit_cache_v1.json").read_text())
+    expected = json.loads((data / "logit_cache_v1_expected.json").read_text())
+    store = DatasetStore(tmp_path / "store")
+    with store.new_version("old-logits", builder="teacher-logits", builder_version="1.0.0",
+                           params=fixture["params"], sources=[]) as w:
+        w.write_table(CACHE_CONFIG, "test", pq.read_table(data / "logit_cache_v1.parquet"))
+    examples = load_cache(store.get("old-logits"))
+    assert [e.id for e in examples] == [e["id"] for e in expected]
+    for ex, want in zip(examples, expected, strict=True):
+        assert np.array_equal(ex.topk_ids, np.array(want["topk_ids"]))
+        assert np.array_equal(ex.topk_logprobs, np.array(want["topk_logprobs"], dtype=np.float32))
+        assert np.array_equal(ex.residual, np.array(want["residual"], dtype=np.float32))
+        assert ex.sample_weights is None
+        feats = kd_features(ex, 1024)
+        assert feats["kd_ids"].shape == (len(want["topk_ids"]), fixture["params"]["k"])
+        assert "kd_weights" not in feats
