@@ -111,7 +111,8 @@ class LogitCacheConfig(ModelSpec):
     quantization: str = opt(DEFAULT_SCHEME, f"Log-prob storage: {', '.join(SCHEMES)}.")
     template: Template = opt("plain", "plain (prompt + completion) or chat (chat template).")
     label_words: dict[int, str] | None = opt(
-        None, "Label words in label order, e.g. ethical,unethical (default: the rows' label_text).",
+        None, "Label words in label order, e.g. ethical,unethical (default: the rows' label_text; per subset "
+        "when the parent's subsets have their own words, e.g. ethics instruct).",
         parse=parse_label_words)
     label_prefix: str = opt(" ", "Text before the label word in the completion.")
     max_length: Annotated[int, at.Ge(2)] | None = opt(1024, "Longer examples lose completion tokens (reported).")
@@ -159,6 +160,7 @@ class Example:
     label: int | None
     input_ids: list[int]
     prompt_len: int
+    subset: str | None = None  # the parent row's `subset` (ethics instruct), which picks its label words
 
     @property
     def completion_tokens(self) -> int:
@@ -184,6 +186,21 @@ class Plan:
     pad_id: int
     notes: list[str] = field(default_factory=list)
     chat_template_sha256: str | None = None  # with --template chat: which chat template rendered the prompts
+    # Per-subset label words (a parent whose subsets have their own words, e.g. ethics instruct): each row
+    # stores the log-probs of ITS subset's words and their token ids; label_words / label_token_ids stay empty.
+    label_words_by_subset: dict[str, dict[int, str]] = field(default_factory=dict)
+    label_token_ids_by_subset: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def scored_label_ids(self) -> list[int]:
+        """The token ids the teacher's answer position is scored at: the one word set, or every subset's."""
+        if not self.label_token_ids_by_subset:
+            return self.label_token_ids
+        return sorted({i for ids in self.label_token_ids_by_subset.values() for i in ids})
+
+    def row_label_ids(self, e: Example) -> list[int] | None:
+        """The label token ids of one example (None: the single word set, or an unknown subset)."""
+        return self.label_token_ids_by_subset.get(e.subset) if e.subset is not None else None
 
     @property
     def name(self) -> str:
@@ -258,6 +275,35 @@ def resolve_label_words(tables: dict[str, pa.Table], params: LogitCacheConfig) -
     return dict(sorted(words.items()))
 
 
+def resolve_label_words_by_subset(tables: dict[str, pa.Table], params: LogitCacheConfig,
+                                  declared: dict[str, dict[str, str]] | None = None) -> dict[str, dict[int, str]]:
+    """Per-subset label words, for a parent whose subsets have their own words (ethics instruct): the parent
+    manifest's ``label_words_by_subset`` (``declared``; a few rows may not show every label), checked against
+    the rows' (label, label_text) pairs. Empty when the words are one set (`resolve_label_words`), given by
+    --label-words, or the rows lack them."""
+    if params.label_words or resolve_label_words(tables, params):
+        return {}
+    by: dict[str, dict[int, str]] = {s: {int(k): v for k, v in w.items()} for s, w in (declared or {}).items()}
+    for split, t in tables.items():
+        if not {"subset", "label", "label_text"} <= set(t.column_names):
+            return {}
+        rows = zip(t["subset"].to_pylist(), t["label"].to_pylist(), t["label_text"].to_pylist(), strict=True)
+        for i, (subset, lab, text) in enumerate(rows):
+            if lab is None or subset is None:
+                continue
+            words = by.setdefault(subset, {})
+            if words.setdefault(int(lab), text) != text:
+                raise CurateError(f"{split} row {i + 1}: {subset} label {lab} is {text!r} here but "
+                                  f"{words[int(lab)]!r} elsewhere in {subset}")
+    present = {s for t in tables.values() if "subset" in t.column_names for s in t["subset"].to_pylist()}
+    by = {s: w for s, w in by.items() if s in present}
+    sizes = {len(w) for w in by.values()}
+    if len(sizes) > 1:  # label KD stacks rows into [N, C]: every subset needs the same number of words
+        raise CurateError("subsets have different numbers of label words: "
+                          + ", ".join(f"{s} {len(w)}" for s, w in sorted(by.items())))
+    return {s: dict(sorted(w.items())) for s, w in sorted(by.items())}
+
+
 def label_token_ids(tok: Any, words: dict[int, str], prefix: str, teacher: str) -> list[int]:
     """First token of prefix + word per label; refuse words the vocab cannot spell or that share a token."""
     out: dict[int, int] = {}
@@ -284,8 +330,10 @@ def tokenize_examples(tok: Any, tables: dict[str, pa.Table], params: LogitCacheC
     truncated = 0
     for split, t in tables.items():
         labels = t["label"].to_pylist() if "label" in t.column_names else [None] * t.num_rows
-        for i, (ex_id, prompt, completion, label) in enumerate(
-            zip(t["id"].to_pylist(), t["prompt"].to_pylist(), t["completion"].to_pylist(), labels, strict=True)
+        subsets = t["subset"].to_pylist() if "subset" in t.column_names else [None] * t.num_rows
+        for i, (ex_id, prompt, completion, label, subset) in enumerate(
+            zip(t["id"].to_pylist(), t["prompt"].to_pylist(), t["completion"].to_pylist(), labels, subsets,
+                strict=True)
         ):
             where = f"{split} row {i + 1} (id {ex_id})"
             if completion is None or not completion.strip():
@@ -302,7 +350,7 @@ def tokenize_examples(tok: Any, tables: dict[str, pa.Table], params: LogitCacheC
                     raise CurateError(f"{where}: prompt alone is {len(p)} tokens >= --max-length {params.max_length}")
                 c = c[: params.max_length - len(p)]
                 truncated += 1
-            out.append(Example(split, i, ex_id, None if label is None else int(label), p + c, len(p)))
+            out.append(Example(split, i, ex_id, None if label is None else int(label), p + c, len(p), subset))
     if truncated:
         notes.append(f"{truncated} completions truncated to --max-length {params.max_length}")
     return out
@@ -333,6 +381,10 @@ def plan_cache(store: DatasetStore, params: LogitCacheConfig, tok: Any | None = 
         raise CurateError(f"--k {params.k} is larger than the teacher's vocabulary ({vocab:,} tokens)")
     words = resolve_label_words(tables, params)
     label_ids = label_token_ids(tok, words, params.label_prefix, ref.describe()) if words else []
+    words_by_subset = resolve_label_words_by_subset(tables, params,
+                                                    parent.manifest.get("params", {}).get("label_words_by_subset"))
+    ids_by_subset = {s: label_token_ids(tok, w, params.label_prefix, f"{ref.describe()} ({s})")
+                     for s, w in words_by_subset.items()}
     notes: list[str] = []
     examples = tokenize_examples(tok, tables, params, notes)
     if not examples:
@@ -344,13 +396,16 @@ def plan_cache(store: DatasetStore, params: LogitCacheConfig, tok: Any | None = 
     key_src = {
         "parent": parent.hash, "builder": BUILDER_VERSION, "revision": revision, "fingerprint": fingerprint,
         "scheme": scheme.name, "chat_template": chat_sha, **_key_params(params),
+        **({"row_labels": True} if ids_by_subset else {}),  # units with per-row label ids (absent: keys as before)
     }
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:16]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     plan = Plan(parent, params, ref, scheme, examples, make_units(examples, params.chunk_size), words, label_ids,
-                fingerprint, vocab, revision, key, int(pad_id), notes, chat_sha)
-    labelled = [e for e in examples if e.label in words]
-    agree = sum(e.input_ids[e.prompt_len] == label_ids[list(words).index(e.label)] for e in labelled)
+                fingerprint, vocab, revision, key, int(pad_id), notes, chat_sha, words_by_subset, ids_by_subset)
+    labelled = [(e, label_ids[list(words).index(e.label)]) for e in examples if e.label in words]
+    labelled += [(e, ids_by_subset[e.subset][list(words_by_subset[e.subset]).index(e.label)]) for e in examples
+                 if e.subset in words_by_subset and e.label in words_by_subset[e.subset]]
+    agree = sum(e.input_ids[e.prompt_len] == gold for e, gold in labelled)
     if agree < len(labelled):
         notes.append(f"first completion token is the gold label's token in {agree}/{len(labelled)} rows "
                      f"(check --label-prefix {params.label_prefix!r})")
@@ -376,7 +431,7 @@ def unit_table(plan: Plan, unit: list[int], scored: list[Any]) -> pa.Table:
     scheme = plan.scheme
     p = plan.params
     schema = cache_schema(plan.vocab_size, scheme, layout=p.layout, sampled=p.select == "sample",
-                          tempered=p.proposal_temperature != 1.0)
+                          tempered=p.proposal_temperature != 1.0, row_labels=bool(plan.label_token_ids_by_subset))
     exs = [plan.examples[i] for i in unit]
     lab_type = schema.field("label_logprobs").type
     codes = [encode_logprobs(s.topk_logprobs, scheme) for s in scored]
@@ -402,8 +457,16 @@ def unit_table(plan: Plan, unit: list[int], scored: list[Any]) -> pa.Table:
                                                      schema.field("sample_log_weights").type)
     cols["residual"] = _lists([s.residual.astype(np.float16) for s in scored], pa.float16())
     cols["entropy"] = _lists([s.entropy.astype(np.float16) for s in scored], pa.float16())
-    cols["label_logprobs"] = pa.array(
-        [s.label_logprobs.tolist() if s.label_logprobs is not None else None for s in scored], lab_type)
+    if plan.label_token_ids_by_subset:  # each row keeps its own subset's words, scored among every subset's
+        col = {tid: j for j, tid in enumerate(plan.scored_label_ids)}
+        row_ids = [plan.row_label_ids(e) for e in exs]
+        cols["label_logprobs"] = pa.array(
+            [s.label_logprobs[[col[i] for i in ids]].tolist() if ids and s.label_logprobs is not None else None
+             for s, ids in zip(scored, row_ids, strict=True)], lab_type)
+        cols["label_token_ids"] = pa.array(row_ids, schema.field("label_token_ids").type)
+    else:
+        cols["label_logprobs"] = pa.array(
+            [s.label_logprobs.tolist() if s.label_logprobs is not None else None for s in scored], lab_type)
     table = pa.table(cols, schema=schema)
     return table.append_column("_row", pa.array([e.row for e in exs], pa.int32()))
 
@@ -478,7 +541,7 @@ def compute_units(plan: Plan, work: Path, get_model: Callable[[], Any], *, shard
                 batch = [plan.examples[j] for j in unit[a: a + bs]]
                 scored += score_batch(model, [e.input_ids for e in batch], [e.prompt_len for e in batch],
                                       k=plan.params.k, pad_id=plan.pad_id,
-                                      label_token_ids=plan.label_token_ids or None, top_p=plan.params.top_p,
+                                      label_token_ids=plan.scored_label_ids or None, top_p=plan.params.top_p,
                                       k_min=plan.params.k_min, entry_cost=plan.params.entry_cost,
                                       samples=plan.params.samples if plan.params.select == "sample" else None,
                                       proposal_temperature=plan.params.proposal_temperature)
@@ -530,6 +593,7 @@ def merge_units(store: DatasetStore, plan: Plan, work: Path, *, teacher: dict[st
     scheme, ref = plan.scheme, plan.ref
     split_order = list(dict.fromkeys(e.split for e in plan.examples))
     tokens = sum(e.completion_tokens for e in plan.examples)
+    words_by_subset = {s: {str(k): v for k, v in w.items()} for s, w in plan.label_words_by_subset.items()}
     params: dict[str, Any] = {
         "teacher": p.model,
         "teacher_location": ref.describe(),
@@ -556,6 +620,10 @@ def merge_units(store: DatasetStore, plan: Plan, work: Path, *, teacher: dict[st
         "chat_template_sha256": plan.chat_template_sha256,
         "label_words": {str(k): v for k, v in plan.label_words.items()},
         "label_token_ids": plan.label_token_ids,
+        **({"label_words_by_subset": words_by_subset,
+            "label_token_ids_by_subset": plan.label_token_ids_by_subset,
+            "label_ids_per_row": "column label_token_ids: the row's subset's words; label_logprobs in that order"}
+           if plan.label_token_ids_by_subset else {}),
         "label_prefix": p.label_prefix,
         "label_scoring": "first token of label_prefix + word; labels sharing a first token are refused",
         "answer_position": ANSWER_POSITION,
@@ -587,7 +655,8 @@ def merge_units(store: DatasetStore, plan: Plan, work: Path, *, teacher: dict[st
         "task_categories": ["text-generation"],
         "tags": ["knowledge-distillation", "teacher-logits", plan.parent.name],
         "default_config": CACHE_CONFIG,
-        "label_mapping": {str(k): v for k, v in plan.label_words.items()} or None,
+        "label_mapping": ({str(k): v for k, v in plan.label_words.items()}
+                          or words_by_subset or None),
         "config_notes": {CACHE_CONFIG: "one row per example; see curate/logit_codec.py for the columns"},
         "build_notes": "\n".join([f"- {tokens:,} completion tokens (bytes per token: `bytes_per_token` in "
                                   "manifest.json, all columns, parquet + zstd)"] + [f"- {n}" for n in plan.notes]),

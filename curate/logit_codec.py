@@ -21,6 +21,9 @@ Columns (layout 2, the default; ``params.layout`` in the manifest)::
     residual        list<float16> [T]                1 - sum(kept probs), computed exactly at cache time
     entropy         list<float16> [T]                entropy (nats) of the full teacher distribution
     label_logprobs  list<float32> [num_labels]       log-softmax over the full vocab of each label's 1st token
+    label_token_ids list<uint16|uint32> [num_labels] only when label words differ per subset (ethics instruct,
+                                                     ``params.label_token_ids_by_subset``): the row's own label
+                                                     first tokens, in the order of its label_logprobs
 
 Layout 1 (caches written before v2, still read; ``--layout 1`` writes it): the same columns, every row
 exactly k entries, no ``sample_counts``, no ``layout`` / ``max_entries`` in the manifest.
@@ -144,7 +147,7 @@ LAYOUT = 2  # what new caches are written as (layout 1 is still read, and writte
 
 
 def cache_schema(vocab_size: int, scheme: Scheme, *, layout: int = LAYOUT, sampled: bool = False,
-                 tempered: bool = False) -> pa.Schema:
+                 tempered: bool = False, row_labels: bool = False) -> pa.Schema:
     ids = id_type(vocab_size)
     fields = [
         ("id", pa.string()),
@@ -164,6 +167,8 @@ def cache_schema(vocab_size: int, scheme: Scheme, *, layout: int = LAYOUT, sampl
         ("entropy", pa.list_(pa.float16())),
         ("label_logprobs", pa.list_(pa.float32())),
     ]
+    if row_labels:
+        fields.append(("label_token_ids", pa.list_(ids)))
     return pa.schema(fields)
 
 
@@ -182,6 +187,7 @@ class CachedExample:
     entropy: np.ndarray | None = None  # float32 [T], full-distribution entropy (nats)
     split: str | None = None
     sample_weights: np.ndarray | None = None  # float32 [T, k], sampled caches only: counts / N (0 on padding)
+    label_token_ids: np.ndarray | None = None  # int64 [num_labels], per-subset-word caches only: this row's words
 
     @property
     def target_ids(self) -> np.ndarray:
@@ -254,6 +260,7 @@ def decode_batch(batch: pa.RecordBatch | pa.Table, scheme: Scheme, k: int, *, ra
     lab_col = batch.column("label_logprobs")
     lab_off, lab_vals = _nested(lab_col)
     lab_valid = lab_col.is_valid().to_pylist()
+    row_ids = batch.column("label_token_ids").to_pylist() if "label_token_ids" in names else [None] * n
     out = []
     for i in range(n):
         a, b = tk_off[i], tk_off[i + 1]
@@ -270,6 +277,7 @@ def decode_batch(batch: pa.RecordBatch | pa.Table, scheme: Scheme, k: int, *, ra
                 entropy=ent[a:b].astype(np.float32),
                 split=splits[i],
                 sample_weights=weights[a:b] if weights is not None else None,
+                label_token_ids=np.asarray(row_ids[i], dtype=np.int64) if row_ids[i] is not None else None,
             )
         )
     return out

@@ -1,10 +1,12 @@
 """Training on ETHICS `instruct` (tiny random models, real ETHICS rows): SFT on chosen subsets in a seeded mix,
-a teacher-logit cache of chosen subsets, label KD and token KD on it, and the unknown-subset refusal."""
+a teacher-logit cache of chosen subsets, label KD (also across paradigms with their own label words) and token KD
+on it, and the unknown-subset refusal."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -26,7 +28,7 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, tok) -> dict[str, Path]:
+def world(tmp_path_factory: pytest.TempPathFactory, tok) -> dict[str, Any]:
     """ETHICS (12 rows per file), a tiny student, and a cache of deontology + justice (shared label words)
     and one of every subset (per-subset words) from a different, sharpened tiny teacher."""
     from builders.ethics import EthicsParams, build_ethics
@@ -45,10 +47,10 @@ def world(tmp_path_factory: pytest.TempPathFactory, tok) -> dict[str, Path]:
         params = LogitCacheConfig(dataset="ethics", config="instruct", model=str(student), k=8, max_length=96,
                                   batch_size=8, chunk_size=16, splits=["train"], subsets=subsets, name=name)
         cache_teacher_logits(store, params, model=teacher, tokenizer=tok, progress=False)
-    return {"root": root, "store": store.root, "student": student}
+    return {"root": root, "store": store.root, "student": student, "teacher": teacher}
 
 
-def test_sft_on_chosen_subsets_mixes_them_in_a_seeded_order(world: dict[str, Path], tmp_path: Path, tok) -> None:
+def test_sft_on_chosen_subsets_mixes_them_in_a_seeded_order(world: dict[str, Any], tmp_path: Path, tok) -> None:
     from train.sft import prepare_sft, run_sft
 
     cfg = load_config(SFTConfig, None, {**QUICK, "model": str(world["student"]), "store": str(world["store"]),
@@ -79,7 +81,7 @@ def test_sft_on_chosen_subsets_mixes_them_in_a_seeded_order(world: dict[str, Pat
     assert len(set(head)) == 2  # both paradigms within the first 8 rows: mixed, not one block after the other
 
 
-def test_unknown_subset_lists_the_known_ones(world: dict[str, Path], tmp_path: Path) -> None:
+def test_unknown_subset_lists_the_known_ones(world: dict[str, Any], tmp_path: Path) -> None:
     from curate.cli import app
 
     res = CliRunner().invoke(app, ["train", "sft", "--model", str(world["student"]), "--store", str(world["store"]),
@@ -95,7 +97,7 @@ def test_unknown_subset_lists_the_known_ones(world: dict[str, Path], tmp_path: P
     assert cache.exit_code == 1 and "unknown subset(s) karma" in cache.output, cache.output
 
 
-def test_label_kd_on_an_ethics_cache(world: dict[str, Path], tmp_path: Path, tok) -> None:
+def test_label_kd_on_an_ethics_cache(world: dict[str, Any], tmp_path: Path, tok) -> None:
     from train.kd import run_kd
 
     cache = DatasetStore(world["store"]).get("ethics-dj-logits")
@@ -113,27 +115,78 @@ def test_label_kd_on_an_ethics_cache(world: dict[str, Path], tmp_path: Path, tok
     assert set(result.metrics["eval"]["per_group"]) == {"deontology", "justice"}  # the cache's subsets
 
 
-def test_all_subset_cache_is_token_kd_only_and_subsets_filter_it(world: dict[str, Path], tmp_path: Path,
-                                                                 tok) -> None:
-    from curate.errors import CurateError
+def test_all_subset_cache_stores_each_rows_own_label_words(world: dict[str, Any], tok) -> None:
+    """Every paradigm in one cache: each row keeps the teacher's log-probs of ITS subset's words at the answer
+    position (checked against a forward pass here) and those words' token ids; the manifest has the table."""
+    store = DatasetStore(world["store"])
+    cache = store.get("ethics-all-logits")
+    params = cache.manifest["params"]
+    assert not params["label_token_ids"]  # no single word set
+    words = store.get("ethics").manifest["params"]["label_words_by_subset"]
+    want_ids = {s: [tok(" " + w[k], add_special_tokens=False).input_ids[0] for k in sorted(w, key=int)]
+                for s, w in words.items() if s in params["label_token_ids_by_subset"]}
+    assert params["label_token_ids_by_subset"] == want_ids
+    assert set(want_ids) == {"deontology", "justice", "utilitarianism", "virtue"}
+    assert want_ids["utilitarianism"] != want_ids["justice"]
+    rows = cache.read("default", "train").to_pylist()
+    parent = store.get("ethics").read("instruct", "train").to_pylist()
+    assert [r["id"] for r in rows] == [r["id"] for r in parent]
+    teacher = world["teacher"]
+    for row, src in zip(rows, parent, strict=True):
+        ids = want_ids[src["subset"]]
+        assert row["label_token_ids"] == ids
+        with torch.no_grad():
+            logits = teacher(torch.tensor([row["input_ids"][: row["prompt_len"]]])).logits[0, -1]
+        expect = torch.log_softmax(logits.double(), -1)[ids]
+        assert row["label_logprobs"] == pytest.approx(expect.tolist(), abs=1e-4)
+    # and the reader hands them to KD
+    from curate.logit_codec import load_cache
+
+    ex = load_cache(cache, "train")[0]
+    assert ex.label_token_ids.tolist() == want_ids[parent[0]["subset"]]
+
+
+def test_label_kd_renormalises_over_each_rows_own_label_tokens() -> None:
+    """The label term on per-row label ids equals T² KL over each row's two tokens, computed by hand."""
+    from train.kd import ce_and_distillation
+    from train.losses import get_loss
+
+    g = torch.Generator().manual_seed(0)
+    logprobs = torch.log_softmax(torch.randn(2, 50, generator=g), -1)  # the student at the answer positions
+    rows, pos, targets = torch.tensor([0, 1]), torch.tensor([4, 6]), torch.tensor([7, 9])
+    inputs = {"answer_pos": torch.tensor([4, 6]), "label_mask": torch.tensor([True, True]),
+              "label_token_ids": torch.tensor([[3, 7], [9, 11]]),
+              "label_logprobs": torch.tensor([[-0.5, -2.0], [-3.0, -0.1]])}
+    ce, kd = ce_and_distillation(logprobs, rows, pos, targets, inputs, kd_loss=get_loss("forward_kl"),
+                                 temperature=2.0, kd_target="labels")
+    want = []
+    for i, ids in enumerate(([3, 7], [9, 11])):
+        p = torch.softmax(inputs["label_logprobs"][i] / 2.0, -1)
+        q = torch.softmax(logprobs[i, ids] / 2.0, -1)
+        want.append(4.0 * float((p * (p.log() - q.log())).sum()))
+    assert float(kd) == pytest.approx(sum(want) / 2, rel=1e-5)
+    assert float(ce) == pytest.approx(-float(logprobs[0, 7] + logprobs[1, 9]) / 2, rel=1e-6)
+
+
+def test_label_kd_and_token_kd_on_an_all_subset_cache(world: dict[str, Any], tmp_path: Path, tok) -> None:
     from train.kd import run_kd
 
-    cache = DatasetStore(world["store"]).get("ethics-all-logits")
-    assert not cache.manifest["params"].get("label_token_ids")  # label words differ by paradigm
     base = {**QUICK, "model": str(world["student"]), "store": str(world["store"]), "cache": "ethics-all-logits",
             "evaluate": False}
     result = run_kd(load_config(KDConfig, None, {**base, "subsets": ["virtue", "utilitarianism"],
                                                  "run_dir": str(tmp_path / "tok")}), tokenizer=tok)
     assert any("utilitarianism 12, virtue 12" in n for n in result.metrics["notes"]), result.metrics["notes"]
     assert all(r["kd"] > 0 for r in result.metrics["log_history"] if "kd" in r)
-    with pytest.raises(CurateError, match="label"):
-        run_kd(load_config(KDConfig, None, {**base, "kd_target": "labels", "run_dir": str(tmp_path / "lab")}),
-               tokenizer=tok)
     used = json.loads((result.run.path / "datasets.json").read_text())
     assert [d["name"] for d in used] == ["ethics-all-logits", "ethics"]
+    labels = run_kd(load_config(KDConfig, None, {**base, "kd_target": "labels", "alpha": 0.5,
+                                                 "run_dir": str(tmp_path / "lab")}), tokenizer=tok)
+    kd = [r["kd"] for r in labels.metrics["log_history"] if "kd" in r]
+    assert len(kd) == 6 and all(x > 0 for x in kd), kd
+    assert any("deontology 12, justice 12, utilitarianism 12, virtue 12" in n for n in labels.metrics["notes"])
 
 
-def test_head_per_subset_takes_every_paradigm(world: dict[str, Path]) -> None:
+def test_head_per_subset_takes_every_paradigm(world: dict[str, Any]) -> None:
     from train.data import head_per_subset
 
     table = DatasetStore(world["store"]).get("ethics").read("instruct", "train")
@@ -147,7 +200,7 @@ def test_head_per_subset_takes_every_paradigm(world: dict[str, Path]) -> None:
     assert sorted(r["id"] + r["subset"] for r in got.to_pylist()) == sorted(r["id"] + r["subset"] for r in want)
 
 
-def test_smollm2_on_ethics_end_to_end(world: dict[str, Path], tmp_path: Path) -> None:
+def test_smollm2_on_ethics_end_to_end(world: dict[str, Any], tmp_path: Path) -> None:
     """The real model: SmolLM2 zero-shot through `curate eval` on every paradigm's test and test_hard, each
     verbalizer word a single first token of the real tokenizer (the logit cache's rule)."""
     from curate.cli import app

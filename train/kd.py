@@ -48,8 +48,11 @@ def ce_and_distillation(logprobs: torch.Tensor, rows: torch.Tensor, pos: torch.T
         per = kd_loss.token_loss(picked[:, :-1], inputs["kd_logprobs"][rows, t], inputs["kd_residual"][rows, t],
                                  temperature, complete=top_ids.shape[-1] >= vocab)
         return ce, per.mean()
-    labels = torch.tensor(label_token_ids or [], dtype=torch.long, device=logprobs.device)
-    picked = logprobs.gather(-1, torch.cat([labels.expand(len(rows), -1), targets.unsqueeze(-1)], dim=-1))
+    if "label_token_ids" in inputs:  # per-subset words: each row's own label tokens [N, C]
+        labels = inputs["label_token_ids"][rows]
+    else:
+        labels = torch.tensor(label_token_ids or [], dtype=torch.long, device=logprobs.device).expand(len(rows), -1)
+    picked = logprobs.gather(-1, torch.cat([labels, targets.unsqueeze(-1)], dim=-1))
     ce = -picked[:, -1].mean()
     sel = (t == 0) & inputs["label_mask"][rows]
     if not bool(sel.any()):
@@ -64,14 +67,15 @@ class KDTrainer(Trainer):
     loss_is_scaled_for_ga = None  # scaled by `step_token_scale` exactly when Trainer passes num_items_in_batch
 
     def __init__(self, *args: Any, kd_loss: DistillationLoss, alpha: float, temperature: float,
-                 kd_target: str = "tokens", label_token_ids: list[int] | None = None, **kwargs: Any) -> None:
+                 kd_target: str = "tokens", label_token_ids: list[int] | None = None, per_row_labels: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.kd_loss = kd_loss
         self.alpha = alpha
         self.temperature = temperature
         self.kd_target = kd_target
-        self.label_token_ids = label_token_ids or []
-        if kd_target == "labels" and not self.label_token_ids:
+        self.label_token_ids = label_token_ids or []  # empty with per-row label ids (they come in the batch)
+        if kd_target == "labels" and not self.label_token_ids and not per_row_labels:
             raise CurateError("--kd-target labels needs a cache with label_token_ids (a labelled parent dataset)")
         self._parts = {"ce": 0.0, "kd": 0.0, "n": 0}
 
@@ -150,6 +154,7 @@ class KDPrepared(Prepared):
 
     cache: Version | None = None
     label_token_ids: list[int] = field(default_factory=list)
+    per_row_labels: bool = False  # the cache's subsets have their own label words (ids per row)
 
 
 def cache_template(cfg: KDConfig, cache: Version, params: dict[str, Any]) -> str:
@@ -175,12 +180,15 @@ def prepare_kd(cfg: KDConfig, tokenizer: Any | None = None, *, cache: Version | 
     tok = tokenizer if tokenizer is not None else load_tokenizer(model_ref(cfg.model, cfg.gguf_file, cfg.revision))
     fingerprint = check_tokenizer(tok, params, cache, cfg.model)
     label_ids = [int(x) for x in params.get("label_token_ids") or []]
-    if cfg.kd_target == "labels" and not label_ids:
+    by_subset = {s: [int(x) for x in ids] for s, ids in (params.get("label_token_ids_by_subset") or {}).items()}
+    num_labels = len(label_ids) or max((len(ids) for ids in by_subset.values()), default=0)
+    if cfg.kd_target == "labels" and not num_labels:
         raise CurateError(f"--kd-target labels: {cache.ref} has no label_token_ids (its parent has no labels)")
     if params.get("select") == "sample" and cfg.kd_target == "tokens":
         get_loss(cfg.loss).check_sampled(cfg.temperature)  # a one-line refusal before any training
-    if label_ids and max(label_ids) >= len(tok):
-        raise CurateError(f"{cache.ref} label token ids {label_ids} are outside the student's vocabulary")
+    all_ids = label_ids + [i for ids in by_subset.values() for i in ids]
+    if all_ids and max(all_ids) >= len(tok):
+        raise CurateError(f"{cache.ref} label token ids {all_ids} are outside the student's vocabulary")
     examples = load_cache(cache, cfg.train_split)
     parent_config = parent_rec.get("config") or params.get("parent_config")
     notes = []
@@ -211,9 +219,11 @@ def prepare_kd(cfg: KDConfig, tokenizer: Any | None = None, *, cache: Version | 
                  cache_quantization=params.get("quantization"))
     datasets = [version_record(cache, "default", used), version_record(parent, parent_config)]
     return KDPrepared(model=model, tokenizer=tok, train_dataset=ListDataset(feats), eval_dataset=eval_ds,
-                      collator=KDCollator(tok.pad_token_id, num_labels=len(label_ids)), datasets=datasets,
+                      collator=KDCollator(tok.pad_token_id, num_labels=num_labels, per_row_labels=bool(by_subset)),
+                      datasets=datasets,
                       facts=facts, eval_rows=eval_rows, template=template, notes=notes,
-                      label_prefix=params.get("label_prefix", " "), cache=cache, label_token_ids=label_ids)
+                      label_prefix=params.get("label_prefix", " "), cache=cache, label_token_ids=label_ids,
+                      per_row_labels=bool(by_subset))
 
 
 def _mix_by_subset(cfg: KDConfig, examples: list[Any], parent: Version, parent_config: str | None,
@@ -248,5 +258,6 @@ def run_kd(cfg: KDConfig, *, tokenizer: Any | None = None, console: Any = None) 
     # Every refusal (template, parent, tokenizer, labels) happens here, before a step.
     prep = prepare_kd(cfg, tokenizer, cache=cache)
     kwargs = {"kd_loss": get_loss(cfg.loss), "alpha": cfg.alpha, "temperature": cfg.temperature,
-              "kd_target": cfg.kd_target, "label_token_ids": prep.label_token_ids}
+              "kd_target": cfg.kd_target, "label_token_ids": prep.label_token_ids,
+              "per_row_labels": prep.per_row_labels}
     return train_and_save(cfg, prep, KDTrainer, run, trainer_kwargs=kwargs, console=console)

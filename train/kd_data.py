@@ -37,6 +37,8 @@ def kd_features(ex: Any, max_length: int) -> dict[str, Any] | None:
         feats["kd_weights"] = np.asarray(ex.sample_weights[:t], dtype=np.float32)
     if ex.label_logprobs is not None:
         feats["label_logprobs"] = np.asarray(ex.label_logprobs, dtype=np.float32)
+        if getattr(ex, "label_token_ids", None) is not None:  # per-subset words: the row's own label tokens
+            feats["label_token_ids"] = np.asarray(ex.label_token_ids, dtype=np.int64)
     return feats
 
 
@@ -44,10 +46,12 @@ def kd_features(ex: Any, max_length: int) -> dict[str, Any] | None:
 class KDCollator:
     """Pads ids / labels like `CompletionCollator` and the cache rows to [B, T_max, k] (a row's cached
     positions are its supervised ones: ``labels != IGNORE``). Padding entries of variable-length rows arrive
-    as log-prob -inf; the losses skip them."""
+    as log-prob -inf; the losses skip them. With ``per_row_labels`` (a cache whose subsets have their own label
+    words) ``label_token_ids`` [B, C] holds each row's label tokens (0 where a row has none: masked out)."""
 
     pad_id: int
     num_labels: int = 0
+    per_row_labels: bool = False
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         n = len(features)
@@ -63,10 +67,16 @@ class KDCollator:
             "label_logprobs": torch.zeros((n, max(self.num_labels, 1)), dtype=torch.float32),
             "label_mask": torch.zeros(n, dtype=torch.bool),
         }
+        if self.per_row_labels:
+            out["label_token_ids"] = torch.zeros((n, max(self.num_labels, 1)), dtype=torch.long)
         if "kd_weights" in features[0]:  # a sampled cache: importance weights of the kept ids
             out["kd_weights"] = pad_right([f["kd_weights"] for f in features], 0.0, torch.float32)
         for i, f in enumerate(features):
             if "label_logprobs" in f and self.num_labels:
+                if self.per_row_labels:
+                    if "label_token_ids" not in f:
+                        continue  # no words of its own: not a label-KD row
+                    out["label_token_ids"][i] = torch.from_numpy(f["label_token_ids"])
                 out["label_logprobs"][i] = torch.from_numpy(f["label_logprobs"])
                 out["label_mask"][i] = True
         return out
