@@ -5,25 +5,24 @@ from __future__ import annotations
 
 from typing import Any
 
-# Not sklearn.metrics: scikit-learn is no declared dependency (only sentence-transformers pulls it in), and a
-# None prediction needs its own always-wrong "none" column, which sklearn's fixed label list has no place for.
+# A prediction of None ("no label found") is mapped to a label outside `labels`, so scikit-learn counts it as
+# wrong for every label and it gets its own last column in the confusion matrix.
+NO_LABEL = -(2**31)
+
+
+def _mapped(pred: list[int | None]) -> list[int]:
+    return [NO_LABEL if p is None else p for p in pred]
 
 
 def confusion(gold: list[int], pred: list[int | None], labels: list[int]) -> list[list[int]]:
     """rows = gold label, columns = predicted label, plus a last 'none' column when any prediction is None."""
-    none_col = any(p is None for p in pred)
-    index = {lab: i for i, lab in enumerate(labels)}
-    m = [[0] * (len(labels) + (1 if none_col else 0)) for _ in labels]
-    for g, p in zip(gold, pred, strict=True):
-        m[index[g]][len(labels) if p is None else index[p]] += 1
-    return m
+    from sklearn.metrics import confusion_matrix
 
-
-def _prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return precision, recall, f1
+    columns = labels + ([NO_LABEL] if any(p is None for p in pred) else [])
+    if not gold:
+        return [[0] * len(columns) for _ in labels]
+    m = confusion_matrix(gold, _mapped(pred), labels=columns)
+    return m[: len(labels)].tolist()  # gold is never "none": drop that row
 
 
 def classification_metrics(gold: list[int], pred: list[int | None], labels: list[int],
@@ -33,6 +32,8 @@ def classification_metrics(gold: list[int], pred: list[int | None], labels: list
     ``positive`` defaults to the larger of two labels (DFAR: 1 = unethical), and to None (macro only) for
     more than two labels; then ``precision`` / ``recall`` / ``f1`` are the macro values.
     """
+    from sklearn.metrics import precision_recall_fscore_support
+
     if len(gold) != len(pred):
         raise ValueError(f"{len(gold)} gold labels but {len(pred)} predictions")
     unknown = sorted({g for g in gold if g not in labels} | {p for p in pred if p is not None and p not in labels})
@@ -41,13 +42,13 @@ def classification_metrics(gold: list[int], pred: list[int | None], labels: list
     if positive is None and len(labels) == 2:
         positive = max(labels)
     n = len(gold)
-    per_label = {}
-    for lab in labels:
-        tp = sum(g == lab and p == lab for g, p in zip(gold, pred, strict=True))
-        fp = sum(g != lab and p == lab for g, p in zip(gold, pred, strict=True))
-        fn = sum(g == lab and p != lab for g, p in zip(gold, pred, strict=True))
-        p_, r_, f_ = _prf(tp, fp, fn)
-        per_label[lab] = {"precision": p_, "recall": r_, "f1": f_, "support": tp + fn}
+    if n:
+        prec, rec, f1, support = precision_recall_fscore_support(
+            gold, _mapped(pred), labels=labels, average=None, zero_division=0.0)
+    else:
+        prec = rec = f1 = support = [0] * len(labels)
+    per_label = {lab: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]),
+                       "support": int(support[i])} for i, lab in enumerate(labels)}
     macro = {k: sum(v[k] for v in per_label.values()) / len(labels) for k in ("precision", "recall", "f1")}
     head = per_label[positive] if positive is not None else macro
     return {
