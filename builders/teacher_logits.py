@@ -556,28 +556,12 @@ def compute_units(plan: Plan, work: Path, get_model: Callable[[], Any], *, shard
     return report
 
 
-class _NoBar:
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def add_task(self, *a: Any, **kw: Any) -> int:
-        return 0
-
-    def update(self, *a: Any, **kw: Any) -> None:
-        return None
-
-
 def _progress(enabled: bool) -> Any:
-    if not enabled:
-        return _NoBar()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("completion tokens"),
-                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn())
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), disable=not enabled)
 
 
 # ---- merging ---------------------------------------------------------------------------------------------

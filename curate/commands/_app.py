@@ -16,6 +16,7 @@ import sys
 import unicodedata
 import warnings
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -53,6 +54,15 @@ StoreOpt = Annotated[
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Format(StrEnum):
+    """`--format` of the commands that print a table of results (typer checks the choice)."""
+
+    table = "table"
+    csv = "csv"
+    json = "json"
+
 LIBRARY_PACKAGES = ("curate", "builders", "train")  # whose `logging` records reach the user
 
 # Library warnings a user can do nothing about (deprecations inside transformers/peft/torch, tokenizer

@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import sys
-from enum import StrEnum
 from typing import Annotated
 
 import typer
 from rich.measure import Measurement
 from rich.table import Table
 
-from curate.commands._app import StoreOpt, app, console, friendly_errors, safe
+from curate.commands._app import Format, StoreOpt, app, console, friendly_errors, safe
 from curate.commands.hub import EndpointOpt
 from curate.errors import CurateError
 from curate.store import DatasetStore
-
-
-class Format(StrEnum):
-    table = "table"
-    csv = "csv"
-    json = "json"
 
 
 @app.command("query")

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from curate.commands._app import StoreOpt, app, build_app, console, err_console, friendly_errors, safe
+from curate.commands._app import Format, StoreOpt, app, build_app, console, err_console, friendly_errors, safe
 from curate.commands._options import config_options
 from curate.commands.build import report
 from curate.commands.evaluate import eval_app
@@ -111,7 +111,7 @@ def score_cmd(
                                                "(its `responses` config).")],
     model: Annotated[str, typer.Option("--model", help="Embedding model id or path.")]
     = "sentence-transformers/all-MiniLM-L6-v2",
-    fmt: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
+    fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.table,
     config: Annotated[str, typer.Option(help="Config to read when SOURCE is a dataset.")] = "responses",
     w_answer: float = 0.8,
     w_rot: float = 0.2,
@@ -122,8 +122,6 @@ def score_cmd(
 
     from curate.sage import mean_sage, sage_scores
 
-    if fmt not in ("table", "csv", "json"):
-        raise CurateError("--format must be table, csv or json")
     path = Path(source)
     if path.is_file():
         df = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path, infer_schema=False)
