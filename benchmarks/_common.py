@@ -50,3 +50,18 @@ def emit(name: str, title: str, columns: list[str], rows: list[list[Any]], extra
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     Console().print(f"wrote {path}")
     return path
+
+
+class Laps:
+    """Named wall-clock laps of a long benchmark, printed as each one ends (`laps("train", t0)`)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, t0: float) -> None:
+        self.seconds[name] = round(time.perf_counter() - t0, 1)
+        print(f"[{time.perf_counter() - self.start:7.0f} s] {name}: {self.seconds[name]} s", flush=True)
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.start, 1)

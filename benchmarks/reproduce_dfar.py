@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import SHARED_DATA, emit  # noqa: E402
+from benchmarks._common import SHARED_DATA, Laps, emit  # noqa: E402
 
 
 def main() -> None:
@@ -64,12 +64,7 @@ def main() -> None:
     from train.sft import run_sft
 
     torch.manual_seed(a.seed)
-    t_start = time.perf_counter()
-    clock: dict[str, float] = {}
-
-    def lap(name: str, t0: float) -> None:
-        clock[name] = round(time.perf_counter() - t0, 1)
-        print(f"[{time.perf_counter() - t_start:7.0f} s] {name}: {clock[name]} s", flush=True)
+    lap = Laps()
 
     store = DatasetStore(a.out / "store")
     src = SHARED_DATA / "dfar" if (SHARED_DATA / "dfar").is_dir() else "upstream"
@@ -145,7 +140,7 @@ def main() -> None:
          ["model", "accuracy %", "precision %", "recall %", "F1 %", "gen. accuracy %", "gen. F1 %",
           "gold-reason ppl", "misaligned reasons %"], table,
          {"settings": {k: str(v) for k, v in vars(a).items()}, "dataset": {"ref": dfar.ref, "hash": dfar.hash},
-          "seconds": clock, "total_seconds": round(time.perf_counter() - t_start, 1),
+          "seconds": lap.seconds, "total_seconds": lap.total(),
           "metrics": {k: {kk: vv for kk, vv in m.items() if kk != "config"} for k, m in results.items()},
           "runs": {k: str(v) for k, v in runs.items()}})
 

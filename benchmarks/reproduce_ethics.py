@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import SHARED_DATA, emit  # noqa: E402
+from benchmarks._common import SHARED_DATA, Laps, emit  # noqa: E402
 
 TRAINED = ["deontology", "justice", "utilitarianism", "virtue"]
 
@@ -61,12 +61,7 @@ def main() -> None:
     from train.sft import run_sft
 
     torch.manual_seed(a.seed)
-    t_start = time.perf_counter()
-    clock: dict[str, float] = {}
-
-    def lap(name: str, t0: float) -> None:
-        clock[name] = round(time.perf_counter() - t0, 1)
-        print(f"[{time.perf_counter() - t_start:7.0f} s] {name}: {clock[name]} s", flush=True)
+    lap = Laps()
 
     store = DatasetStore(a.out / "store")
     src = SHARED_DATA / "ethics" if (SHARED_DATA / "ethics").is_dir() else "upstream"
@@ -138,7 +133,7 @@ def main() -> None:
          f"paradigm and split, CPU (students: {a.student_layers} of 30 layers)",
          ["model", "paradigm", "split", "n", "accuracy %", "precision %", "recall %", "F1 %", "majority %"], table,
          {"settings": {k: str(v) for k, v in vars(a).items()}, "dataset": {"ref": ethics.ref, "hash": ethics.hash},
-          "beats_majority": beats, "seconds": clock, "total_seconds": round(time.perf_counter() - t_start, 1),
+          "beats_majority": beats, "seconds": lap.seconds, "total_seconds": lap.total(),
           "metrics": {k: {kk: vv for kk, vv in m.items() if kk != "config"} for k, m in results.items()}})
 
 
