@@ -66,6 +66,11 @@ def test_loop_runs_rounds_and_resumes_at_first_unfinished(openai_server: OpenAIS
         third = run_sage_loop(cfg)
     assert "round 2 sft: trained" in third.actions and len(third.rounds) == 3
 
+    # another endpoint (a replay server's port changes per start) is not another loop: everything is reused
+    with single_thread():
+        fourth = run_sage_loop(SageLoopConfig(**{**cfg.__dict__, "base_url": "http://127.0.0.1:9/v1"}))
+    assert all("skipped" in a for a in fourth.actions) and len(fourth.rounds) == 3
+
     # another loop's settings in the same folder are refused in one line
     with pytest.raises(CurateError, match="other settings"):
         run_sage_loop(SageLoopConfig(**{**cfg.__dict__, "max_steps": 3}))

@@ -183,9 +183,10 @@ def _read_state(path: Path, cfg: SageLoopConfig) -> dict[str, Any]:
 
 
 def _identity(cfg: SageLoopConfig) -> dict[str, Any]:
-    """Settings that change what a round computes (rounds may be raised to extend a loop)."""
+    """Settings that change what a round computes (rounds may be raised to extend a loop; the endpoint is where
+    answers come from, not what they are: the aligned answers are a store version, a replay server's port varies)."""
     d = asdict(cfg)
-    for k in ("rounds", "loop_dir", "device", "store"):
+    for k in ("rounds", "loop_dir", "device", "store", "base_url"):
         d.pop(k)
     return d
 
