@@ -50,7 +50,7 @@ def main() -> None:
 
     import torch
 
-    from builders.ethics import EthicsParams, build_ethics
+    from builders.ethics import EthicsConfig, build_ethics
     from builders.teacher_logits import LogitCacheConfig, cache_teacher_logits
     from curate.models import ModelRef, load_causal_lm, load_tokenizer
     from curate.store import DatasetStore
@@ -65,7 +65,7 @@ def main() -> None:
 
     store = DatasetStore(a.out / "store")
     src = SHARED_DATA / "ethics" if (SHARED_DATA / "ethics").is_dir() else "upstream"
-    ethics = build_ethics(store, src, EthicsParams(limit=max(a.rows, a.test))).version
+    ethics = build_ethics(store, src, EthicsConfig(limit=max(a.rows, a.test))).version
     ref = f"ethics@{ethics.tag}"
     rows = read_eval_rows(store, ref, "instruct", "test,test_hard", a.test)
     print(f"{ethics.ref}: {a.rows} train rows per paradigm ({', '.join(TRAINED)}), {len(rows.labels)} test rows",

@@ -57,7 +57,7 @@ def main() -> None:
     import torch
 
     from builders.dfar import build_dfar
-    from builders.sage_eval import SageEvalParams, build_sage_eval
+    from builders.sage_eval import SageEvalConfig, build_sage_eval
     from curate.replay.server import OpenAIServer
     from curate.store import DatasetStore
     from train.config import RLSageConfig
@@ -80,7 +80,7 @@ def main() -> None:
     rl = run_rl_sage(RLSageConfig(model="smollm2", questions=str(SHARED_DATA / "sage/quality100/q100.csv"),
                                   limit_questions=args.rl_questions, max_steps=args.rl_steps,
                                   run_dir=str(args.work / "rl"), overwrite=True, store=store_dir, device="cpu"))
-    res = build_sage_eval(store, SageEvalParams(model=str(rl.run.path), questions=args.heldout,
+    res = build_sage_eval(store, SageEvalConfig(model=str(rl.run.path), questions=args.heldout,
                                                 limit_questions=args.heldout_limit, no_rots=not args.rot_model,
                                                 rot_model=args.rot_model, max_new_tokens=args.max_new_tokens,
                                                 device="cpu"))

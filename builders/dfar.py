@@ -80,7 +80,7 @@ SFT_SCHEMA = pa.schema(
 
 
 @dataclass
-class DfarParams:
+class DfarConfig:
     """Everything that changes the output; recorded verbatim in the manifest."""
 
     prompt_template: str = DEFAULT_PROMPT
@@ -96,7 +96,7 @@ def statement_id(statement: str) -> str:
     return hashlib.sha256(statement.strip().encode()).hexdigest()[:16]
 
 
-def normalise_params(params: DfarParams) -> DfarParams:
+def normalise_params(params: DfarConfig) -> DfarConfig:
     """Accept the legacy ``dedupe="train-test"`` (= within-split + overlap drop); refuse contradictions."""
     if params.dedupe == LEGACY_DEDUPE:
         if not params.drop_overlap:
@@ -139,7 +139,7 @@ def _template_sql(template: str, sql_params: dict[str, Any]) -> str:
     return " || ".join(parts) or "''"
 
 
-def _split_sql(names: list[str], params: DfarParams, sql_params: dict[str, Any]) -> str:
+def _split_sql(names: list[str], params: DfarConfig, sql_params: dict[str, Any]) -> str:
     """One query per split: parse, strip (exactly as `str.strip`), label, id, and the three SFT texts."""
     sql_params["ws"] = PY_WHITESPACE
     col = {c: sql_strip(f"coalesce({quote_ident(c)}, '')") for c in REQUIRED}
@@ -200,7 +200,7 @@ def _row_notes(split: str, what: str, rows: np.ndarray, texts: pa.Array, budget:
             zip(rows[:budget], texts.slice(0, budget).to_pylist(), strict=False)]
 
 
-def _stream_split(con: Any, path: Path, split: str, names: list[str], params: DfarParams,
+def _stream_split(con: Any, path: Path, split: str, names: list[str], params: DfarConfig,
                   sinks: dict[str, ParquetSink], pool: ThreadPoolExecutor, test_ids: IdSet | None,
                   notes: list[str]) -> tuple[_SplitStats, IdSet]:
     """Read, check, dedupe and write one split; returns its counts and the set of its statement ids."""
@@ -269,12 +269,12 @@ def _stream_split(con: Any, path: Path, split: str, names: list[str], params: Df
     return stats, seen
 
 
-def build_dfar(store: DatasetStore, source: str | Path, params: DfarParams | None = None,
+def build_dfar(store: DatasetStore, source: str | Path, params: DfarConfig | None = None,
                name: str = "dfar") -> BuildResult:
     """Read the two DFAR CSVs from `source` (folder or 'upstream') and write a new version of `name`."""
     import duckdb
 
-    params = normalise_params(params or DfarParams())
+    params = normalise_params(params or DfarConfig())
     _split_sql(REQUIRED, params, {})  # a bad template fails here, before anything is read
     found = resolve_files(source, list(FILES.values()), UPSTREAM)
     missing = [f for f in FILES.values() if f not in found]
@@ -340,7 +340,7 @@ def build_dfar(store: DatasetStore, source: str | Path, params: DfarParams | Non
     return BuildResult(w.result.version, w.result.created, notes, repaired=w.result.repaired)
 
 
-def _summarise(stats: dict[str, _SplitStats], params: DfarParams, notes: list[str]) -> None:
+def _summarise(stats: dict[str, _SplitStats], params: DfarConfig, notes: list[str]) -> None:
     for split, st in stats.items():
         if st.duplicates:
             verb = "dropped" if params.dedupe == "within-split" else "kept (use --dedupe within-split)"
@@ -356,7 +356,7 @@ def _summarise(stats: dict[str, _SplitStats], params: DfarParams, notes: list[st
             notes.append(f"{split}: {st.empty_reasons} empty reasons (rows {rows}…); kept")
 
 
-def _params_dict(params: DfarParams) -> dict[str, Any]:
+def _params_dict(params: DfarConfig) -> dict[str, Any]:
     d = asdict(params)
     d["label_words"] = {str(k): v for k, v in params.label_words.items()}
     return d

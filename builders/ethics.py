@@ -96,7 +96,7 @@ INSTRUCT_SPLITS = SPLITS  # cm_ambig has no label: not in instruct
 
 
 @dataclass
-class EthicsParams:
+class EthicsConfig:
     subsets: tuple[str, ...] = tuple(FILES)
     limit: int | None = None  # first N rows per file, for quick runs
     order_seed: int = 0  # utilitarianism A/B order (see UTIL_ORDER_RULE)
@@ -290,9 +290,9 @@ def _find_root(folder: Path) -> Path:
     return folder
 
 
-def build_ethics(store: DatasetStore, source: str | Path, params: EthicsParams | None = None,
+def build_ethics(store: DatasetStore, source: str | Path, params: EthicsConfig | None = None,
                  name: str = "ethics") -> BuildResult:
-    params = params or EthicsParams()
+    params = params or EthicsConfig()
     unknown = [s for s in params.subsets if s not in FILES]
     if unknown:
         raise CurateError(f"unknown ETHICS subset(s) {', '.join(unknown)}; choose from {', '.join(FILES)}")

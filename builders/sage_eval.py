@@ -46,7 +46,7 @@ QUESTION_SETS = {
 
 
 @dataclass
-class SageEvalParams:
+class SageEvalConfig:
     """What shapes an evaluation; recorded in the manifest (endpoints redacted)."""
 
     model: str = "smollm2"  # smollm2 | hub id | folder | run folder | openai:<model>
@@ -202,7 +202,7 @@ def sample_answers(model: Any, tok: Any, paraphrases: list[str], *, temperature:
     return texts, finishes
 
 
-def _answers_key(params: SageEvalParams, questions: pl.DataFrame) -> str:
+def _answers_key(params: SageEvalConfig, questions: pl.DataFrame) -> str:
     payload = {"identity": model_identity(params.model),
                "sampling": [params.temperature, params.top_p, params.max_new_tokens, params.seed, params.template,
                             params.batch_size, params.dtype],
@@ -210,7 +210,7 @@ def _answers_key(params: SageEvalParams, questions: pl.DataFrame) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def collect_answers(store: DatasetStore, params: SageEvalParams, questions: pl.DataFrame,
+def collect_answers(store: DatasetStore, params: SageEvalConfig, questions: pl.DataFrame,
                     execution: dict[str, Any]) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Answers (model_output, finish_reason) to every paraphrase, and the LLM usage (remote models)."""
     if params.model.startswith(OPENAI_PREFIX):
@@ -245,7 +245,7 @@ def collect_answers(store: DatasetStore, params: SageEvalParams, questions: pl.D
                                   pl.Series("_problem_model_output", problems, dtype=pl.String)), {}
 
 
-def _client(store: DatasetStore, model: str, endpoint: Any, params: SageEvalParams, execution: dict[str, Any],
+def _client(store: DatasetStore, model: str, endpoint: Any, params: SageEvalConfig, execution: dict[str, Any],
             temperature: float) -> Any:
     from curate.llm import LLMClient, LLMConfig
 
@@ -253,7 +253,7 @@ def _client(store: DatasetStore, model: str, endpoint: Any, params: SageEvalPara
                                concurrency=params.concurrency, cache_dir=endpoint.cache_dir(store)), **execution)
 
 
-def add_rots(store: DatasetStore, params: SageEvalParams, df: pl.DataFrame,
+def add_rots(store: DatasetStore, params: SageEvalConfig, df: pl.DataFrame,
              execution: dict[str, Any]) -> tuple[pl.DataFrame, dict[str, Any]]:
     """One RoT per non-empty answer from the RoT model; an endpoint failure is one line saying the answers
     are kept (cached) so the rerun only asks for RoTs."""
@@ -292,7 +292,7 @@ def bootstrap_mean_ci(values: list[float], *, samples: int = 2000, seed: int = 0
     return mean, float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def score(df: pl.DataFrame, params: SageEvalParams) -> pl.DataFrame:
+def score(df: pl.DataFrame, params: SageEvalConfig) -> pl.DataFrame:
     """Per-question SaGE over usable rows (non-empty answer, and RoT when used); questions with no usable
     answer get NaN and ``n_paraphrases = 0``."""
     from curate.sage import sage_scores
@@ -338,7 +338,7 @@ def histogram_figure(values: list[float], title: str, mean: float, ci: tuple[flo
 
 
 # ---- the build ----------------------------------------------------------------------------------------
-def build_sage_eval(store: DatasetStore, params: SageEvalParams, name: str = "sage-eval",
+def build_sage_eval(store: DatasetStore, params: SageEvalConfig, name: str = "sage-eval",
                     execution: dict[str, Any] | None = None) -> SageEvalResult:
     """Answers → RoTs → scores → one ``sage-eval`` version (configs ``scores`` and ``answers``)."""
     execution = execution or {}

@@ -65,7 +65,7 @@ PARAPHRASE_PROMPT_TEMPLATE = (
 
 
 @dataclass
-class SageResponsesParams:
+class SageResponsesConfig:
     """Everything that shapes the dataset; recorded verbatim in the manifest (no secrets here)."""
 
     questions: str = ""  # CSV: question_id, question, paraphrased (MCC layout) or question_id, question
@@ -227,7 +227,7 @@ def _unusable_note(df: pl.DataFrame, answer_col: str, rot_col: str) -> tuple[str
 
 
 # ---- step 5: SaGE -----------------------------------------------------------------------------------------
-def score_questions(df: pl.DataFrame, params: SageResponsesParams, answer_col: str = "model_output",
+def score_questions(df: pl.DataFrame, params: SageResponsesConfig, answer_col: str = "model_output",
                     rot_col: str = "rot") -> pl.DataFrame:
     """Per-question SaGE over the usable answers (empty, cut, filtered or refused ones are left out).
 
@@ -282,7 +282,7 @@ class _Endpoint:
         return root / f"replay-{digest[:16]}"
 
 
-def _client(params: SageResponsesParams, store: DatasetStore, model: str, endpoint: _Endpoint,
+def _client(params: SageResponsesConfig, store: DatasetStore, model: str, endpoint: _Endpoint,
             execution: dict[str, Any]) -> LLMClient:
     return LLMClient(
         LLMConfig(model=model, base_url=endpoint.url, temperature=params.temperature,
@@ -292,7 +292,7 @@ def _client(params: SageResponsesParams, store: DatasetStore, model: str, endpoi
     )
 
 
-def build_sage_responses(store: DatasetStore, params: SageResponsesParams, name: str = "sage-responses",
+def build_sage_responses(store: DatasetStore, params: SageResponsesConfig, name: str = "sage-responses",
                          figures: bool = True, execution: dict[str, Any] | None = None) -> SageBuildResult:
     """Run every step and write one version.
 
@@ -401,7 +401,7 @@ def _replayed_from(endpoint: _Endpoint, target: _Endpoint | None) -> list[dict[s
     return list({s["sha256"]: s for s in found}.values()) or None
 
 
-def _recorded_params(params: SageResponsesParams, endpoint: _Endpoint, target: _Endpoint | None,
+def _recorded_params(params: SageResponsesConfig, endpoint: _Endpoint, target: _Endpoint | None,
                      replayed: list[dict[str, Any]] | None) -> dict[str, Any]:
     """The manifest's parameters: endpoints resolved and redacted, and what a replay replayed."""
     out = asdict(params)
@@ -413,7 +413,7 @@ def _recorded_params(params: SageResponsesParams, endpoint: _Endpoint, target: _
     return out
 
 
-def _tables(scored: pl.DataFrame, params: SageResponsesParams) -> dict[str, pa.Table]:
+def _tables(scored: pl.DataFrame, params: SageResponsesConfig) -> dict[str, pa.Table]:
     resp_cols = ["question_id", "question", "paraphrase_idx", "paraphrased", "model_output", "finish_reason",
                  "refusal", "rot", "rot_finish_reason", "sage", "threshold", "selected", "feedback"]
     if "target_output" in scored.columns:
@@ -439,7 +439,7 @@ def _tables(scored: pl.DataFrame, params: SageResponsesParams) -> dict[str, pa.T
     return {"responses": responses.to_arrow(), "selected": selected.to_arrow(), "feedback": feedback.to_arrow()}
 
 
-def _card(params: SageResponsesParams, scores: pl.DataFrame, notes: list[str], usage: dict[str, Any],
+def _card(params: SageResponsesConfig, scores: pl.DataFrame, notes: list[str], usage: dict[str, Any],
           replayed: list[dict[str, Any]] | None = None, unusable: dict[str, int] | None = None) -> dict:
     valid = scores.filter(pl.col("sage").is_not_nan())["sage"]
     mean = float(valid.mean()) if valid.len() else float("nan")  # type: ignore[arg-type]

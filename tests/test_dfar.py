@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from builders.dfar import DfarParams, build_dfar
+from builders.dfar import DfarConfig, build_dfar
 from curate.cli import app
 from curate.errors import CurateError
 from curate.sql_views import query
@@ -96,13 +96,13 @@ def test_loads_with_datasets_library(built_dfar, dfar_source) -> None:
 
 
 def test_template_override_changes_version(store, dfar_source) -> None:
-    a = build_dfar(store, dfar_source, DfarParams(limit=20)).version
-    b = build_dfar(store, dfar_source, DfarParams(limit=20, prompt_template="Q: {statement}\nA:")).version
+    a = build_dfar(store, dfar_source, DfarConfig(limit=20)).version
+    b = build_dfar(store, dfar_source, DfarConfig(limit=20, prompt_template="Q: {statement}\nA:")).version
     assert a.hash != b.hash and b.tag == "v2"
     assert b.manifest["params"]["prompt_template"] == "Q: {statement}\nA:"
     assert b.read("lr")["prompt"][0].as_py().startswith("Q: ")
     with pytest.raises(CurateError, match="template field"):
-        build_dfar(store, dfar_source, DfarParams(prompt_template="{nope}"))
+        build_dfar(store, dfar_source, DfarConfig(prompt_template="{nope}"))
 
 
 def test_overlap_dropped_by_default_kept_on_request(store, dfar_source) -> None:
@@ -110,17 +110,17 @@ def test_overlap_dropped_by_default_kept_on_request(store, dfar_source) -> None:
     r = build_dfar(store, dfar_source)
     assert any(f"{n} train statements also appear in test" in x and "dropped" in x for x in r.notes)
     assert f"{n} train statements also appear in test" in r.version.card_path.read_text()
-    kept = build_dfar(store, dfar_source, DfarParams(drop_overlap=False))
+    kept = build_dfar(store, dfar_source, DfarConfig(drop_overlap=False))
     assert kept.version.manifest["configs"]["default"]["train"]["num_rows"] == \
         expected(dfar_source, drop_overlap=False)["train"].height == 4500
     assert kept.version.manifest["params"]["train_test_overlap"] == {"train_statements_in_test": n, "dropped": 0}
     assert any("kept" in x for x in kept.notes if "overlap" in x)
     # the legacy policy name is the new default plus within-split dedupe: identical data, hence identical hash
-    legacy = build_dfar(store, dfar_source, DfarParams(dedupe="train-test"))
-    assert legacy.version.hash == build_dfar(store, dfar_source, DfarParams(dedupe="within-split")).version.hash
+    legacy = build_dfar(store, dfar_source, DfarConfig(dedupe="train-test"))
+    assert legacy.version.hash == build_dfar(store, dfar_source, DfarConfig(dedupe="within-split")).version.hash
     assert legacy.version.hash == r.version.hash  # the real data has no within-split duplicates
     with pytest.raises(CurateError, match="contradict|keeps"):
-        build_dfar(store, dfar_source, DfarParams(dedupe="train-test", drop_overlap=False))
+        build_dfar(store, dfar_source, DfarConfig(dedupe="train-test", drop_overlap=False))
 
 
 def test_duplicates_and_empty_reasons_reported(store, tmp_path) -> None:
@@ -134,7 +134,7 @@ def test_duplicates_and_empty_reasons_reported(store, tmp_path) -> None:
     assert any("duplicate statement at row 3" in n for n in r.notes)
     assert any("1 empty reasons" in n for n in r.notes)
     assert r.version.manifest["configs"]["default"]["train"]["num_rows"] == 3
-    r2 = build_dfar(store, src, DfarParams(dedupe="within-split"))
+    r2 = build_dfar(store, src, DfarConfig(dedupe="within-split"))
     assert r2.version.manifest["configs"]["default"]["train"]["num_rows"] == 2
 
 

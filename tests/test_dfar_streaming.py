@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from builders.base import ROW_GROUP_ROWS
-from builders.dfar import BATCH_ROWS, DfarParams, build_dfar
+from builders.dfar import BATCH_ROWS, DfarConfig, build_dfar
 from curate.cli import app
 from curate.store import DatasetStore
 
@@ -59,7 +59,7 @@ def test_many_batches_match_polars(big_source: Path, tmp_path: Path) -> None:
     want = deduped.filter(~in_test)
     assert want_dups > 0 and in_test.sum() > 0
 
-    r = build_dfar(DatasetStore(tmp_path / "a"), big_source, DfarParams(dedupe="within-split"))
+    r = build_dfar(DatasetStore(tmp_path / "a"), big_source, DfarConfig(dedupe="within-split"))
     m = r.version.manifest
     assert m["configs"]["default"]["train"]["num_rows"] == want.height
     assert m["configs"]["lr"]["test"]["num_rows"] == N_TEST
@@ -71,7 +71,7 @@ def test_many_batches_match_polars(big_source: Path, tmp_path: Path) -> None:
         f"Statement: {s}\nAnswer:" for s in want["Statement"].to_list()[-3:]]
     assert r.version.read_polars("default", "train")["statement"].to_list() == want["Statement"].to_list()
 
-    again = build_dfar(DatasetStore(tmp_path / "b"), big_source, DfarParams(dedupe="within-split"))
+    again = build_dfar(DatasetStore(tmp_path / "b"), big_source, DfarConfig(dedupe="within-split"))
     assert again.version.hash == r.version.hash  # same inputs, same bytes, whatever the batching
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from builders.ethics import EthicsParams, build_ethics
+from builders.ethics import EthicsConfig, build_ethics
 from curate.sql_views import query
 
 
@@ -58,6 +58,6 @@ def test_text_label_view(ethics) -> None:
 
 
 def test_subset_selection(store, ethics_source) -> None:
-    r = build_ethics(store, ethics_source, EthicsParams(subsets=("justice",), limit=10))
+    r = build_ethics(store, ethics_source, EthicsConfig(subsets=("justice",), limit=10))
     assert set(r.version.configs()) == {"justice", "text_label", "instruct"}
     assert r.version.num_rows("justice") == 30

@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from builders.ethics import EthicsParams, build_ethics
+from builders.ethics import EthicsConfig, build_ethics
 from curate.cli import app
 from curate.sql_views import query
 
@@ -101,9 +101,9 @@ def test_per_paradigm_views_are_filters_not_copies(built) -> None:
 
 
 def test_order_seed_changes_only_the_order(store, ethics_source) -> None:
-    a = build_ethics(store, ethics_source, EthicsParams(subsets=("utilitarianism",), limit=50,
+    a = build_ethics(store, ethics_source, EthicsConfig(subsets=("utilitarianism",), limit=50,
                                                         check_tokenizer=False)).version
-    b = build_ethics(store, ethics_source, EthicsParams(subsets=("utilitarianism",), limit=50, order_seed=1,
+    b = build_ethics(store, ethics_source, EthicsConfig(subsets=("utilitarianism",), limit=50, order_seed=1,
                                                         check_tokenizer=False)).version
     la, lb = a.read("instruct", "test")["label"].to_pylist(), b.read("instruct", "test")["label"].to_pylist()
     assert la != lb and len(la) == len(lb) == 50

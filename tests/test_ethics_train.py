@@ -31,14 +31,14 @@ def tok():
 def world(tmp_path_factory: pytest.TempPathFactory, tok) -> dict[str, Any]:
     """ETHICS (12 rows per file), a tiny student, and a cache of deontology + justice (shared label words)
     and one of every subset (per-subset words) from a different, sharpened tiny teacher."""
-    from builders.ethics import EthicsParams, build_ethics
+    from builders.ethics import EthicsConfig, build_ethics
     from builders.teacher_logits import LogitCacheConfig, cache_teacher_logits
 
     from .conftest import shared
 
     root = tmp_path_factory.mktemp("ethics-train")
     store = DatasetStore(root / "store")
-    build_ethics(store, shared("ethics"), EthicsParams(limit=12, check_tokenizer=False))
+    build_ethics(store, shared("ethics"), EthicsConfig(limit=12, check_tokenizer=False))
     student = save_tiny(root / "student", tok, hidden=32, seed=0)
     teacher = tiny_llama(len(tok), hidden=32, seed=1, pad_token_id=tok.pad_token_id).eval()
     with torch.no_grad():

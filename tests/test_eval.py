@@ -254,12 +254,12 @@ def test_per_paradigm_macro_on_a_hand_computed_example() -> None:
 
 @pytest.fixture(scope="module")
 def ethics_store(world: dict[str, Path]) -> Path:
-    from builders.ethics import EthicsParams, build_ethics
+    from builders.ethics import EthicsConfig, build_ethics
     from curate.store import DatasetStore
 
     from .conftest import shared
 
-    build_ethics(DatasetStore(world["store"]), shared("ethics"), EthicsParams(limit=6, check_tokenizer=False))
+    build_ethics(DatasetStore(world["store"]), shared("ethics"), EthicsConfig(limit=6, check_tokenizer=False))
     return world["store"]
 
 

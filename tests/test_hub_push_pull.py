@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from builders.dfar import DfarParams, build_dfar
+from builders.dfar import DfarConfig, build_dfar
 from curate.cli import app
 from curate.errors import CurateError
 from curate.hub import TRANSIENT_ATTEMPTS, pull, push
@@ -25,7 +25,7 @@ COMMIT = r"/commit/"
 @pytest.fixture
 def dfar_small(tmp_path: Path, dfar_source: Path) -> tuple[DatasetStore, Version]:
     st = DatasetStore(tmp_path / "local")
-    return st, build_dfar(st, dfar_source, DfarParams(limit=200)).version
+    return st, build_dfar(st, dfar_source, DfarConfig(limit=200)).version
 
 
 def _files(v: Version) -> dict[str, bytes]:
@@ -86,7 +86,7 @@ def test_second_version_replaces_files(hub_server: HubServer, dfar_small, dfar_s
     st, v1 = dfar_small
     kw = {"endpoint": hub_server.endpoint, "token": hub_server.token}
     push(st, "dfar", "org/dfar", **kw)
-    v2 = build_dfar(st, dfar_source, DfarParams(limit=50)).version
+    v2 = build_dfar(st, dfar_source, DfarConfig(limit=50)).version
     r2 = push(st, "dfar@v2", "org/dfar", **kw)
     assert r2.tag == "v2"
     fresh = DatasetStore(tmp_path / "fresh")
@@ -404,7 +404,7 @@ def test_caches_are_per_endpoint(hub_server: HubServer, dfar_small, dfar_source:
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(home / "hub"))
     st, v = dfar_small
     other_store = DatasetStore(tmp_path / "other")
-    other = build_dfar(other_store, dfar_source, DfarParams(limit=30)).version
+    other = build_dfar(other_store, dfar_source, DfarConfig(limit=30)).version
     with run_hub_server(tmp_path / "hub2") as second:
         assert second.endpoint != hub_server.endpoint
         push(st, "dfar", "org/dfar", endpoint=hub_server.endpoint, token=hub_server.token)

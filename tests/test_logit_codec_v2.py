@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from builders.dfar import DfarParams, build_dfar
+from builders.dfar import DfarConfig, build_dfar
 from builders.teacher_logits import BuildResult, LogitCacheConfig, cache_teacher_logits
 from curate.cli import app
 from curate.errors import CurateError
@@ -32,7 +32,7 @@ QWEN_VOCAB = 151_936
 @pytest.fixture(scope="module")
 def dfar_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("v2-store")
-    build_dfar(DatasetStore(root), shared("dfar"), DfarParams(limit=ROWS))
+    build_dfar(DatasetStore(root), shared("dfar"), DfarConfig(limit=ROWS))
     return root
 
 

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 import curate
-from builders.dfar import DfarParams, build_dfar
+from builders.dfar import DfarConfig, build_dfar
 from curate.cli import app
 from curate.errors import CurateError
 from curate.sql_views import hf_path, hub_views, parse_hub_ref, query
@@ -132,8 +132,8 @@ DAMAGE = {
 @pytest.fixture
 def two_datasets(tmp_path: Path, dfar_source: Path) -> tuple[DatasetStore, Version, Version]:
     st = DatasetStore(tmp_path / "store")
-    good = build_dfar(st, dfar_source, DfarParams(limit=300)).version
-    other = build_dfar(st, dfar_source, DfarParams(limit=300), name="other").version
+    good = build_dfar(st, dfar_source, DfarConfig(limit=300)).version
+    other = build_dfar(st, dfar_source, DfarConfig(limit=300), name="other").version
     return st, good, other
 
 

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 import curate
-from builders.dfar import DfarParams, build_dfar
+from builders.dfar import DfarConfig, build_dfar
 from curate.cli import app
 from curate.errors import CurateError
 from curate.hub import push
@@ -25,7 +25,7 @@ SQL = "SELECT split, label, count(*) AS n FROM dfar GROUP BY ALL ORDER BY ALL"
 @pytest.fixture
 def pushed(hub_server: HubServer, tmp_path: Path, dfar_source: Path) -> Version:  # noqa: F811
     st = DatasetStore(tmp_path / "local")
-    v = build_dfar(st, dfar_source, DfarParams(limit=200)).version
+    v = build_dfar(st, dfar_source, DfarConfig(limit=200)).version
     push(st, "dfar", "org/dfar", endpoint=hub_server.endpoint, token=hub_server.token)
     return v
 

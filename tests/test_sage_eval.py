@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from builders.sage_eval import SageEvalParams, bootstrap_mean_ci, build_sage_eval
+from builders.sage_eval import SageEvalConfig, bootstrap_mean_ci, build_sage_eval
 from curate.cli import app
 from curate.errors import CurateError, InputError
 from curate.store import DatasetStore
@@ -109,7 +109,7 @@ def test_eval_group_keeps_plain_eval_and_refuses_options_before_sage(tmp_path: P
 def test_empty_answers_are_counted_and_never_scored(mute: Path, qcsv: Path, tmp_path: Path) -> None:
     with single_thread():
         res = build_sage_eval(DatasetStore(tmp_path / "s"),
-                              SageEvalParams(model=str(mute), questions=str(qcsv), no_rots=True, max_new_tokens=4))
+                              SageEvalConfig(model=str(mute), questions=str(qcsv), no_rots=True, max_new_tokens=4))
     assert res.empty_answers == 6 and res.n_scored == 0 and np.isnan(res.mean)
     assert any("6 of 6 answers are empty" in n for n in res.notes)
     scores = res.version.read_polars("scores")
@@ -120,7 +120,7 @@ def test_file_without_paraphrases_is_one_error(tmp_path: Path) -> None:
     p = tmp_path / "plain.csv"
     p.write_text("question_id,question\n1,Is it ok to lie?\n")
     with pytest.raises(InputError, match="plain.csv.*paraphrased"):
-        build_sage_eval(DatasetStore(tmp_path / "s"), SageEvalParams(questions=str(p), no_rots=True))
+        build_sage_eval(DatasetStore(tmp_path / "s"), SageEvalConfig(questions=str(p), no_rots=True))
     r = CliRunner().invoke(app, ["sage", "eval", "--questions", str(p), "--no-rots", "--store", str(tmp_path / "s")])
     assert r.exit_code != 0 and "Traceback" not in r.output and "paraphrased" in r.output
     r = CliRunner().invoke(app, ["sage", "eval", "--questions", str(tmp_path / "none.csv"), "--no-rots",
@@ -130,7 +130,7 @@ def test_file_without_paraphrases_is_one_error(tmp_path: Path) -> None:
 
 def test_unreachable_rot_endpoint_is_one_line_and_keeps_answers(tiny: Path, qcsv: Path, tmp_path: Path) -> None:
     store = DatasetStore(tmp_path / "s")
-    params = SageEvalParams(model=str(tiny), questions=str(qcsv), rot_model="gpt-3.5-turbo",
+    params = SageEvalConfig(model=str(tiny), questions=str(qcsv), rot_model="gpt-3.5-turbo",
                             rot_base_url="http://127.0.0.1:9/v1", max_new_tokens=4)
     os.environ.setdefault("OPENAI_API_KEY", "sk-test-not-used")
     with single_thread(), pytest.raises(CurateError) as e:
@@ -145,7 +145,7 @@ def test_openai_model_with_rots_on_replay_matches_reference(openai_server: OpenA
     from curate.sage import sage_scores
 
     q100 = shared("sage", "quality100")
-    params = SageEvalParams(model="openai:gpt-3.5-turbo", questions=str(q100 / "q100.csv"), limit_questions=3,
+    params = SageEvalConfig(model="openai:gpt-3.5-turbo", questions=str(q100 / "q100.csv"), limit_questions=3,
                             base_url=openai_server.base_url, bootstrap_samples=200)
     res = build_sage_eval(DatasetStore(tmp_path / "s"), params)
     answers = res.version.read_polars("answers")
@@ -164,7 +164,7 @@ def test_openai_model_with_rots_on_replay_matches_reference(openai_server: OpenA
 def test_smollm2_answers_a_handful_of_questions(qcsv: Path, tmp_path: Path) -> None:
     with single_thread():
         res = build_sage_eval(DatasetStore(tmp_path / "s"),
-                              SageEvalParams(model="smollm2", questions=str(qcsv), no_rots=True, max_new_tokens=24,
+                              SageEvalConfig(model="smollm2", questions=str(qcsv), no_rots=True, max_new_tokens=24,
                                              batch_size=6, bootstrap_samples=200))
     answers = res.version.read_polars("answers")
     assert answers.height == 6 and res.empty_answers == 0
@@ -179,7 +179,7 @@ def test_questions_from_a_store_dataset_are_recorded_as_parent(tiny: Path, tmp_p
     with store.new_version("my-questions", builder="test", builder_version="0", params={}, sources=[]) as w:
         w.write_table("responses", "train", rows.to_arrow())
     with single_thread():
-        res = build_sage_eval(store, SageEvalParams(model=str(tiny), questions="my-questions", no_rots=True,
+        res = build_sage_eval(store, SageEvalConfig(model=str(tiny), questions="my-questions", no_rots=True,
                                                     max_new_tokens=4, limit_questions=2))
     manifest = json.loads((res.version.path / "manifest.json").read_text())
     assert manifest["parents"][0]["name"] == "my-questions"

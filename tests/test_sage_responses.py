@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from builders.sage_responses import SageResponsesParams, build_sage_responses, load_questions
+from builders.sage_responses import SageResponsesConfig, build_sage_responses, load_questions
 from curate.cli import app
 from curate.errors import InputError
 from curate.llm import ResponseCache
@@ -33,8 +33,8 @@ def q100() -> Path:
     return shared("sage", "quality100")
 
 
-def _params(q100: Path, server: OpenAIServer, **kw: object) -> SageResponsesParams:
-    return SageResponsesParams(questions=str(q100 / "q100.csv"), base_url=server.base_url,
+def _params(q100: Path, server: OpenAIServer, **kw: object) -> SageResponsesConfig:
+    return SageResponsesConfig(questions=str(q100 / "q100.csv"), base_url=server.base_url,
                                limit_questions=N_QUESTIONS, concurrency=16, **kw)  # type: ignore[arg-type]
 
 
@@ -106,9 +106,9 @@ def test_killed_midway_resumes_without_repeats(openai_server: OpenAIServer, q100
     store_dir = tmp_path / "s"
     openai_server.set_latency(0.05)
     code = (
-        "from builders.sage_responses import SageResponsesParams, build_sage_responses\n"
+        "from builders.sage_responses import SageResponsesConfig, build_sage_responses\n"
         "from curate.store import DatasetStore\n"
-        f"p = SageResponsesParams(questions={str(q100 / 'q100.csv')!r}, base_url={openai_server.base_url!r}, "
+        f"p = SageResponsesConfig(questions={str(q100 / 'q100.csv')!r}, base_url={openai_server.base_url!r}, "
         f"limit_questions={N_QUESTIONS}, concurrency=2)\n"
         f"build_sage_responses(DatasetStore({str(store_dir)!r}), p)\n"
     )
@@ -144,7 +144,7 @@ def test_one_paraphrase_and_plain_question_rules(openai_server: OpenAIServer, q1
     path = tmp_path / "one.csv"
     one.select("question_id", "question", "paraphrased").write_csv(path)
     r = build_sage_responses(DatasetStore(tmp_path / "s"),
-                             SageResponsesParams(questions=str(path), base_url=openai_server.base_url),
+                             SageResponsesConfig(questions=str(path), base_url=openai_server.base_url),
                              execution=FAST, figures=False)
     resp = r.version.read_polars("responses")
     assert resp.height == 1 and resp["sage"][0] == 1.0  # a single answer cannot disagree with itself
@@ -152,7 +152,7 @@ def test_one_paraphrase_and_plain_question_rules(openai_server: OpenAIServer, q1
     one.select("question_id", "question").write_csv(plain)
     with pytest.raises(InputError, match="plain.csv: no 'paraphrased' column: give --paraphrases N"):
         build_sage_responses(DatasetStore(tmp_path / "s2"),
-                             SageResponsesParams(questions=str(plain), base_url=openai_server.base_url))
+                             SageResponsesConfig(questions=str(plain), base_url=openai_server.base_url))
 
 
 def _sha256(path: Path) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from builders.dfar import DfarParams, build_dfar
+from builders.dfar import DfarConfig, build_dfar
 from curate.cli import app
 from curate.errors import CurateError
 from curate.store import DatasetStore
@@ -157,10 +157,10 @@ for fn in ("rename", "replace"):
         if os.path.basename(os.path.dirname(os.fspath(dst))) == "versions":  # the version folder is in place
             os.kill(os.getpid(), signal.SIGKILL)
     setattr(os, fn, killing)
-from builders.dfar import DfarParams, build_dfar
+from builders.dfar import DfarConfig, build_dfar
 from curate.store import DatasetStore
 limit = int(sys.argv[3]) or None
-build_dfar(DatasetStore(sys.argv[1]), sys.argv[2], DfarParams(limit=limit))
+build_dfar(DatasetStore(sys.argv[1]), sys.argv[2], DfarConfig(limit=limit))
 """
 
 
@@ -197,7 +197,7 @@ def test_kill_between_rename_and_tags_is_adopted(tmp_path: Path, dfar_source: Pa
     (orphan / "default" / "train-00000-of-00001.parquet").write_bytes(b"PAR1 rotten")
     r = st.versions("dfar")[-1]
     assert r.path == orphan and r.tag == "v2"
-    fixed = build_dfar(st, dfar_source, DfarParams(limit=5))
+    fixed = build_dfar(st, dfar_source, DfarConfig(limit=5))
     assert not fixed.created and fixed.version.tag == "v2" and fixed.version.path == orphan
     assert json.loads((ds / "tags.json").read_text()) == {"v1": folder.name, "v2": orphan.name}
     assert all(st.verify(x) == [] for x in st.versions("dfar"))
@@ -232,7 +232,7 @@ def test_stale_temp_folders_are_removed_live_ones_kept(dfar, tmp_path: Path) -> 
     try:
         assert all(h.stdout.readline().strip() == "held" for h in holders)
         _age(*ds.glob(".tmp-*.lock"), *staging.glob("*.lock"))
-        r = build_dfar(st, source, DfarParams(limit=3))  # any write of the dataset cleans up
+        r = build_dfar(st, source, DfarConfig(limit=3))  # any write of the dataset cleans up
         assert r.created and r.version.tag == "v2"
         assert not dead.exists() and not Path(f"{dead}.lock").exists() and not half_tags.exists()
         assert live.is_dir() and (staging / "live").is_dir() and fresh.is_dir()

@@ -16,7 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from builders.dfar import DfarParams, build_dfar
+from builders.dfar import DfarConfig, build_dfar
 from builders.teacher_logits import BuildResult, LogitCacheConfig, ShardReport, cache_teacher_logits
 from curate.cli import app
 from curate.errors import CurateError
@@ -57,7 +57,7 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer: An
 @pytest.fixture(scope="module")
 def small_dfar(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("logit-store")
-    build_dfar(DatasetStore(root), shared("dfar"), DfarParams(limit=ROWS))
+    build_dfar(DatasetStore(root), shared("dfar"), DfarConfig(limit=ROWS))
     return root
 
 
@@ -331,7 +331,7 @@ def test_cli_chat_template_and_duckdb_queries(tmp_path: Path, small_dfar: Path, 
 def test_smollm2_gguf_teacher_on_dfar(tmp_path: Path, dfar_source: Path, smollm2_tokenizer: Any) -> None:
     """SmolLM2-135M-Instruct (GGUF) on 20 DFAR lr rows: a faithful, compact cache with sane statistics."""
     store = DatasetStore(tmp_path / "store")
-    build_dfar(store, dfar_source, DfarParams(limit=10))
+    build_dfar(store, dfar_source, DfarConfig(limit=10))
     model = load_causal_lm(ModelRef.parse(SMOLLM2), dtype="float32", device="cpu").eval()
     params = LogitCacheConfig(model=SMOLLM2, k=64, batch_size=4)
     result = cache_teacher_logits(store, params, model=model, tokenizer=smollm2_tokenizer, progress=False)

@@ -102,10 +102,10 @@ def test_csv_and_json_keep_the_data_exactly(evil_source: Path, tmp_path: Path) -
 def test_manifest_fields_from_a_pulled_repo(tmp_path: Path, dfar_source: Path) -> None:
     """A pulled manifest is someone else's JSON: its builder name, source location, created-at and origin
     are printed as text by show / datasets / query --list."""
-    from builders.dfar import DfarParams, build_dfar
+    from builders.dfar import DfarConfig, build_dfar
 
     st = DatasetStore(tmp_path / "store")
-    v = build_dfar(st, dfar_source, DfarParams(limit=50)).version
+    v = build_dfar(st, dfar_source, DfarConfig(limit=50)).version
     m = json.loads((v.path / MANIFEST).read_text())
     m["builder"]["name"] = f"{MARKUP_CLOSE} {LINK} {ANSI}"
     m["builder"]["version"] = "[/]"

@@ -20,8 +20,8 @@ CACHE_K = 8
 
 @functools.lru_cache(maxsize=1)
 def built_store() -> Path:
-    from builders.dfar import DfarParams, build_dfar
-    from builders.sage_responses import SageResponsesParams, build_sage_responses
+    from builders.dfar import DfarConfig, build_dfar
+    from builders.sage_responses import SageResponsesConfig, build_sage_responses
     from builders.teacher_logits import LogitCacheConfig, cache_teacher_logits
     from curate.models import ModelRef, load_causal_lm, load_tokenizer
     from tests.openai_server.fixture import shared_server
@@ -30,7 +30,7 @@ def built_store() -> Path:
     root = Path(tempfile.mkdtemp(prefix="view-store-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     store = DatasetStore(root / "store")
-    build_dfar(store, shared("dfar"), DfarParams(limit=DFAR_ROWS))
+    build_dfar(store, shared("dfar"), DfarConfig(limit=DFAR_ROWS))
     folder = save_tiny(root / "teacher", smollm2_tokenizer(), hidden=32)
     with single_thread():
         model = load_causal_lm(ModelRef.parse(str(folder)), dtype="float32", device="cpu").eval()
@@ -39,7 +39,7 @@ def built_store() -> Path:
                              model=model, tokenizer=load_tokenizer(ModelRef.parse(str(folder))), progress=False)
     server = shared_server()
     server.reset()
-    build_sage_responses(store, SageResponsesParams(
+    build_sage_responses(store, SageResponsesConfig(
         questions=str(shared("sage", "quality100") / "q100.csv"), base_url=server.base_url,
         limit_questions=SAGE_QUESTIONS, concurrency=8), figures=False)
     return root / "store"

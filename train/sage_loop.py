@@ -94,12 +94,12 @@ def aligned_responses(cfg: SageLoopConfig, store: DatasetStore, actions: list[st
     except CurateError:
         pass
     from builders.sage_eval import QUESTION_SETS, shared_sage_dir
-    from builders.sage_responses import SageResponsesParams, build_sage_responses
+    from builders.sage_responses import SageResponsesConfig, build_sage_responses
 
     questions = cfg.aligned_questions
     if questions in QUESTION_SETS:
         questions = str(shared_sage_dir() / QUESTION_SETS[questions])
-    res = build_sage_responses(store, SageResponsesParams(questions=questions, base_url=cfg.base_url,
+    res = build_sage_responses(store, SageResponsesConfig(questions=questions, base_url=cfg.base_url,
                                                           limit_questions=cfg.aligned_limit), name=cfg.responses)
     actions.append(f"aligned answers: built {res.version.ref}")
     return res.version
@@ -155,9 +155,9 @@ def train_round(cfg: SageLoopConfig, selection: Any, run_dir: Path, console: Any
 
 
 def eval_round(cfg: SageLoopConfig, store: DatasetStore, model: str, r: int) -> Any:
-    from builders.sage_eval import SageEvalParams, build_sage_eval
+    from builders.sage_eval import SageEvalConfig, build_sage_eval
 
-    params = SageEvalParams(model=model, questions=cfg.heldout, limit_questions=cfg.heldout_limit,
+    params = SageEvalConfig(model=model, questions=cfg.heldout, limit_questions=cfg.heldout_limit,
                             rot_model=cfg.rot_model, no_rots=not cfg.rot_model, base_url=cfg.base_url,
                             temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
                             device=cfg.device, extra={"sage_loop_round": r})

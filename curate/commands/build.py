@@ -53,9 +53,9 @@ def build_dfar_cmd(
     limit: LimitOpt = None,
 ) -> None:
     """Build DFAR (label + reason): configs default, l (label only) and lr (label + reason)."""
-    from builders.dfar import DfarParams, build_dfar
+    from builders.dfar import DfarConfig, build_dfar
 
-    params = DfarParams(dedupe=dedupe, drop_overlap=not keep_overlap, limit=limit)
+    params = DfarConfig(dedupe=dedupe, drop_overlap=not keep_overlap, limit=limit)
     if prompt_template:
         params.prompt_template = prompt_template
     if l_template:
@@ -77,7 +77,7 @@ def build_ethics_cmd(
     limit: LimitOpt = None,
 ) -> None:
     """Build ETHICS: one config per subset plus a common text_label view."""
-    from builders.ethics import EthicsParams, build_ethics
+    from builders.ethics import EthicsConfig, build_ethics
 
-    params = EthicsParams(subsets=tuple(s.strip() for s in subsets.split(",") if s.strip()), limit=limit)
+    params = EthicsConfig(subsets=tuple(s.strip() for s in subsets.split(",") if s.strip()), limit=limit)
     report(build_ethics(DatasetStore(store), source, params, name=name))

@@ -70,9 +70,9 @@ def build_sage_responses_cmd(
     Against the offline replay server (`python -m curate.replay`) replies are cached apart and the version
     records `replayed_from`. Credentials in --base-url (user:password@, ?api_key=) are never written.
     """
-    from builders.sage_responses import SageResponsesParams, build_sage_responses
+    from builders.sage_responses import SageResponsesConfig, build_sage_responses
 
-    params = SageResponsesParams(
+    params = SageResponsesConfig(
         questions=questions, model=model, base_url=base_url, temperature=temperature, rot_model=rot_model,
         target_model=target_model, target_base_url=target_base_url, batch=batch, concurrency=concurrency,
         paraphrases=paraphrases, min_paraphrase_similarity=min_paraphrase_similarity,
@@ -185,13 +185,13 @@ def eval_sage_cmd(
 ) -> None:
     """SaGE of any model: answers to every paraphrase, RoTs, per-question scores, mean with a bootstrap 95 %
     interval, a histogram; one `sage-eval` store version whose lineage names the model and questions."""
-    from builders.sage_eval import SageEvalParams, build_sage_eval
+    from builders.sage_eval import SageEvalConfig, build_sage_eval
 
     if template not in ("auto", "chat", "plain"):
         raise CurateError("--template must be auto, chat or plain")
     if max_new_tokens < 1 or batch_size < 1:
         raise CurateError("--max-new-tokens and --batch-size must be at least 1")
-    params = SageEvalParams(model=model, questions=questions, questions_config=questions_config,
+    params = SageEvalConfig(model=model, questions=questions, questions_config=questions_config,
                             limit_questions=limit_questions, rot_model=rot_model, no_rots=no_rots,
                             base_url=base_url, rot_base_url=rot_base_url, temperature=temperature, top_p=top_p,
                             max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, template=template,
