@@ -18,7 +18,6 @@ part of anyone's group (the scorer leaves them out too). Optional terms: a forma
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -158,7 +157,7 @@ def run_rl_sage(cfg: RLSageConfig, console: Any = None) -> Any:
 
     from curate.store import DatasetStore
     from train.modeling import load_student
-    from train.runner import RunResult, interrupted_message
+    from train.runner import RunResult, train_interruptibly
 
     say: Callable[..., None] = console.print if console is not None else (lambda *a, **k: None)
     cfg.validate()
@@ -188,12 +187,7 @@ def run_rl_sage(cfg: RLSageConfig, console: Any = None) -> Any:
     run.start(cfg, [record], {**facts, "method": cfg.method, "template": cfg.template,
                               "trainer": "trl.GRPOTrainer", "reward": "sage_consistency"})
     resume = str(run.resume_from) if cfg.resume and run.resume_from else None
-    t0 = time.perf_counter()
-    try:
-        output = trainer.train(resume_from_checkpoint=resume)
-    except KeyboardInterrupt:
-        raise CurateError(interrupted_message(run, cfg.method, trainer.state.global_step)) from None
-    seconds = time.perf_counter() - t0
+    output, seconds = train_interruptibly(trainer, run, cfg.method, resume)
     rewards = [r["reward"] for r in trainer.state.log_history if "reward" in r]
     for i, r in enumerate(rewards, 1):
         say(f"step {i}: mean SaGE reward {r:.4f}", highlight=False)

@@ -121,12 +121,7 @@ def train_and_save(cfg: TrainConfig, prep: Prepared, trainer_cls: type, run: Run
     main = trainer.is_world_process_zero()
     if main:
         run.start(cfg, prep.datasets, {**prep.facts, "method": cfg.method, "template": prep.template})
-    t0 = time.perf_counter()
-    try:
-        output = trainer.train(resume_from_checkpoint=resume)
-    except KeyboardInterrupt:
-        raise CurateError(interrupted_message(run, cfg.method, trainer.state.global_step)) from None
-    seconds = time.perf_counter() - t0
+    output, seconds = train_interruptibly(trainer, run, cfg.method, resume)
     if prep.eval_dataset is not None:
         trainer.evaluate()
     metrics: dict[str, Any] = {"train": {**output.metrics, "global_step": output.global_step,
@@ -172,6 +167,16 @@ def train_and_save(cfg: TrainConfig, prep: Prepared, trainer_cls: type, run: Run
         plots.append(run.path / "eval" / "confusion_matrix.png")
     run.write_card(card_context(cfg, prep, metrics, run, plots))
     return RunResult(run, metrics)
+
+
+def train_interruptibly(trainer: Any, run: RunFolder, method: str, resume: str | None) -> tuple[Any, float]:
+    """`trainer.train()` and its wall time; Ctrl-C becomes one line naming the command that resumes."""
+    t0 = time.perf_counter()
+    try:
+        output = trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:
+        raise CurateError(interrupted_message(run, method, trainer.state.global_step)) from None
+    return output, time.perf_counter() - t0
 
 
 def interrupted_message(run: RunFolder, method: str, step: int) -> str:
