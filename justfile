@@ -97,8 +97,8 @@ train-rl-sage *args: install
     .venv/bin/curate train rl-sage --questions "{{shared}}/sage/quality100/q100.csv" --limit-questions 4 \
         --max-steps 4 --overwrite "$@"
 
-# Cache teacher logits for offline KD: dfar lr + SmolLM2 GGUF, a quick --limit 64 rows per split by default;
-# later options win, e.g. `just cache-teacher-logits --limit 0 --k 32` (0 = all rows).
+# Later options win, e.g. `just cache-teacher-logits --limit 0 --k 32` (0 = all rows).
+# Cache teacher logits for offline KD: dfar lr + SmolLM2 GGUF, a quick 64 rows per split by default.
 cache-teacher-logits *args: build-dfar
     .venv/bin/curate cache-logits --dataset dfar --config lr --teacher smollm2 --limit 64 "$@"
 
