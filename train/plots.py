@@ -37,11 +37,33 @@ def plot_losses(log_history: list[dict[str, Any]], path: Path, title: str = "") 
     ax.set_title(title or "training curves")
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path, dpi: int = 120, title: str = "") -> Path:
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
+
+
+def _confusion_panel(ax: Any, name: str, m: list[list[int]], words: list[str], fontsize: int | None = None) -> None:
+    """Rows gold, columns predicted (plus 'none' when a generation named no label), counts in the cells."""
+    small = {"fontsize": fontsize} if fontsize else {}
+    cols = words + (["none"] if len(m[0]) > len(words) else [])
+    ax.imshow(m, cmap="Blues")
+    ax.set_xticks(range(len(cols)), cols, **small)
+    ax.set_yticks(range(len(words)), words, **small)
+    ax.set_xlabel("predicted", **small)
+    ax.set_ylabel("gold", **small)
+    ax.set_title(name, fontsize=fontsize + 1 if fontsize else None)
+    peak = max(max(r) for r in m) or 1
+    for i, row in enumerate(m):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > peak / 2 else "black", **small)
 
 
 def plot_confusion(matrices: dict[str, list[list[int]]], labels: list[str], path: Path, title: str = "") -> Path:
@@ -49,24 +71,8 @@ def plot_confusion(matrices: dict[str, list[list[int]]], labels: list[str], path
     A generation that names no label is counted in an extra 'none' column."""
     fig, axes = plt.subplots(1, len(matrices), figsize=(4.2 * len(matrices), 3.8), squeeze=False)
     for ax, (name, m) in zip(axes[0], matrices.items(), strict=True):
-        cols = labels + (["none"] if len(m[0]) > len(labels) else [])
-        ax.imshow(m, cmap="Blues")
-        ax.set_xticks(range(len(cols)), cols)
-        ax.set_yticks(range(len(labels)), labels)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("gold")
-        ax.set_title(name)
-        peak = max(max(r) for r in m) or 1
-        for i, row in enumerate(m):
-            for j, v in enumerate(row):
-                ax.text(j, i, str(v), ha="center", va="center", color="white" if v > peak / 2 else "black")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        _confusion_panel(ax, name, m, labels)
+    return _save(fig, path, title=title)
 
 
 def plot_group_confusion(matrices: dict[str, list[list[int]]], labels: dict[str, list[str]], path: Path,
@@ -80,23 +86,5 @@ def plot_group_confusion(matrices: dict[str, list[list[int]]], labels: dict[str,
     for ax in axes.flat[n:]:
         ax.axis("off")
     for ax, (name, m) in zip(axes.flat, matrices.items(), strict=False):
-        words = labels[name]
-        xcols = words + (["none"] if len(m[0]) > len(words) else [])
-        ax.imshow(m, cmap="Blues")
-        ax.set_xticks(range(len(xcols)), xcols, fontsize=8)
-        ax.set_yticks(range(len(words)), words, fontsize=8)
-        ax.set_xlabel("predicted", fontsize=8)
-        ax.set_ylabel("gold", fontsize=8)
-        ax.set_title(name, fontsize=9)
-        peak = max(max(r) for r in m) or 1
-        for i, row in enumerate(m):
-            for j, v in enumerate(row):
-                ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
-                        color="white" if v > peak / 2 else "black")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        _confusion_panel(ax, name, m, labels[name], fontsize=8)
+    return _save(fig, path, dpi=110, title=title)
