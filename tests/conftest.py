@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,6 +48,14 @@ def one_thread() -> Iterator[None]:
 
     with single_thread():
         yield
+
+
+@pytest.fixture(scope="module")
+def tok() -> Any:
+    """The real SmolLM2 tokenizer (from the installed GGUF), shared by a module's tiny-model tests."""
+    from tests.tiny import smollm2_tokenizer
+
+    return smollm2_tokenizer()
 
 
 @pytest.fixture

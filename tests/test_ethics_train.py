@@ -13,18 +13,13 @@ import torch
 from typer.testing import CliRunner
 
 from curate.store import DatasetStore
-from tests.tiny import save_tiny, smollm2_tokenizer, tiny_llama
+from tests.tiny import save_tiny, tiny_llama
 from train.config import KDConfig, SFTConfig, load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 QUICK = dict(max_steps=6, batch_size=4, learning_rate=1e-2, logging_steps=1, save_steps=50, max_length=96,
              eval_limit=3, gen_max_new_tokens=2, lora_r=4, lora_alpha=8, lora_dropout=0.0)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return smollm2_tokenizer()
 
 
 @pytest.fixture(scope="module")

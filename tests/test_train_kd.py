@@ -13,18 +13,13 @@ from typer.testing import CliRunner
 
 from curate.errors import CurateError
 from curate.store import DatasetStore
-from tests.tiny import save_tiny, smollm2_tokenizer, tiny_llama, write_tiny_dfar
+from tests.tiny import save_tiny, tiny_llama, write_tiny_dfar
 from train.config import KDConfig, load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 QUICK = dict(max_steps=20, batch_size=4, learning_rate=1e-2, logging_steps=1, save_steps=50, max_length=64,
              eval_limit=4, gen_max_new_tokens=4, lora_r=8, lora_alpha=16, lora_dropout=0.0, evaluate=False)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return smollm2_tokenizer()
 
 
 @pytest.fixture(scope="module")

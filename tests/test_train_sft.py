@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from curate.errors import CurateError
-from tests.tiny import save_tiny, smollm2_tokenizer, write_tiny_dfar
+from tests.tiny import save_tiny, write_tiny_dfar
 from train.config import SFTConfig, load_config
 from train.data import IGNORE, pack, tokenize_rows
 
@@ -20,11 +20,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 QUICK = dict(max_steps=20, batch_size=4, learning_rate=1e-2, logging_steps=1, save_steps=10, max_length=64,
              eval_limit=6, gen_max_new_tokens=6, lora_r=8, lora_alpha=16, lora_dropout=0.0)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return smollm2_tokenizer()
 
 
 @pytest.fixture(scope="module")
