@@ -19,8 +19,9 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -46,6 +47,9 @@ class ViewSpec:
     splits: dict[str, list[str]]
     has_split_column: bool
     where: tuple[tuple[str, str], ...] = ()  # column = value filters (a builder's `params.views`)
+    # Checks the files before the view is created (local versions: `Version.ensure_intact`, a damaged file is
+    # refused rather than served); None for Hub views, whose files are checked by the Hub's own hashes.
+    check: Callable[[], object] | None = field(default=None, compare=False, repr=False)
 
     def sql(self) -> str:
         parts = []
@@ -98,20 +102,23 @@ def view_names(name: str, tag: str | None, config: str, default: str) -> list[st
 
 
 def views_for_manifest(
-    manifest: dict[str, Any], path_for: Any, tags: Iterable[str | None], name: str | None = None
+    manifest: dict[str, Any], path_for: Any, tags: Iterable[str | None], name: str | None = None,
+    check_for: Callable[[str], Callable[[], object]] | None = None,
 ) -> list[ViewSpec]:
     """Views for one version; `path_for(relative_file) -> str` maps manifest paths to local or hf:// paths.
 
-    `name` is the store's name for the dataset (a version pulled with `--name` keeps its manifest's name).
+    `name` is the store's name for the dataset (a version pulled with `--name` keeps its manifest's name);
+    `check_for(config)` gives the integrity check run before a view of that config is created.
     """
     default = default_config(manifest)
     specs = []
     for config, splits in manifest["configs"].items():
         has_split = "split" in (manifest.get("schema") or {}).get(config, {})
         files = {str(s): [path_for(str(f)) for f in info["files"]] for s, info in splits.items()}
+        check = check_for(config) if check_for else None
         for tag in tags:
             for vname in view_names(name or manifest["name"], tag, config, default):
-                specs.append(ViewSpec(vname, files, has_split))
+                specs.append(ViewSpec(vname, files, has_split, check=check))
     # Row subsets a builder declares (ethics: instruct_<subset>): views over the same files, not copies.
     for view, spec in ((manifest.get("params") or {}).get("views") or {}).items():
         config = spec.get("config") if isinstance(spec, dict) else None
@@ -120,9 +127,10 @@ def views_for_manifest(
         has_split = "split" in (manifest.get("schema") or {}).get(config, {})
         files = {str(s): [path_for(str(f)) for f in info["files"]] for s, info in manifest["configs"][config].items()}
         where = tuple((str(c), str(v)) for c, v in (spec.get("where") or {}).items())
+        check = check_for(config) if check_for else None
         for tag in tags:
             for vname in view_names(name or manifest["name"], tag, view, default):
-                specs.append(ViewSpec(vname, files, has_split, where))
+                specs.append(ViewSpec(vname, files, has_split, where, check))
     return specs
 
 
@@ -130,7 +138,8 @@ def _version_views(name: str, versions: list[Version]) -> list[ViewSpec]:
     specs: list[ViewSpec] = []
     for v in versions:
         tags: list[str | None] = [v.tag] + ([None] if v is versions[-1] else [])
-        specs += views_for_manifest(v.manifest, lambda f, v=v: str(v.path / f), tags, name)
+        specs += views_for_manifest(v.manifest, lambda f, v=v: str(v.path / f), tags, name,
+                                    lambda c, v=v: partial(v.files, c))  # files() checks them
     return specs
 
 
@@ -349,6 +358,8 @@ def _hub_secret(con: duckdb.DuckDBPyConnection, token: str | None = None) -> Non
 # ---- running ---------------------------------------------------------------------------------
 def _create(con: duckdb.DuckDBPyConnection, spec: ViewSpec) -> None:
     """Create one view; DuckDB reads the parquet footers here, so a damaged file fails here, named."""
+    if spec.check is not None:
+        spec.check()  # a changed file that no longer matches its manifest: refused, never served
     try:
         con.execute(spec.sql())
     except duckdb.Error as e:

@@ -12,6 +12,8 @@ loads with ``datasets.load_dataset(repo, config, revision=tag)``)::
     <store>/datasets/<name>/.tmp-<hex>/ (+ .tmp-<hex>.lock)    a version being written, locked by its writer
     <store>/staging/<hex>/ (+ <hex>.lock)                      other temp folders inside the store (`staging_dir`)
     <store>/work/<name>/<key>/                                 resumable scratch space for long builders
+    <store>/stamps/<name>/<hash>.json                          (size, mtime, inode) of each data file when last
+                                                               verified: reads re-hash only files that changed
 
 A version only appears under ``versions/`` once it is complete: writers build in a temp folder in the same
 filesystem and rename it into place (`curate.atomic`), then add the tag. A crash between the two leaves an
@@ -20,8 +22,11 @@ when damaged). Temp folders whose writer's lock can be taken are stale and remov
 
 Every file of a version is listed in its manifest (``data_files`` with their digests, ``extra_files`` with
 their sha256, ``metadata_files``): a version holding a symlink or an unlisted file is refused, and
-`DatasetStore.verify` re-hashes the files. The content hash is computed over a canonical form of each
-file's Arrow data (``hash_scheme``: arrow-canonical-v1), not the parquet bytes, because those embed the
+`DatasetStore.verify` re-hashes the files. Reads (`Version.files`, so `read`, the cache loaders and the SQL
+views) re-hash every data file whose size, mtime or inode differs from its stamp, and refuse one that does not
+match the manifest: an edited, truncated or replaced file is reported, never served. (Media bit rot that keeps
+all three is found by `curate verify`, which re-hashes everything.) The content hash is computed over a canonical
+form of each file's Arrow data (``hash_scheme``: arrow-canonical-v1), not the parquet bytes, because those embed the
 writer's version and layout, so the same rows would hash differently after a pyarrow upgrade. Manifests
 without ``hash_scheme`` were hashed over the parquet bytes (file-sha256) and still verify that way.
 """
@@ -401,7 +406,38 @@ class Version:
             raise CurateError(f"{self.ref} config {config!r} has no split {split!r} (splits: {', '.join(splits)})")
         self.check()
         chosen = [split] if split is not None else list(splits)
-        return [self.path / f for s in chosen for f in splits[s]["files"]]
+        paths = [self.path / f for s in chosen for f in splits[s]["files"]]
+        self.ensure_intact(paths)
+        return paths
+
+    def ensure_intact(self, paths: list[Path]) -> None:
+        """Refuse (one line naming the file) a data file that changed since it was last verified and no longer
+        matches the manifest. Files whose stamp still matches are not re-hashed, so a read costs a `stat`."""
+        listed = self.manifest.get("data_files")
+        if not isinstance(listed, dict):
+            return  # manifests before per-file digests: only `curate verify`'s combined hash applies
+        stamps = Stamps.for_version(self)
+        todo = []
+        for p in paths:
+            rel = p.relative_to(self.path).as_posix()
+            try:
+                now = _stamp(p)
+            except OSError as e:
+                raise CurateError(f"{self.ref}: {p}: cannot be read ({_reason(e, p)})") from None
+            if stamps.get(rel) != now:
+                todo.append((p, rel, now))
+        if not todo:
+            return
+        scheme = manifest_scheme(self.manifest)
+        for (p, rel, now), got in zip(todo, digest_many([p for p, _, _ in todo], scheme), strict=True):
+            if isinstance(got, Exception):
+                raise CurateError(f"{self.ref}: {p}: cannot be read ({_reason(got, p)}); not served "
+                                  f"(`curate verify {self.ref}`)")
+            if got != listed.get(rel):
+                raise CurateError(f"{self.ref}: {p}: content differs from the manifest ({scheme}); not served "
+                                  f"(`curate verify {self.ref}`; an identical rebuild or `curate pull` repairs it)")
+            stamps.set(rel, now)
+        stamps.save()
 
     def num_rows(self, config: str | None = None) -> int:
         configs = [config] if config else self.configs()
@@ -419,6 +455,67 @@ class Version:
     @property
     def card_path(self) -> Path:
         return self.path / CARD
+
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+@dataclass
+class Stamps:
+    """`<store>/stamps/<name>/<hash>.json`: the stat of each data file of one version when it last matched its
+    digest. Outside the version folder (which holds only listed files); a damaged or missing stamp file only
+    means the next read re-hashes, and a read-only store simply re-hashes on every read."""
+
+    path: Path | None
+    content_hash: str
+    entries: dict[str, list[int]] = field(default_factory=dict)
+    dirty: bool = False
+
+    @classmethod
+    def for_version(cls, version: Version) -> Stamps:
+        parts = version.path.parts
+        if len(parts) < 4 or parts[-2] != "versions" or parts[-4] != "datasets":
+            return cls(None, version.hash)  # not inside a store layout: always re-hash
+        path = version.path.parents[3] / "stamps" / version.name / f"{version.path.name}.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("content_hash") == version.hash and isinstance(data.get("files"), dict):
+                return cls(path, version.hash, data["files"])
+        except (OSError, ValueError, AttributeError):
+            pass
+        return cls(path, version.hash)
+
+    def get(self, rel: str) -> list[int] | None:
+        return self.entries.get(rel)
+
+    def set(self, rel: str, stamp: list[int]) -> None:
+        self.entries[rel] = stamp
+        self.dirty = True
+
+    def save(self) -> None:
+        if self.path is None or not self.dirty:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.path, {"content_hash": self.content_hash, "files": self.entries})
+        except OSError as e:  # a read-only store: the next read re-hashes instead
+            log.debug("could not write %s: %s", self.path, e)
+
+
+def stamp_verified(version: Version, rels: list[str] | None = None) -> None:
+    """Record the current stat of `version`'s data files (all, or `rels`) as verified: call only right after
+    their digests were checked (commit, import, verify, repair)."""
+    listed = version.manifest.get("data_files")
+    if not isinstance(listed, dict):
+        return
+    stamps = Stamps.for_version(version)
+    for rel in (rels if rels is not None else list(listed)):
+        p = version.path / rel
+        if _safe_rel(rel) and p.is_file() and not p.is_symlink():
+            stamps.set(rel, _stamp(p))
+    stamps.save()
 
 
 @dataclass
@@ -605,7 +702,10 @@ class DatasetStore:
 
     def verify(self, version: Version) -> list[str]:
         """Re-hash every file of `version` against its manifest: one line per problem, naming the file."""
-        return verify_folder(version.path, version.manifest)
+        problems = verify_folder(version.path, version.manifest)
+        if not problems:
+            stamp_verified(version)
+        return problems
 
     def verify_dataset(self, name: str, ref: str | None = None) -> tuple[int, list[str]]:
         """(versions checked, problems) for one dataset, or one version of it; a damaged tags file or
@@ -758,6 +858,7 @@ class DatasetStore:
                     if found.path.name not in tags.values():  # a crash lost its tag: adopt it now
                         tags[found.tag] = found.path.name
                         atomic_write_json(ds_dir / TAGS, tags)
+                    stamp_verified(found)
                     return CommitResult(found, created=False)
                 _repair(found, writer, problems)
                 log.warning("repaired %s: %d damaged file(s) replaced by this identical rebuild (%s)",
@@ -765,7 +866,9 @@ class DatasetStore:
                 if found.path.name not in tags.values():
                     tags[found.tag] = found.path.name
                     atomic_write_json(ds_dir / TAGS, tags)
-                return CommitResult(self._load(name, found.tag, found.path.name), created=False, repaired=True)
+                repaired_version = self._load(name, found.tag, found.path.name)
+                stamp_verified(repaired_version)
+                return CommitResult(repaired_version, created=False, repaired=True)
             final = ds_dir / "versions" / full_hash[:HASH_LEN]
             old_tag = next((t for t, h in tags.items() if h == final.name), None)
             repaired = final.exists() or final.is_symlink()
@@ -799,7 +902,9 @@ class DatasetStore:
             atomic_place_dir(writer.tmp, final)
             tags[tag] = final.name
             atomic_write_json(ds_dir / TAGS, tags)
-        return CommitResult(self._load(name, tag, final.name), created=not repaired, repaired=repaired)
+            version = self._load(name, tag, final.name)
+            stamp_verified(version)  # the digests were just computed from these very files (renamed, not copied)
+        return CommitResult(version, created=not repaired, repaired=repaired)
 
     def import_version(self, name: str, folder: Path, expected_hash: str) -> CommitResult:
         """Adopt a complete version folder (e.g. downloaded from the Hub) after verifying its hash."""
@@ -845,7 +950,9 @@ class DatasetStore:
                 atomic_place_dir(tmp, final)
             tags[tag] = final.name
             atomic_write_json(ds_dir / TAGS, tags)
-        return CommitResult(self._load(name, tag, final.name), created=not repaired, repaired=repaired)
+            version = self._load(name, tag, final.name)
+            stamp_verified(version)  # copied from the folder verified above, inside the store's lock
+        return CommitResult(version, created=not repaired, repaired=repaired)
 
     # ---- internals -----------------------------------------------------------------------
     def _read_tags(self, name: str) -> dict[str, str]:
