@@ -1,13 +1,16 @@
-"""`curate build dfar|ethics`: run a builder and report the version it wrote (or found)."""
+"""`curate build dfar|ethics|preferences`: run a builder and report the version it wrote (or found)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from builders.base import BuildResult
+from builders.preferences import PreferencesConfig
 from curate.commands._app import StoreOpt, build_app, console, friendly_errors, safe
+from curate.commands._options import config_options
+from curate.configs import COMMAND_LINE, build_config
 from curate.store import DatasetStore
 
 SourceOpt = Annotated[
@@ -81,3 +84,15 @@ def build_ethics_cmd(
 
     params = EthicsConfig(subsets=tuple(s.strip() for s in subsets.split(",") if s.strip()), limit=limit)
     report(build_ethics(DatasetStore(store), source, params, name=name))
+
+
+@build_app.command("preferences")
+@friendly_errors
+@config_options(PreferencesConfig)
+def build_preferences_cmd(store: StoreOpt = None, options: dict[str, Any] | None = None) -> None:
+    """Build preference pairs (configs pairs and sides) from a DFAR version plus a rejected-answer generator
+    (--from dfar --rejected model:|openai:|student:), or from a prompt/chosen/rejected file or Hub dataset."""
+    from builders.preferences import build_preferences
+
+    params = build_config(PreferencesConfig, [(options or {}, COMMAND_LINE)])
+    report(build_preferences(DatasetStore(store), params))
