@@ -20,7 +20,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -36,8 +36,12 @@ from curate.logit_codec import (
     CACHE_CONFIG,
     DEFAULT_SCHEME,
     LAYOUT,
+    PLAIN_SCHEME,
     SCHEMES,
     Scheme,
+    _nested,
+    _padded_entries,
+    cache_params,
     cache_schema,
     encode_logprobs,
     get_scheme,
@@ -121,6 +125,10 @@ class LogitCacheConfig(ModelSpec):
     limit: Annotated[int, at.Ge(0)] | None = opt(None, "Only the first N rows of each split (0: all).")
     rows_per_file: Annotated[int, at.Ge(1)] = opt(2000, "Rows per parquet file of the version.")
     name: str | None = opt(None, "Cache dataset name (default <parent>-<config>-logits).")
+    at_ids: str | None = opt(
+        None, "Score this model exactly at another cache's kept ids (name@tag; same parent rows and tokenizer): "
+        "its tokenization, template, label and row settings are reused; delta quantization is stored plain.",
+        flags=("--at-ids",))
 
     def validate(self) -> None:
         """Cross-field rules (one-line errors, for flags, YAML and Python alike)."""
@@ -134,6 +142,10 @@ class LogitCacheConfig(ModelSpec):
                               "--select sample rows")
         if self.proposal_temperature != 1.0 and self.select != "sample":
             raise ConfigError("proposal_temperature", "--proposal-temperature is for --select sample")
+        if self.at_ids is not None and (self.top_p is not None or self.entry_cost is not None
+                                        or self.select == "sample"):
+            raise ConfigError("at_ids", "--at-ids scores exactly the other cache's ids: --top-p, --entry-cost and "
+                              "--select sample do not apply")
         if self.preset is not None and self.preset not in PRESETS:
             raise ConfigError("preset", f"--preset must be one of {', '.join(PRESETS)}, not {self.preset!r}")
 
@@ -161,6 +173,7 @@ class Example:
     input_ids: list[int]
     prompt_len: int
     subset: str | None = None  # the parent row's `subset` (ethics instruct), which picks its label words
+    side: str | None = None  # the parent row's `side` (preferences sides: chosen / rejected); key (id, side)
 
     @property
     def completion_tokens(self) -> int:
@@ -190,6 +203,9 @@ class Plan:
     # stores the log-probs of ITS subset's words and their token ids; label_words / label_token_ids stay empty.
     label_words_by_subset: dict[str, dict[int, str]] = field(default_factory=dict)
     label_token_ids_by_subset: dict[str, list[int]] = field(default_factory=dict)
+    sided: bool = False  # the parent has a side column: the cache keeps it
+    at_ids: Version | None = None  # --at-ids: the cache whose kept ids this run scores at
+    at_ids_rows: list[tuple[np.ndarray, np.ndarray]] | None = None  # per example: (ids [T, w], kept [T])
 
     @property
     def scored_label_ids(self) -> list[int]:
@@ -331,11 +347,12 @@ def tokenize_examples(tok: Any, tables: dict[str, pa.Table], params: LogitCacheC
     for split, t in tables.items():
         labels = t["label"].to_pylist() if "label" in t.column_names else [None] * t.num_rows
         subsets = t["subset"].to_pylist() if "subset" in t.column_names else [None] * t.num_rows
-        for i, (ex_id, prompt, completion, label, subset) in enumerate(
-            zip(t["id"].to_pylist(), t["prompt"].to_pylist(), t["completion"].to_pylist(), labels, subsets,
+        sides = t["side"].to_pylist() if "side" in t.column_names else [None] * t.num_rows
+        for i, (ex_id, prompt, completion, label, subset, side) in enumerate(
+            zip(t["id"].to_pylist(), t["prompt"].to_pylist(), t["completion"].to_pylist(), labels, subsets, sides,
                 strict=True)
         ):
-            where = f"{split} row {i + 1} (id {ex_id})"
+            where = f"{split} row {i + 1} (id {ex_id}{f', side {side}' if side is not None else ''})"
             if completion is None or not completion.strip():
                 raise CurateError(f"{where}: empty completion; the cache scores completion tokens")
             if prompt is None:
@@ -350,9 +367,66 @@ def tokenize_examples(tok: Any, tables: dict[str, pa.Table], params: LogitCacheC
                     raise CurateError(f"{where}: prompt alone is {len(p)} tokens >= --max-length {params.max_length}")
                 c = c[: params.max_length - len(p)]
                 truncated += 1
-            out.append(Example(split, i, ex_id, None if label is None else int(label), p + c, len(p), subset))
+            out.append(Example(split, i, ex_id, None if label is None else int(label), p + c, len(p), subset,
+                               side))
     if truncated:
         notes.append(f"{truncated} completions truncated to --max-length {params.max_length}")
+    return out
+
+
+def _at_ids_settings(store: DatasetStore, params: LogitCacheConfig,
+                     notes: list[str]) -> tuple[LogitCacheConfig, Version]:
+    """--at-ids: this run takes the other cache's row selection, tokenization and label settings (so its rows
+    and input_ids can match exactly) and its width; a delta scheme becomes its plain counterpart (the rows are
+    not sorted by this model's probability)."""
+    other = store.get(params.at_ids or "")
+    op = cache_params(other)
+    words = {int(k): v for k, v in (op.get("label_words") or {}).items()} or None
+    same = {"splits": op.get("splits"), "limit": op.get("limit"), "subsets": op.get("subsets"),
+            "template": op.get("template", "plain"), "label_prefix": op.get("label_prefix", " "),
+            "label_words": words, "max_length": op.get("max_length")}
+    changed = [f"{k}={v!r}" for k, v in same.items() if getattr(params, k) != v]
+    if changed:
+        notes.append(f"--at-ids {other.ref}: its settings used: {', '.join(changed)}")
+    scheme = params.quantization
+    if scheme in PLAIN_SCHEME:
+        notes.append(f"--at-ids rows are not sorted by this model's probability: --quantization {scheme} stored "
+                     f"as {PLAIN_SCHEME[scheme]} (same step, no delta)")
+        scheme = PLAIN_SCHEME[scheme]
+    width = int(op.get("max_entries", op["k"]))
+    return replace(params, **same, k=width, layout=LAYOUT, select="top", quantization=scheme), other
+
+
+def _at_ids_rows(other: Version, examples: list[Example], fingerprint: str,
+                 model: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per example, the other cache's kept ids ([T, w], padded) and counts ([T]); refuse a different tokenizer,
+    a row the other cache lacks or holds with other input_ids (one line naming the row)."""
+    op = cache_params(other)
+    if op.get("tokenizer_fingerprint") != fingerprint:
+        raise CurateError(f"--at-ids {other.ref} was made with another tokenizer ({op.get('tokenizer_fingerprint')}) "
+                          f"than {model} ({fingerprint}): ids would not mean the same tokens")
+    table = other.read(CACHE_CONFIG)
+    if table.num_rows != len(examples):
+        raise CurateError(f"--at-ids {other.ref} has {table.num_rows} rows, this run {len(examples)}: not the same "
+                          "rows")
+    width = int(op.get("max_entries", op["k"]))
+    sides = table["side"].to_pylist() if "side" in table.column_names else [None] * table.num_rows
+    index = {key: i for i, key in enumerate(zip(table["split"].to_pylist(), table["id"].to_pylist(), sides,
+                                                strict=True))}
+    in_off, in_vals = _nested(table["input_ids"])
+    plens = table["prompt_len"].to_numpy()
+    tok_off, ids, _, lengths = _padded_entries(table["topk_ids"], width)
+    out = []
+    for e in examples:
+        i = index.get((e.split, e.id, e.side))
+        where = f"row id {e.id}" + (f" side {e.side}" if e.side is not None else "") + f" ({e.split})"
+        if i is None:
+            raise CurateError(f"--at-ids {other.ref} has no {where}")
+        if int(plens[i]) != e.prompt_len or not np.array_equal(in_vals[in_off[i]:in_off[i + 1]], e.input_ids):
+            raise CurateError(f"{where}: input_ids differ from --at-ids {other.ref}'s (tokenization or text "
+                              "changed); cannot score at its ids")
+        a, b = tok_off[i], tok_off[i + 1]
+        out.append((ids[a:b].astype(np.int64), lengths[a:b].astype(np.int64)))
     return out
 
 
@@ -372,8 +446,18 @@ def teacher_identity(ref: ModelRef) -> str | None:
 def plan_cache(store: DatasetStore, params: LogitCacheConfig, tok: Any | None = None) -> Plan:
     """Validate everything that can be checked without the model, tokenize, and cut the work into units."""
     params = validated(params)  # the same rules as command-line flags, for Python callers
+    notes: list[str] = []
+    other = None
+    if params.at_ids is not None:
+        params, other = _at_ids_settings(store, params, notes)
     scheme = get_scheme(params.quantization)
     parent, tables = read_parent(store, params)
+    if other is not None:
+        op = other.manifest.get("parents", [{}])[0]
+        if (op.get("content_hash"), op.get("config")) != (parent.hash, params.config):
+            raise CurateError(f"--at-ids {other.ref} was cached from {op.get('name')}@{op.get('tag')} config "
+                              f"{op.get('config')!r} ({str(op.get('content_hash'))[:12]}), not this run's parent "
+                              f"{parent.ref} config {params.config!r} ({parent.hash[:12]})")
     ref = params.model_ref()
     tok = tok if tok is not None else load_tokenizer(ref)
     vocab = len(tok)
@@ -385,15 +469,16 @@ def plan_cache(store: DatasetStore, params: LogitCacheConfig, tok: Any | None = 
                                                     parent.manifest.get("params", {}).get("label_words_by_subset"))
     ids_by_subset = {s: label_token_ids(tok, w, params.label_prefix, f"{ref.describe()} ({s})")
                      for s, w in words_by_subset.items()}
-    notes: list[str] = []
     examples = tokenize_examples(tok, tables, params, notes)
     if not examples:
         raise CurateError(f"{parent.ref} config {params.config!r} has no rows to cache")
     fingerprint = tokenizer_fingerprint(tok)
+    at_rows = _at_ids_rows(other, examples, fingerprint, ref.describe()) if other is not None else None
     revision = teacher_identity(ref)
     chat = getattr(tok, "chat_template", None) if params.template == "chat" else None
     chat_sha = hashlib.sha256(chat.encode()).hexdigest() if isinstance(chat, str) else None
     key_src = {
+        **({"at_ids": other.hash} if other is not None else {}),
         "parent": parent.hash, "builder": BUILDER_VERSION, "revision": revision, "fingerprint": fingerprint,
         "scheme": scheme.name, "chat_template": chat_sha, **_key_params(params),
         **({"row_labels": True} if ids_by_subset else {}),  # units with per-row label ids (absent: keys as before)
@@ -401,7 +486,8 @@ def plan_cache(store: DatasetStore, params: LogitCacheConfig, tok: Any | None = 
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:16]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     plan = Plan(parent, params, ref, scheme, examples, make_units(examples, params.chunk_size), words, label_ids,
-                fingerprint, vocab, revision, key, int(pad_id), notes, chat_sha, words_by_subset, ids_by_subset)
+                fingerprint, vocab, revision, key, int(pad_id), notes, chat_sha, words_by_subset, ids_by_subset,
+                sided=any("side" in t.column_names for t in tables.values()), at_ids=other, at_ids_rows=at_rows)
     labelled = [(e, label_ids[list(words).index(e.label)]) for e in examples if e.label in words]
     labelled += [(e, ids_by_subset[e.subset][list(words_by_subset[e.subset]).index(e.label)]) for e in examples
                  if e.subset in words_by_subset and e.label in words_by_subset[e.subset]]
@@ -418,6 +504,7 @@ def _key_params(params: LogitCacheConfig) -> dict[str, Any]:
     d = {k: v for k, v in asdict(params).items() if k not in NOT_IN_KEY}
     if d.get("subsets") is None:  # added later: absent from earlier keys
         d.pop("subsets", None)
+    d.pop("at_ids", None)  # added later; the other cache's content hash is in the key instead
     d["teacher"] = d.pop("model")
     if d["revision"] is None:
         del d["revision"]
@@ -431,12 +518,14 @@ def unit_table(plan: Plan, unit: list[int], scored: list[Any]) -> pa.Table:
     scheme = plan.scheme
     p = plan.params
     schema = cache_schema(plan.vocab_size, scheme, layout=p.layout, sampled=p.select == "sample",
-                          tempered=p.proposal_temperature != 1.0, row_labels=bool(plan.label_token_ids_by_subset))
+                          tempered=p.proposal_temperature != 1.0, row_labels=bool(plan.label_token_ids_by_subset),
+                          sided=plan.sided)
     exs = [plan.examples[i] for i in unit]
     lab_type = schema.field("label_logprobs").type
     codes = [encode_logprobs(s.topk_logprobs, scheme) for s in scored]
     cols: dict[str, pa.Array] = {
         "id": pa.array([e.id for e in exs], pa.string()),
+        **({"side": pa.array([e.side for e in exs], pa.string())} if plan.sided else {}),
         "split": pa.array([e.split for e in exs], pa.string()),
         "label": pa.array([e.label for e in exs], pa.int8()),
         "input_ids": pa.array([e.input_ids for e in exs], schema.field("input_ids").type),
@@ -518,7 +607,7 @@ def write_atomic(table: pa.Table, path: Path) -> None:
 def compute_units(plan: Plan, work: Path, get_model: Callable[[], Any], *, shard: int = 0, num_shards: int = 1,
                   max_units: int | None = None, progress: bool = True) -> ShardReport:
     """Compute this shard's missing units; `get_model` is only called when one is missing."""
-    from curate.teacher_scoring import score_batch
+    from curate.teacher_scoring import score_at_ids, score_batch
 
     mine = [i for i in range(len(plan.units)) if i % num_shards == shard]
     for stale in work.glob(".unit-*.tmp-*"):
@@ -539,12 +628,18 @@ def compute_units(plan: Plan, work: Path, get_model: Callable[[], Any], *, shard
             scored = []
             for a in range(0, len(unit), bs):
                 batch = [plan.examples[j] for j in unit[a: a + bs]]
-                scored += score_batch(model, [e.input_ids for e in batch], [e.prompt_len for e in batch],
-                                      k=plan.params.k, pad_id=plan.pad_id,
-                                      label_token_ids=plan.scored_label_ids or None, top_p=plan.params.top_p,
-                                      k_min=plan.params.k_min, entry_cost=plan.params.entry_cost,
-                                      samples=plan.params.samples if plan.params.select == "sample" else None,
-                                      proposal_temperature=plan.params.proposal_temperature)
+                if plan.at_ids_rows is not None:
+                    rows = [plan.at_ids_rows[j] for j in unit[a: a + bs]]
+                    scored += score_at_ids(model, [e.input_ids for e in batch], [e.prompt_len for e in batch],
+                                           [r[0] for r in rows], [r[1] for r in rows], pad_id=plan.pad_id,
+                                           label_token_ids=plan.scored_label_ids or None)
+                else:
+                    scored += score_batch(model, [e.input_ids for e in batch], [e.prompt_len for e in batch],
+                                          k=plan.params.k, pad_id=plan.pad_id,
+                                          label_token_ids=plan.scored_label_ids or None, top_p=plan.params.top_p,
+                                          k_min=plan.params.k_min, entry_cost=plan.params.entry_cost,
+                                          samples=plan.params.samples if plan.params.select == "sample" else None,
+                                          proposal_temperature=plan.params.proposal_temperature)
                 n = sum(e.completion_tokens for e in batch)
                 report.tokens += n
                 rate = report.tokens / max(time.perf_counter() - t0, 1e-9)
@@ -621,9 +716,18 @@ def merge_units(store: DatasetStore, plan: Plan, work: Path, *, teacher: dict[st
         "batch_size": p.batch_size,
         "chunk_size": p.chunk_size,
         "completion_tokens": tokens,
+        **({"sides": True} if plan.sided else {}),
     }
     parents = [{"name": plan.parent.name, "tag": plan.parent.tag, "content_hash": plan.parent.hash,
                 "config": p.config}]
+    if plan.at_ids is not None:
+        o = plan.at_ids
+        params["select"] = "at-ids"
+        params["at_ids"] = {"name": o.name, "tag": o.tag, "content_hash": o.hash}
+        params["at_ids_rule"] = ("topk_ids are exactly the other cache's kept ids (its order, not this model's); "
+                                 "topk_logprobs this model's full log-softmax at them; residual = 1 - their mass")
+        parents.append({"name": o.name, "tag": o.tag, "content_hash": o.hash, "config": CACHE_CONFIG,
+                        "role": "at_ids"})
     gguf = Path(ref.location) / ref.gguf_file if ref.gguf_file else None
     sources = [SourceFile.from_path(gguf)] if gguf and gguf.is_file() else []
     card: dict[str, Any] = {
@@ -659,6 +763,8 @@ def merge_units(store: DatasetStore, plan: Plan, work: Path, *, teacher: dict[st
 
 
 def _kept_words(p: LogitCacheConfig) -> str:
+    if p.at_ids is not None:
+        return f"exactly the kept ids of {p.at_ids} (scored at them)"
     if p.select == "sample":
         tempered = "" if p.proposal_temperature == 1.0 else f" at temperature {p.proposal_temperature}"
         return f"the distinct ids of {p.samples} draws from the teacher{tempered} (with their counts),"

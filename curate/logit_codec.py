@@ -9,12 +9,15 @@ ids (``residual``) and the full-vocabulary entropy. Target ids are not duplicate
 Columns (layout 2, the default; ``params.layout`` in the manifest)::
 
     id              string
+    side            string, only when the parent has a ``side`` column (preferences ``sides``: "chosen" /
+                    "rejected"); the row key is then (id, side)
     split           string
     label           int8, null when the parent has no label
     input_ids       list<uint16|uint32>              teacher tokenization of prompt + completion
     prompt_len      int32
     topk_ids        list<list<uint16|uint32>> [T][n_t]  kept ids, sorted by descending teacher probability;
-                                                     n_t = k, or per token with --top-p / --select sample
+                                                     n_t = k, or per token with --top-p / --select sample;
+                                                     with --at-ids: exactly the other cache's ids, in its order
     topk_logprobs   list<list<float16|uint8>> [T][n_t]  their log-probs, encoded by the scheme below
     sample_counts   list<list<uint16>> [T][n_t]      only with --select sample: draws that hit each id
     sample_log_weights list<list<float32>> [T][n_t]  only with --proposal-temperature != 1: log p - log proposal
@@ -46,6 +49,11 @@ Quantisation schemes (log-probs are raw, temperature 1; apply any temperature in
 - ``u8-delta`` (default): the ``u8`` codes, stored as differences along the sorted order (first code, then
   non-negative gaps). Decodes to exactly the ``u8`` values; the small gaps compress far better.
 - ``u8-delta-coarse``: ``step = 1/4`` nat (floor -63.75), delta-coded: the smallest, at some fidelity cost.
+- ``u8-coarse``: the ``u8-delta-coarse`` codes without the delta step.
+
+``--at-ids`` caches (``params.select == "at-ids"``, ``params.at_ids`` names the other cache) keep another
+cache's ids, which are not sorted by this model's probability: delta schemes (which need descending rows)
+are stored as their plain counterpart (``u8-delta`` -> ``u8``, ``u8-delta-coarse`` -> ``u8-coarse``), same step.
 
 Sampled caches (``--select sample --samples N``): the kept ids are the distinct ids among N draws from the
 teacher (or from a tempered proposal softmax(logits / tau), then with importance log-weights), ``sample_counts``
@@ -101,7 +109,9 @@ SCHEMES: dict[str, Scheme] = {
     "u8": Scheme("u8", 1 / 16),
     "u8-delta": Scheme("u8-delta", 1 / 16, delta=True),
     "u8-delta-coarse": Scheme("u8-delta-coarse", 1 / 4, delta=True),
+    "u8-coarse": Scheme("u8-coarse", 1 / 4),
 }
+PLAIN_SCHEME = {"u8-delta": "u8", "u8-delta-coarse": "u8-coarse"}  # for rows not sorted by probability
 DEFAULT_SCHEME = "u8-delta"
 
 
@@ -147,10 +157,11 @@ LAYOUT = 2  # what new caches are written as (layout 1 is still read, and writte
 
 
 def cache_schema(vocab_size: int, scheme: Scheme, *, layout: int = LAYOUT, sampled: bool = False,
-                 tempered: bool = False, row_labels: bool = False) -> pa.Schema:
+                 tempered: bool = False, row_labels: bool = False, sided: bool = False) -> pa.Schema:
     ids = id_type(vocab_size)
     fields = [
         ("id", pa.string()),
+        *([("side", pa.string())] if sided else []),
         ("split", pa.string()),
         ("label", pa.int8()),
         ("input_ids", pa.list_(ids)),
@@ -188,6 +199,7 @@ class CachedExample:
     split: str | None = None
     sample_weights: np.ndarray | None = None  # float32 [T, k], sampled caches only: counts / N (0 on padding)
     label_token_ids: np.ndarray | None = None  # int64 [num_labels], per-subset-word caches only: this row's words
+    side: str | None = None  # "chosen" / "rejected" when the parent has a side column; the key is (id, side)
 
     @property
     def target_ids(self) -> np.ndarray:
@@ -237,6 +249,7 @@ def decode_batch(batch: pa.RecordBatch | pa.Table, scheme: Scheme, k: int, *, ra
     names = batch.schema.names
     ids = batch.column("id").to_pylist()
     splits = batch.column("split").to_pylist() if "split" in names else [None] * n
+    sides = batch.column("side").to_pylist() if "side" in names else [None] * n
     labels = batch.column("label").to_pylist()
     prompt_lens = batch.column("prompt_len").to_pylist()
     in_off, in_vals = _nested(batch.column("input_ids"))
@@ -278,6 +291,7 @@ def decode_batch(batch: pa.RecordBatch | pa.Table, scheme: Scheme, k: int, *, ra
                 split=splits[i],
                 sample_weights=weights[a:b] if weights is not None else None,
                 label_token_ids=np.asarray(row_ids[i], dtype=np.int64) if row_ids[i] is not None else None,
+                side=sides[i],
             )
         )
     return out

@@ -233,3 +233,51 @@ def scored_examples(logits: torch.Tensor, seqs: list[list[int]], prompt_lens: li
         )
         row = sl.stop
     return out
+
+
+@torch.inference_mode()
+def score_at_ids(model: Any, seqs: list[list[int]], prompt_lens: list[int], ids: list[np.ndarray],
+                 kept: list[np.ndarray], *, pad_id: int, label_token_ids: list[int] | None = None,
+                 keep_full: bool = False) -> list[ScoredExample]:
+    """Score a model exactly at given ids (``--at-ids``): per completion token its full-vocabulary log-probs at
+    ``ids[i][t, :kept[i][t]]`` (in the given order, not re-sorted), the mass outside them and the full entropy.
+
+    ``ids[i]`` is [T_i, w] (rows padded past ``kept``, any id); rows of the result are padded the same way
+    (log-prob -inf, id = the row's first id) and ``kept`` is passed through."""
+    logits = completion_logits(model, seqs, prompt_lens, pad_id)
+    labels = torch.tensor(label_token_ids, device=logits.device) if label_token_ids else None
+    all_ids = torch.from_numpy(np.concatenate(ids).astype(np.int64)).to(logits.device)
+    all_kept = torch.from_numpy(np.concatenate(kept).astype(np.int64)).to(logits.device)
+    width = all_ids.shape[1]
+    valid = torch.arange(width, device=logits.device)[None, :] < all_kept[:, None]
+    all_ids = torch.where(valid, all_ids, all_ids[:, :1])  # padding repeats a kept id: zeroing it twice is harmless
+    parts: dict[str, list[torch.Tensor]] = {n: [] for n in ("lp", "res", "ent", "lab", "full")}
+    for a in range(0, logits.shape[0], ROWS_PER_REDUCTION):
+        sl = slice(a, a + ROWS_PER_REDUCTION)
+        full = torch.log_softmax(logits[sl].float(), dim=-1)
+        e = full.exp()
+        parts["ent"].append(-(e * full).sum(-1))
+        e.scatter_(-1, all_ids[sl], 0.0)
+        parts["res"].append(e.double().sum(-1))  # the rest summed directly: a tiny residual keeps its precision
+        parts["lp"].append(torch.where(valid[sl], full.gather(-1, all_ids[sl]), -torch.inf))
+        if labels is not None:
+            parts["lab"].append(full[:, labels])
+        if keep_full:
+            parts["full"].append(full)
+    lp, res, ent = (torch.cat(parts[n]).cpu() for n in ("lp", "res", "ent"))
+    lab = torch.cat(parts["lab"]).cpu() if parts["lab"] else None
+    full_all = torch.cat(parts["full"]).cpu() if parts["full"] else None
+    out, row = [], 0
+    for i, (s, p) in enumerate(zip(seqs, prompt_lens, strict=True)):
+        sl = slice(row, row + len(s) - p)
+        out.append(ScoredExample(
+            topk_ids=all_ids[sl].cpu().numpy(),
+            topk_logprobs=lp[sl].numpy(),
+            residual=res[sl].numpy().astype(np.float32),
+            entropy=ent[sl].numpy(),
+            label_logprobs=lab[row].numpy().copy() if lab is not None else None,
+            full_logprobs=full_all[sl].numpy() if full_all is not None else None,
+            kept=np.asarray(kept[i], dtype=np.int64),
+        ))
+        row = sl.stop
+    return out
