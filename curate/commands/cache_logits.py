@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from builders.teacher_logits import LogitCacheConfig, preset_values
-from curate.commands._app import StoreOpt, app, console, friendly_errors
+from curate.commands._app import StoreOpt, app, build_app, console, friendly_errors, safe
 from curate.commands._options import config_options
 from curate.configs import COMMAND_LINE, build_config
 from curate.errors import CurateError
@@ -106,3 +106,31 @@ def _merge_on_rank0(st: DatasetStore, params: LogitCacheConfig, result: object,
     finally:
         tdist.barrier()
         tdist.destroy_process_group()
+
+
+@build_app.command("advantage")
+@friendly_errors
+def build_advantage_cmd(
+    teacher: Annotated[str, typer.Option(help="The DPO teacher's logit cache (name or name@tag).")],
+    reference: Annotated[str, typer.Option(help="The reference's cache, made `cache-logits --at-ids <teacher>`.")],
+    name: Annotated[str | None, typer.Option(help="Dataset name (default <teacher-cache>-advantage).")] = None,
+    sides: Annotated[str, typer.Option(help="Sides that get advantages (chosen,rejected); others keep input_ids "
+                                            "with empty lists.")] = "rejected",
+    step: Annotated[float, typer.Option(help="Nats per int8 code; range +-127 steps (larger values clamped).")] = (
+        1 / 16),
+    encoding: Annotated[str, typer.Option(help="i8 (codes) or i8-delta (differences along each token).")] = "i8",
+    store: StoreOpt = None,
+) -> None:
+    """Build the ADPA advantage table A = log p_T - log p_ref at the teacher cache's kept ids."""
+    from builders.advantage import build_advantage
+
+    result = build_advantage(DatasetStore(store), teacher, reference, name=name,
+                             sides=tuple(s.strip() for s in sides.split(",") if s.strip()), step=step,
+                             encoding=encoding)  # type: ignore[arg-type]
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {safe(note)}", highlight=False)
+    console.print(f"[{'green' if result.created else 'cyan'}]{safe(result.summary())}[/]")
+    p = result.version.manifest["params"]
+    console.print(f"  {p['advantage_tokens']:,} advantage tokens, {p['bytes_per_token']} bytes/token "
+                  f"(k={p['k']}, {p['advantage_encoding']}, step {p['step']:.4g})")
+    console.print(f"  {safe(result.version.path)}", highlight=False)
