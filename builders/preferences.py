@@ -177,6 +177,8 @@ def render_messages(messages: list[dict[str, str]]) -> str:
 
 def _response(value: Any, where: str, what: str) -> tuple[str, list[dict[str, str]] | None]:
     """(response text, the messages before it or None for a plain string)."""
+    if value is None:  # a blank CSV cell or a JSON null
+        raise CurateError(f"{where}: empty {what}")
     if isinstance(value, str):
         return value, None
     msgs = _messages(value, where, what)
