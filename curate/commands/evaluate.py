@@ -102,3 +102,50 @@ def print_group_table(metrics: dict[str, Any]) -> None:
                   *(f"{r[k]:.3f}" for k in ("accuracy", "precision", "recall", "f1")),
                   "" if r["majority"] is None else f"{r['majority']:.3f}")
     console.print(t)
+
+
+@eval_app.command("preferences")
+@friendly_errors
+@config_options(ModelSpec)  # --model (the evaluated model), --dtype, --device, ... as for `curate eval`
+def eval_preferences_cmd(
+    teacher: Annotated[str | None, typer.Option(help="A DPO run folder: supplies the reference and beta, and its "
+                                                     "own margin is reported beside the model's.")] = None,
+    reference: Annotated[str | None, typer.Option(help="pi_ref of the margin (default: the teacher's recorded "
+                                                       "reference, or the model's when it is a DPO run).")] = None,
+    beta: Annotated[float | None, typer.Option(help="beta of the margin (default: the DPO run's).")] = None,
+    dataset: Annotated[str, typer.Option(help="Preference dataset (name or name@tag).")] = "preferences",
+    dataset_config: Annotated[str, typer.Option(help="Config with id, prompt, chosen, rejected.")] = "pairs",
+    split: Annotated[str, typer.Option(help="Held-out split.")] = "test",
+    limit: Annotated[int | None, typer.Option(help="First N pairs only (0: all).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 16,
+    max_length: Annotated[int, typer.Option(help="Max tokens of prompt + response (responses are cut).")] = 512,
+    template: Annotated[str | None, typer.Option(help="plain or chat (default: the run's, else plain).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default <run>/eval/preferences-… or "
+                                                  "runs/eval/…).")] = None,
+    store: StoreOpt = None,
+    options: dict[str, Any] | None = None,
+) -> None:
+    """Preference accuracy on held-out pairs (log-prob of chosen > rejected, summed and per token) and the mean
+    reward margin beta·[(log pi − log pi_ref)(chosen) − (…)(rejected)]; writes metrics.json, pairs.jsonl,
+    margins.png."""
+    from rich.table import Table
+
+    from curate.commands._app import safe
+    from train.preference_eval import PreferenceEvalConfig, run_preference_eval
+
+    given = dict(teacher=teacher, reference=reference, beta=beta, dataset=dataset, dataset_config=dataset_config,
+                 split=split, limit=limit or None, batch_size=batch_size, max_length=max_length, template=template,
+                 out_dir=str(out) if out else None, store=str(store) if store else None, **(options or {}))
+    cfg = build_config(PreferenceEvalConfig, [(given, COMMAND_LINE)])
+    m, folder = run_preference_eval(cfg)
+    t = Table("model", "pairs", "acc (summed)", "acc (per token)", "mean margin", "reward acc",
+              title=f"preferences {safe(m['dataset']['name'])}@{safe(str(m['dataset']['tag']))} {safe(split)}")
+    rows = [(cfg.model, m)] + ([(f"{teacher} (teacher)", m["teacher"])] if "teacher" in m else [])
+    for name, r in rows:
+        has = "margin" in r
+        t.add_row(safe(name), str(m["n"]), f"{r['accuracy_sum']:.3f}", f"{r['accuracy_mean']:.3f}",
+                  f"{r['margin']:.4f}" if has else "n/a", f"{r['reward_accuracy']:.3f}" if has else "n/a")
+    console.print(t)
+    if "beta" in m:
+        console.print(f"margins against {safe(str(m['reference']))}, beta {m['beta']}", highlight=False)
+    console.print(f"[green]wrote[/] {safe(str(folder))}/metrics.json, pairs.jsonl, margins.png", highlight=False)
