@@ -8,10 +8,11 @@ Configs written (one store split per data split):
 Sources:
 - ``--from dfar[@tag]`` (a DFAR store version; parent in the lineage). chosen = the gold completion of
   ``--config`` (``lr``: " <label>. Reason: <reason>"). rejected comes from ``--rejected``:
-  ``model:<spec>``: local greedy generation. Recipe: input = the prompt's ids (``--template``) followed by the
-  ids of the completion template's text before ``{reason}`` with the OPPOSITE label word, trailing spaces
-  removed (" unethical. Reason:"); the model continues; reason = the first non-empty line of the
-  continuation, stripped; rejected = the completion template filled with the opposite label and that reason.
+  ``model:<spec>``: local greedy generation (any model spec, or a run folder). Recipe: input = the prompt's
+  ids (``--template``) followed by the ids of the completion template's text before ``{reason}`` with the
+  OPPOSITE label word, trailing spaces removed (" unethical. Reason:"); the model continues; reason = the first
+  non-empty line of the continuation, stripped; rejected = the completion template filled with the opposite
+  label and that reason.
   ``openai:<model>``: one chat call per row through `curate.llm.LLMClient` (temperature 0, cached in
   ``<store>/llm_cache``), user message ``--openai-prompt`` asking for a reason for the opposite label;
   reason = the whole reply, whitespace collapsed; rejected as above.
@@ -428,8 +429,8 @@ def _local_model(params: PreferencesConfig, kind: str, what: str) -> tuple[Any, 
     from curate.models import load_causal_lm, load_tokenizer
     from train.modeling import RUN_FILE, check_model_spec, load_run, model_ref
 
-    if kind == "student":
-        run = Path(what)
+    run = Path(what)
+    if kind == "student" or (run / RUN_FILE).is_file():  # a run folder: merged weights or base + adapter
         if not (run / RUN_FILE).is_file():
             raise CurateError(f"--rejected student:{what}: not a run folder (no {RUN_FILE})")
         model, tok, info = load_run(run, device=params.device)

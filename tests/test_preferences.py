@@ -113,8 +113,14 @@ def test_from_dfar_with_a_local_model(dfar_store: DatasetStore, tok: Any, tmp_pa
     counts = v.manifest["params"]["counts"]
     assert counts["read"] == 6 and counts["kept"] == len(want)
 
-    again = build_preferences(st, params)  # same inputs: the same version, generations read from the work log
+    logs = list((st.root / "work" / "preferences").glob("*/generations.jsonl"))
+    assert len(logs) == 1 and len(logs[0].read_text().splitlines()) == 6
+    logs[0].write_text("".join(logs[0].read_text().splitlines(keepends=True)[:2]))  # a run stopped after 2 rows
+    again = build_preferences(st, params)  # same inputs: the same version; only the 4 missing rows generated
     assert not again.created and again.version.hash == v.hash and again.version.ref == "preferences@v1"
+    assert len(logs[0].read_text().splitlines()) == 6
+    build_preferences(st, params)
+    assert len(logs[0].read_text().splitlines()) == 6  # nothing generated again
 
 
 @pytest.fixture(scope="module")
