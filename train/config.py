@@ -186,6 +186,96 @@ class RLSageConfig(TrainConfig):
                                             f"a multiple of num_generations ({self.num_generations})")
 
 
+@dataclass
+class DPOTeacherConfig(TrainConfig):
+    """DPO (TRL's DPOTrainer) of an SFT run on preference pairs: the aligned teacher of DCKD / ADPA.
+
+    Defaults, and why: the public teacher recipe fine-tunes a 7B model fully with beta 0.01 and lr 5e-7. A
+    135M LoRA teacher trained for a few hundred CPU steps would barely move at that lr (LoRA updates start
+    from zero and need a ~100x larger lr than full fine-tuning), so lr is 5e-5. With Adam the size of beta does
+    not scale the step, it sets how far the policy may drift before the loss saturates; at the larger lr,
+    beta 0.1 (the DPO paper's and TRL's default) keeps the teacher closer to its reference than 0.01 would.
+    For the public recipe: --full --beta 0.01 --lr 5e-7.
+    """
+
+    method: str = opt("dpo", "Training method (set by the command).", cli=False, fixed=True)
+    model: str = opt(SMOLLM2, "The SFT run the teacher starts from; also the DPO reference (pi_ref): a run folder "
+                              "(merged or adapter-only), or any model spec.")
+    template: Template | None = opt(None, "plain or chat (default: the reference run's template, else plain).")
+    dataset: str = opt("preferences", "Preference dataset (name or name@tag) with id, prompt, chosen, rejected.")
+    dataset_config: str = opt("pairs", "Config of the pairs.")
+    train_split: str = opt("train", "Split to train on.")
+    eval_split: str = opt("test", "Held-out pairs for eval loss and the post-training preference evaluation.")
+    beta: Annotated[float, at.Gt(0)] = opt(
+        0.1, "DPO beta (implicit reward = beta * log pi/pi_ref). 0.1, not the public 7B recipe's 0.01: at the "
+             "LoRA lr it keeps the teacher near its reference (see `train.config.DPOTeacherConfig`).")
+    learning_rate: Annotated[float, at.Gt(0)] = opt(
+        5e-5, "Learning rate: 5e-5 for a small LoRA teacher on CPU (the public 7B full fine-tune used 5e-7).",
+        flags=("--lr", "--learning-rate"))
+    loss_type: str = opt("sigmoid", "TRL DPO loss: sigmoid (DPO), ipo, hinge, robust, ... (DPOConfig.loss_type).")
+    append_eos: bool = opt(False, "End chosen and rejected with EOS (off: the caches and the preference eval score "
+                                  "completions without EOS, so the teacher's reward is the one they read).")
+    save_merged: bool = opt(True, "Save merged full weights (a teacher for `curate cache-logits --teacher <run>`).")
+    evaluate: bool = opt(True, "Preference accuracy and reward margins on the eval split after training.",
+                         flags=("--eval/--no-eval",))
+
+    def validate(self) -> None:
+        super().validate()
+        if self.student_layers:
+            raise ConfigError("student_layers", "DPO starts from the reference as it is (prune in its SFT run)")
+        if self.use_lora and not self.save_merged:
+            from pathlib import Path
+
+            if (Path(self.model) / "run.json").is_file() and not (Path(self.model) / "merged").is_dir():
+                raise ConfigError("save_merged", f"{self.model} has no merged weights, so the adapter of a DPO run "
+                                                 "on it cannot be reloaded alone: keep --save-merged")
+
+
+@dataclass
+class PreferenceDistillConfig(TrainConfig):
+    """Shared by DCKD and ADPA: a student distilled from a DPO teacher's caches on preference pairs."""
+
+    # Trained on the caches' own token ids, so the template is theirs; another value is refused.
+    template: Template | None = opt(None, "Must match the cache's template (default: the cache's).")
+    train_split: str = opt("train", "Split of the pairs to train on.")
+    eval_split: str = opt("test", "Held-out pairs (preference accuracy) and the DFAR split for accuracy / F1.")
+    on_policy: bool = opt(False, "Replace each rejected response by a fresh sample of the student, scored by the "
+                                 "teacher (and the reference) during training (slower; needs --teacher-model).")
+    teacher_model: str | None = opt(None, "With --on-policy: the DPO teacher run (its merged weights).")
+    reference_model: str | None = opt(None, "With --on-policy (ADPA): the teacher's reference (SFT) run.")
+    top_k: Annotated[int, at.Ge(1)] = opt(50, "With --on-policy: teacher ids kept per sampled token.")
+    sample_max_new_tokens: PositiveInt = opt(48, "With --on-policy: tokens per sampled rejected response.")
+    sample_temperature: Annotated[float, at.Ge(0)] = opt(1.0, "With --on-policy: sampling temperature (0: greedy).")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.on_policy and not self.teacher_model:
+            raise ConfigError("teacher_model", "--on-policy scores the student's samples: give --teacher-model")
+
+
+@dataclass
+class DCKDConfig(PreferenceDistillConfig):
+    """Dual-Constrained KD: NLL(chosen) + alpha·KL(teacher ‖ student on chosen) + beta·KL(… on rejected)."""
+
+    method: str = opt("dckd", "Training method (set by the command).", cli=False, fixed=True)
+    cache: str = opt("preferences-sides-logits", "DPO-teacher cache of the preference sides (name or name@tag).")
+    alpha: Annotated[float, at.Ge(0)] = opt(0.1, "Weight of the KL on chosen tokens.")
+    beta: Annotated[float, at.Ge(0)] = opt(0.1, "Weight of the KL on rejected tokens.")
+
+
+@dataclass
+class ADPAConfig(PreferenceDistillConfig):
+    """Advantage-guided distillation: NLL(chosen) - gamma · mean over rejected tokens of sum_k q_S · A."""
+
+    method: str = opt("adpa", "Training method (set by the command).", cli=False, fixed=True)
+    advantage: str = opt("preferences-sides-logits-advantage", "Advantage version (curate build advantage).")
+    gamma: Annotated[float, at.Ge(0)] = opt(1.6, "Weight of the advantage term on rejected tokens.")
+    advantage_clamp: Literal["none", "reference"] = opt(
+        "none", "none: the published formula; reference: the public code's clamp of q_S and A to [1e-8, 1-1e-8] "
+                "(negative advantages count ~0, large ones saturate).")
+    init: str | None = opt(None, "Start from this run (the DCKD student: ADPA+) instead of --model.")
+
+
 def parse_value(text: str) -> Any:
     """`--set key=value` values are YAML scalars/lists: 3, 0.5, true, null, [q_proj, v_proj]."""
     return yaml.safe_load(text) if text != "" else ""
@@ -195,5 +285,5 @@ def dump_config(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-__all__ = ["KDConfig", "RLSageConfig", "RUN_CONTROL", "SFTConfig", "TrainConfig", "dump_config", "load_config",
-           "parse_value"]
+__all__ = ["ADPAConfig", "DCKDConfig", "DPOTeacherConfig", "KDConfig", "PreferenceDistillConfig", "RLSageConfig",
+           "RUN_CONTROL", "SFTConfig", "TrainConfig", "dump_config", "load_config", "parse_value"]

@@ -55,13 +55,15 @@ def step_token_scale(trainer: Any, n_tokens: int, num_items_in_batch: Any) -> An
     return scale
 
 
-def training_arguments(cfg: TrainConfig, run: RunFolder, has_eval: bool) -> Any:
+def training_arguments(cfg: TrainConfig, run: RunFolder, has_eval: bool, args_cls: type | None = None,
+                       **extra: Any) -> Any:
+    """TrainingArguments from a config; ``args_cls`` a subclass (TRL's DPOConfig) with its own ``extra`` fields."""
     import torch
     from transformers import TrainingArguments
 
     use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
     eval_every = bool(has_eval and cfg.eval_steps)
-    return TrainingArguments(
+    return (args_cls or TrainingArguments)(
         output_dir=str(run.checkpoints),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
@@ -91,12 +93,17 @@ def training_arguments(cfg: TrainConfig, run: RunFolder, has_eval: bool) -> Any:
         dataloader_pin_memory=not use_cpu,
         ddp_find_unused_parameters=False,
         disable_tqdm=True,
+        **extra,
     )
 
 
 def train_and_save(cfg: TrainConfig, prep: Prepared, trainer_cls: type, run: RunFolder,
-                   trainer_kwargs: dict[str, Any] | None = None, console: Any = None) -> RunResult:
-    """Train (resuming when asked), then on the main process save, evaluate, plot and write the card."""
+                   trainer_kwargs: dict[str, Any] | None = None, console: Any = None,
+                   extra_eval: Any | None = None) -> RunResult:
+    """Train (resuming when asked), then on the main process save, evaluate, plot and write the card.
+
+    ``extra_eval(model, tokenizer, run) -> (key, metrics, plots)`` adds a method's own evaluation of the trained
+    (merged) model, e.g. preference accuracy for DCKD / ADPA."""
     from transformers import TrainerCallback
 
     say = console.print if console is not None else (lambda *a, **k: None)
@@ -107,7 +114,8 @@ def train_and_save(cfg: TrainConfig, prep: Prepared, trainer_cls: type, run: Run
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
             if state.is_world_process_zero and logs:
                 shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in logs.items()
-                         if k in ("loss", "ce", "kd", "eval_loss", "learning_rate", "epoch", "train_runtime")}
+                         if k in ("loss", "ce", "kd", "nll", "kl_chosen", "kl_rejected", "adv", "eval_loss",
+                                  "learning_rate", "epoch", "train_runtime")}
                 say(f"step {state.global_step}/{state.max_steps} {shown}", highlight=False)
 
     args = training_arguments(cfg, run, prep.eval_dataset is not None)
@@ -133,7 +141,7 @@ def train_and_save(cfg: TrainConfig, prep: Prepared, trainer_cls: type, run: Run
         model.save_pretrained(str(run.adapter))
         prep.tokenizer.save_pretrained(str(run.adapter))
     merged = None
-    if not cfg.use_lora or cfg.save_merged or (cfg.evaluate and prep.eval_rows is not None):
+    if not cfg.use_lora or cfg.save_merged or (cfg.evaluate and (prep.eval_rows is not None or extra_eval)):
         merged = model.merge_and_unload() if cfg.use_lora else model
     if merged is not None and (cfg.save_merged or not cfg.use_lora):
         merged.save_pretrained(str(run.merged))
@@ -158,11 +166,16 @@ def train_and_save(cfg: TrainConfig, prep: Prepared, trainer_cls: type, run: Run
                                    training=training, progress=sys.stderr.isatty())
         write_eval(run.path / "eval", ev, preds, title=run.path.name)
         metrics["eval"] = ev
+    extra_plots: list[Path] = []
+    if cfg.evaluate and extra_eval is not None and merged is not None:
+        key, extra_metrics, extra_plots = extra_eval(merged, prep.tokenizer, run)
+        metrics[key] = extra_metrics
     metrics["notes"] = prep.notes
     run.write_json("metrics.json", metrics)
     from train.plots import plot_losses
 
     plots = [p for p in [plot_losses(trainer.state.log_history, run.plots / "loss.png", run.path.name)] if p]
+    plots += extra_plots
     if (run.path / "eval" / "confusion_matrix.png").is_file():
         plots.append(run.path / "eval" / "confusion_matrix.png")
     run.write_card(card_context(cfg, prep, metrics, run, plots))

@@ -18,7 +18,7 @@ import typer
 from curate.commands._app import StoreOpt, app, console, friendly_errors
 from curate.commands._options import config_options
 from curate.errors import CurateError
-from train.config import KDConfig, RLSageConfig, SFTConfig
+from train.config import ADPAConfig, DCKDConfig, DPOTeacherConfig, KDConfig, RLSageConfig, SFTConfig
 
 train_app = typer.Typer(help="Fine-tune (SFT: label only or label + reason) or distil (KD) a student.",
                         no_args_is_help=True)
@@ -126,3 +126,66 @@ def rl_sage_cmd(config: ConfigOpt = None, store: StoreOpt = None, set_: SetOpt =
     result = run_rl_sage(load_config(RLSageConfig, config, _overrides(RLSageConfig, options or {}, set_, store)),
                          console=console)
     console.print(f"[green]run finished[/]: {result.run.path}", highlight=False)
+
+
+@train_app.command("dpo")
+@friendly_errors
+@config_options(DPOTeacherConfig)
+def dpo_cmd(config: ConfigOpt = None, store: StoreOpt = None, set_: SetOpt = None,
+            options: dict[str, Any] | None = None) -> None:
+    """DPO teacher (TRL DPOTrainer) from an SFT run on preference pairs; the run is the reference-aware teacher
+    of `curate cache-logits --teacher <run>` (merged weights saved by default)."""
+    from train.config import load_config
+    from train.dpo import run_dpo
+
+    result = run_dpo(load_config(DPOTeacherConfig, config, _overrides(DPOTeacherConfig, options or {}, set_, store)),
+                     console=console)
+    _report(result)
+    pe = result.metrics.get("preference_eval")
+    if pe:
+        console.print(f"  held-out pairs (n={pe['n']}): accuracy {pe['accuracy_sum']:.3f} summed, "
+                      f"{pe['accuracy_mean']:.3f} per token; reward margin {pe['margin']:.4f} (beta {pe['beta']})",
+                      highlight=False)
+
+
+def _print_preference_eval(result: Any) -> None:
+    pe = result.metrics.get("preference_eval")
+    if not pe:
+        return
+    line = (f"  held-out pairs (n={pe['n']}): preference accuracy {pe['accuracy_sum']:.3f} summed, "
+            f"{pe['accuracy_mean']:.3f} per token")
+    if "margin" in pe:
+        line += f"; reward margin {pe['margin']:.4f} under the DPO teacher (its own {pe['teacher']['margin']:.4f})"
+    console.print(line, highlight=False)
+
+
+@train_app.command("dckd")
+@friendly_errors
+@config_options(DCKDConfig)
+def dckd_cmd(config: ConfigOpt = None, store: StoreOpt = None, set_: SetOpt = None,
+             options: dict[str, Any] | None = None) -> None:
+    """Dual-Constrained KD from a DPO teacher's cache of preference pairs: NLL(chosen) + alpha·KL(chosen) +
+    beta·KL(rejected), token means, sparse top-k + tail bucket."""
+    from train.config import load_config
+    from train.dckd import run_dckd
+
+    result = run_dckd(load_config(DCKDConfig, config, _overrides(DCKDConfig, options or {}, set_, store)),
+                      console=console)
+    _report(result)
+    _print_preference_eval(result)
+
+
+@train_app.command("adpa")
+@friendly_errors
+@config_options(ADPAConfig)
+def adpa_cmd(config: ConfigOpt = None, store: StoreOpt = None, set_: SetOpt = None,
+             options: dict[str, Any] | None = None) -> None:
+    """Advantage-guided distillation (ADPA): NLL(chosen) - gamma · mean over rejected tokens of sum_k q_S·A, with
+    A = log p_teacher - log p_reference from `curate build advantage`; --init <dckd run> gives ADPA+."""
+    from train.adpa import run_adpa
+    from train.config import load_config
+
+    result = run_adpa(load_config(ADPAConfig, config, _overrides(ADPAConfig, options or {}, set_, store)),
+                      console=console)
+    _report(result)
+    _print_preference_eval(result)
