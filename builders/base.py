@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.store import Version, VersionWriter
+from curate.store import ArrowDigester, Version, VersionWriter
 
 ROW_GROUP_ROWS = 65_536  # fixed row-group size: bytes depend on the rows only, never on how they were batched
 SHARD_ROWS = 4 * ROW_GROUP_ROWS  # rows per parquet file of a streamed split (~100 MB of DFAR lr text, zstd)
@@ -43,6 +43,7 @@ class ParquetSink:
         self.row_group_rows, self.shard_rows = row_group_rows, max(shard_rows, row_group_rows)
         (writer.tmp / config).mkdir(parents=True, exist_ok=True)
         self._parts: list[Path] = []
+        self._digests: list[ArrowDigester] = []  # one per part: the rows written to it, for the commit's hash
         self._pq: pq.ParquetWriter | None = None
         self._in_file = 0
         self._buf: list[pa.Table] = []
@@ -64,13 +65,16 @@ class ParquetSink:
         if self._pq is None:
             part = self.writer.tmp / self.config / f".{self.split}-{len(self._parts):05d}.part"
             self._parts.append(part)
+            self._digests.append(ArrowDigester(self.schema))
             self._pq = pq.ParquetWriter(part, self.schema, compression="zstd", write_statistics=True)
             self._in_file = 0
         return self._pq
 
     def _flush(self, n: int) -> None:
         t = pa.concat_tables(self._buf)
-        self._file().write_table(t.slice(0, n).combine_chunks(), row_group_size=n)
+        rows = t.slice(0, n).combine_chunks()
+        self._file().write_table(rows, row_group_size=n)
+        self._digests[-1].update(rows)
         rest = t.slice(n)
         self._buf = [rest] if rest.num_rows else []
         self._buffered = rest.num_rows
@@ -85,12 +89,13 @@ class ParquetSink:
             self._file().write_table(self.schema.empty_table())
         if self._pq is not None:
             self._pq.close()
-        files = []
-        for i, part in enumerate(self._parts):
+        files, digests = [], {}
+        for i, (part, digest) in enumerate(zip(self._parts, self._digests, strict=True)):
             rel = f"{self.config}/{self.split}-{i:05d}-of-{len(self._parts):05d}.parquet"
             part.rename(self.writer.tmp / rel)
             files.append(rel)
-        self.writer.add_split_files(self.config, self.split, files, self.num_rows, self.schema)
+            digests[rel] = digest
+        self.writer.add_split_files(self.config, self.split, files, self.num_rows, self.schema, digests)
 
 
 class IdSet:

@@ -177,22 +177,69 @@ def _canonical_feed(s: _Streams, key: str, arr: pa.Array) -> None:
                                   for v in arr.to_pylist()).encode())
 
 
+def _schema_lines(schema: pa.Schema) -> str:
+    return "".join(f"{f.name}\0{f.type}\0{f.nullable}\n" for f in schema)
+
+
+class ArrowDigester:
+    """The arrow-canonical-v1 digest of rows fed in any batching: exactly what `arrow_digest` gives for a parquet
+    file holding these rows with this schema. Writers feed what they write, so a commit need not read it back."""
+
+    def __init__(self, schema: pa.Schema) -> None:
+        self.schema, self.num_rows, self._streams = schema, 0, _Streams()
+
+    def update(self, data: pa.Table | pa.RecordBatch) -> None:
+        if _schema_lines(data.schema) != _schema_lines(self.schema):
+            raise CurateError(f"rows with schema {data.schema} fed to a digest of {self.schema}")
+        if data.num_rows:  # a parquet reader yields no empty batch, and an empty one would add 0-count streams
+            self._feed(data)
+
+    def _feed(self, data: pa.Table | pa.RecordBatch) -> None:
+        for i, col in enumerate(data.columns):
+            for chunk in col.chunks if isinstance(col, pa.ChunkedArray) else [col]:
+                _canonical_feed(self._streams, str(i), chunk)
+        self.num_rows += data.num_rows
+
+    def hexdigest(self, num_rows: int | None = None) -> str:
+        """`num_rows`: the count the file's footer declares, when hashing a file (the rows fed otherwise)."""
+        h = hashlib.sha256()
+        rows = self.num_rows if num_rows is None else num_rows
+        h.update(f"{HASH_SCHEME}\n{rows}\n{_schema_lines(self.schema)}".encode())
+        for line in self._streams.digest_lines():
+            h.update(line)
+        return h.hexdigest()
+
+
 def arrow_digest(path: Path, batch_rows: int = 65_536) -> str:
     """sha256 of a parquet file's rows and schema (names, types, nullability; not the file's metadata),
     read in batches (memory stays at one batch) and independent of row groups, pages and compression."""
     pf = pq.ParquetFile(path)
-    schema = pf.schema_arrow
-    s = _Streams()
+    d = ArrowDigester(pf.schema_arrow)
     for batch in pf.iter_batches(batch_size=batch_rows):
-        for i, col in enumerate(batch.columns):
-            _canonical_feed(s, str(i), col)
-    h = hashlib.sha256()
-    h.update(f"{HASH_SCHEME}\n{pf.metadata.num_rows}\n".encode())
-    for f in schema:
-        h.update(f"{f.name}\0{f.type}\0{f.nullable}\n".encode())
-    for line in s.digest_lines():
-        h.update(line)
-    return h.hexdigest()
+        d._feed(batch)
+    return d.hexdigest(pf.metadata.num_rows)
+
+
+@dataclass(frozen=True)
+class WrittenDigest:
+    """A digest taken from the rows as they were written, with the file's stat right after: `digest_many`
+    trusts it only while the stat is unchanged and the footer agrees (rows, schema)."""
+
+    digest: str
+    stamp: tuple[int, ...]
+    num_rows: int
+    schema: str
+
+    @classmethod
+    def of(cls, path: Path, digester: ArrowDigester) -> WrittenDigest:
+        return cls(digester.hexdigest(), tuple(_stamp(path)), digester.num_rows, _schema_lines(digester.schema))
+
+    def matches(self, path: Path) -> bool:
+        """Same stat, and a footer that parses and agrees: a truncated, replaced or rewritten file is re-read."""
+        if tuple(_stamp(path)) != self.stamp:
+            return False
+        pf = pq.ParquetFile(path)
+        return pf.metadata.num_rows == self.num_rows and _schema_lines(pf.schema_arrow) == self.schema
 
 
 def file_digest(path: Path, scheme: str = HASH_SCHEME) -> str:
@@ -212,18 +259,26 @@ def combine_digests(digests: dict[str, str]) -> str:
     return h.hexdigest()
 
 
-def digest_many(paths: list[Path], scheme: str = HASH_SCHEME) -> list[str | Exception]:
+def digest_many(paths: list[Path], scheme: str = HASH_SCHEME,
+                written: dict[Path, WrittenDigest] | None = None) -> list[str | Exception]:
     """`file_digest` of each path on a few threads (parquet decoding, numpy and sha256 release the GIL);
-    a file that cannot be read gives its exception in its place."""
+    a file that cannot be read gives its exception in its place. A path in `written` (a builder's digest of
+    the rows it wrote, see `WrittenDigest`) is not read back while it still matches; `verify` never passes one."""
     if scheme not in (HASH_SCHEME, LEGACY_SCHEME):
         file_digest(paths[0] if paths else Path("."), scheme)  # raises: unknown scheme
+    written = written if scheme == HASH_SCHEME else None
 
     def one(p: Path) -> str | Exception:
         try:
+            known = written.get(p) if written else None
+            if known is not None and known.matches(p):
+                return known.digest
             return file_digest(p, scheme)
         except Exception as e:  # noqa: BLE001 - reported per file by the caller
             return e
 
+    if written and all(p in written for p in paths):  # footer checks only: no pool needed
+        return [one(p) for p in paths]
     if len(paths) <= 1:
         return [one(p) for p in paths]
     with ThreadPoolExecutor(max_workers=min(len(paths), os.cpu_count() or 1, 8)) as pool:
@@ -550,6 +605,7 @@ class VersionWriter:
         self.schemas: dict[str, dict[str, str]] = {}
         self.features: dict[str, list[dict[str, Any]]] = {}
         self.extra_files: list[str] = []
+        self.written: dict[Path, WrittenDigest] = {}  # digests of the rows as written: the commit reads no file back
         self.result = None
 
     def add_params(self, params: dict[str, Any]) -> None:
@@ -566,16 +622,27 @@ class VersionWriter:
         step = rows_per_shard or max(n, 1)
         starts = list(range(0, max(n, 1), step))
         (self.tmp / config).mkdir(parents=True, exist_ok=True)
-        files = []
+        files, digests = [], {}
         for i, start in enumerate(starts):
             rel = f"{config}/{split}-{i:05d}-of-{len(starts):05d}.parquet"
+            part = table.slice(start, step)
             # Fixed writer options keep bytes stable across runs (the content hash does not depend on them).
-            pq.write_table(table.slice(start, step), self.tmp / rel, compression="zstd", write_statistics=True)
+            pq.write_table(part, self.tmp / rel, compression="zstd", write_statistics=True)
+            digests[rel] = ArrowDigester(table.schema)
+            digests[rel].update(part)
             files.append(rel)
-        self.add_split_files(config, split, files, n, table.schema)
+        self.add_split_files(config, split, files, n, table.schema, digests)
 
-    def add_split_files(self, config: str, split: str, files: list[str], num_rows: int, schema: pa.Schema) -> None:
-        """Register parquet files a builder placed under `tmp/<config>/` itself (e.g. resumable shards)."""
+    def add_split_files(self, config: str, split: str, files: list[str], num_rows: int, schema: pa.Schema,
+                        digests: dict[str, ArrowDigester] | None = None) -> None:
+        """Register parquet files a builder placed under `tmp/<config>/` itself (e.g. resumable shards).
+
+        `digests`: for files written just now, the digest of the rows written to each (`ArrowDigester`), so the
+        commit need not read them back; call right after the file is closed (its stat is recorded with it)."""
+        for rel, digester in (digests or {}).items():
+            if rel not in files:
+                raise CurateError(f"digest given for {rel!r}, which is not among the files of {config}/{split}")
+            self.written[self.tmp / rel] = WrittenDigest.of(self.tmp / rel, digester)
         self.configs.setdefault(config, {})[split] = {"num_rows": num_rows, "files": sorted(files)}
         self.schemas[config] = {f.name: str(f.type) for f in schema}
         self.features[config] = _hf_features(schema)
@@ -835,7 +902,7 @@ class DatasetStore:
                               "it (write_table / add_split_files / add_file)")
         rels = sorted(listed)
         digests = {}
-        for rel, d in zip(rels, digest_many([writer.tmp / rel for rel in rels]), strict=True):
+        for rel, d in zip(rels, digest_many([writer.tmp / rel for rel in rels], written=writer.written), strict=True):
             if isinstance(d, Exception):
                 raise CurateError(f"{writer.tmp / rel}: the builder wrote a file that cannot be read back "
                                   f"({_reason(d, writer.tmp / rel)})")
