@@ -55,7 +55,10 @@ class ModelRef:
 
     @classmethod
     def parse(cls, spec: str, gguf_file: str | None = None, revision: str | None = None) -> ModelRef:
-        """`smollm2`, a hub id, a folder, or a path to a `.gguf` file."""
+        """`smollm2`, a hub id, a folder, a path to a `.gguf` file, or a training run folder with merged weights
+        (its `merged/`: a trained teacher for `curate cache-logits --teacher <run>`)."""
+        if (Path(spec) / "run.json").is_file() and (Path(spec) / "merged").is_dir():
+            return cls(str((Path(spec) / "merged").resolve()))
         if spec == SMOLLM2:
             p = smollm2_gguf()
             return cls(str(p.parent), p.name)

@@ -188,7 +188,7 @@ class RunFolder:
 
     def resume_command(self, method: str) -> str:
         """The exact command that continues this run with its own options."""
-        sub = "kd" if method == "kd" else "sft"
+        sub = method  # each method's command bears its name (sft, kd, rl-sage, dpo, ...); `train lr` records sft
         return shlex.join(["curate", "train", sub, "--config", str(self.config_file()), "--run-dir", str(self.path),
                            "--resume"])
 
