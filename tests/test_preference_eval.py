@@ -89,6 +89,19 @@ def test_pair_logprobs_summed_and_per_token_equal_a_dense_computation(pairs_stor
             assert side.means[i] == pytest.approx(want / len(ids), abs=1e-5)
 
 
+def test_chat_template_wraps_the_prompt_only_and_eos_is_opt_in(pairs_store: DatasetStore, tok) -> None:
+    table = read_pairs(pairs_store.get("preferences"), "pairs", "test", limit=2)
+    d = table.to_pydict()
+    chat = tokenize_pairs(tok, table, template="chat", max_length=4096).pairs
+    eos = tokenize_pairs(tok, table, template="plain", max_length=4096, append_eos=True).pairs
+    for i, p in enumerate(chat):
+        wrapped = tok.apply_chat_template([{"role": "user", "content": d["prompt"][i]}], add_generation_prompt=True,
+                                          tokenize=False)
+        assert p.prompt_ids == list(tok(wrapped, add_special_tokens=False).input_ids)
+        assert p.rejected_ids == list(tok(d["rejected"][i], add_special_tokens=False).input_ids)
+        assert eos[i].chosen_ids == p.chosen_ids + [tok.eos_token_id]
+
+
 def _scores(chosen: list[tuple[float, int]], rejected: list[tuple[float, int]]) -> PairScores:
     def side(v: list[tuple[float, int]]) -> SideScores:
         return SideScores(np.array([s for s, _ in v], dtype=np.float64), np.array([n for _, n in v]))
