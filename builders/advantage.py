@@ -159,6 +159,14 @@ def check_pair(store: DatasetStore, teacher: Version, reference: Version) -> tup
     return tp, rp
 
 
+def _read(v: Version) -> pa.Table:
+    """The columns the join needs (not residual / entropy / label log-probs)."""
+    files = v.files(CACHE_CONFIG)
+    names = pq.read_schema(files[0]).names
+    cols = [c for c in ("id", "side", "split", "input_ids", "prompt_len", "topk_ids", "topk_logprobs") if c in names]
+    return pa.concat_tables([pq.read_table(f, columns=cols) for f in files])
+
+
 def join_rows(t: pa.Table, r: pa.Table, teacher: Version, reference: Version) -> pa.Table:
     """The reference rows in the teacher's order (Arrow hash join on split, id[, side]); refuse rows present
     in one cache only and duplicate keys."""
@@ -279,7 +287,7 @@ def build_advantage(store: DatasetStore, teacher: str, reference: str, *, name: 
         raise CurateError(f"--encoding must be i8 or i8-delta, not {encoding!r}")
     tv, rv = store.get(teacher), store.get(reference)
     tp, rp = check_pair(store, tv, rv)
-    t, r = tv.read(CACHE_CONFIG), rv.read(CACHE_CONFIG)
+    t, r = _read(tv), _read(rv)
     r = join_rows(t, r, tv, rv)
     check_aligned(t, r, tv, rv)
     table, stats = advantage_table(t, r, tp, rp, sides=sides, step=step, encoding=encoding)

@@ -405,7 +405,10 @@ def _at_ids_rows(other: Version, examples: list[Example], fingerprint: str,
     if op.get("tokenizer_fingerprint") != fingerprint:
         raise CurateError(f"--at-ids {other.ref} was made with another tokenizer ({op.get('tokenizer_fingerprint')}) "
                           f"than {model} ({fingerprint}): ids would not mean the same tokens")
-    table = other.read(CACHE_CONFIG)
+    files = other.files(CACHE_CONFIG)
+    wanted = [c for c in ("split", "id", "side", "input_ids", "prompt_len", "topk_ids")
+              if c in pq.read_schema(files[0]).names]
+    table = pa.concat_tables([pq.read_table(f, columns=wanted) for f in files])  # not the log-probs
     if table.num_rows != len(examples):
         raise CurateError(f"--at-ids {other.ref} has {table.num_rows} rows, this run {len(examples)}: not the same "
                           "rows")

@@ -185,3 +185,21 @@ def test_at_ids_refusals(tmp_path: Path, caches, models, tok: Any) -> None:
         tl._at_ids_rows(plan.at_ids, plan.examples, plan.fingerprint, "reference")
     with pytest.raises(CurateError, match="--top-p"):
         run(store, models["reference"], at_ids="teacher-cache", top_p=0.9)
+
+
+def test_cli_at_ids(tmp_path: Path, caches, models) -> None:
+    from typer.testing import CliRunner
+
+    from curate.cli import app
+
+    store, teacher, reference = caches
+    runner = CliRunner()
+    assert "--at-ids" in runner.invoke(app, ["cache-logits", "--help"]).output
+    res = runner.invoke(app, ["cache-logits", "--teacher", str(models["reference"][0]), "--dataset", "preferences",
+                              "--config", "sides", "--at-ids", "teacher-cache", "--quantization", "fp16",
+                              "--dtype", "float32", "--name", "ref-cli", "--store", str(store.root)])
+    assert res.exit_code == 0, res.output
+    assert store.get("ref-cli").hash == reference.hash  # the same bytes as the Python run
+    res = runner.invoke(app, ["cache-logits", "--teacher", str(models["reference"][0]), "--dataset", "preferences",
+                              "--config", "sides", "--at-ids", "no-such-cache", "--store", str(store.root)])
+    assert res.exit_code != 0 and "no-such-cache" in res.output and "Traceback" not in res.output
