@@ -10,6 +10,11 @@ How the work is organised, so that runs are resumable, shardable and byte-reprod
    dir, written to a temp name and renamed, so a killed run leaves only whole units; rerunning skips them.
 3. When every unit exists, the merge puts rows back in the parent's order and writes one atomic version.
    Because units (and their batches) are the same whatever the sharding, sharded + merge == unsharded.
+
+A parent with a ``side`` column (preferences ``sides``) keeps it per row; the row key is then (id, side).
+``--at-ids <cache>`` scores this model at exactly that cache's kept ids (same parent rows, tokenizer and
+input_ids, else a one-line refusal naming the row), reusing its row, template and label settings; the other
+cache becomes a second parent. `builders.advantage` joins the two into the ADPA advantage table.
 """
 
 from __future__ import annotations
