@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.store import ArrowDigester, Version, VersionWriter
+from curate.store import ArrowDigester, Version, VersionWriter, sha256_file
 
 ROW_GROUP_ROWS = 65_536  # fixed row-group size: bytes depend on the rows only, never on how they were batched
 SHARD_ROWS = 4 * ROW_GROUP_ROWS  # rows per parquet file of a streamed split (~100 MB of DFAR lr text, zstd)
@@ -44,6 +44,7 @@ class ParquetSink:
         (writer.tmp / config).mkdir(parents=True, exist_ok=True)
         self._parts: list[Path] = []
         self._digests: list[ArrowDigester] = []  # one per part: the rows written to it, for the commit's hash
+        self._sha256: list[str] = []  # of each closed part's bytes, taken by the thread that wrote it (hot in cache)
         self._pq: pq.ParquetWriter | None = None
         self._in_file = 0
         self._buf: list[pa.Table] = []
@@ -62,6 +63,7 @@ class ParquetSink:
         if self._pq is not None and self._in_file + self.row_group_rows > self.shard_rows:
             self._pq.close()
             self._pq = None
+            self._sha256.append(sha256_file(self._parts[-1]))
         if self._pq is None:
             part = self.writer.tmp / self.config / f".{self.split}-{len(self._parts):05d}.part"
             self._parts.append(part)
@@ -89,13 +91,14 @@ class ParquetSink:
             self._file().write_table(self.schema.empty_table())
         if self._pq is not None:
             self._pq.close()
-        files, digests = [], {}
-        for i, (part, digest) in enumerate(zip(self._parts, self._digests, strict=True)):
+            self._sha256.append(sha256_file(self._parts[-1]))
+        files, digests, sha = [], {}, {}
+        for i, (part, digest, file_sha) in enumerate(zip(self._parts, self._digests, self._sha256, strict=True)):
             rel = f"{self.config}/{self.split}-{i:05d}-of-{len(self._parts):05d}.parquet"
             part.rename(self.writer.tmp / rel)
             files.append(rel)
-            digests[rel] = digest
-        self.writer.add_split_files(self.config, self.split, files, self.num_rows, self.schema, digests)
+            digests[rel], sha[rel] = digest, file_sha
+        self.writer.add_split_files(self.config, self.split, files, self.num_rows, self.schema, digests, sha)
 
 
 class IdSet:

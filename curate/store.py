@@ -229,10 +229,12 @@ class WrittenDigest:
     stamp: tuple[int, ...]
     num_rows: int
     schema: str
+    sha256: str | None = None  # of the file's bytes (file-sha256), when the writer took it
 
     @classmethod
-    def of(cls, path: Path, digester: ArrowDigester) -> WrittenDigest:
-        return cls(digester.hexdigest(), tuple(_stamp(path)), digester.num_rows, _schema_lines(digester.schema))
+    def of(cls, path: Path, digester: ArrowDigester, sha256: str | None = None) -> WrittenDigest:
+        return cls(digester.hexdigest(), tuple(_stamp(path)), digester.num_rows, _schema_lines(digester.schema),
+                   sha256)
 
     def matches(self, path: Path) -> bool:
         """Same stat, and a footer that parses and agrees: a truncated, replaced or rewritten file is re-read."""
@@ -266,13 +268,14 @@ def digest_many(paths: list[Path], scheme: str = HASH_SCHEME,
     the rows it wrote, see `WrittenDigest`) is not read back while it still matches; `verify` never passes one."""
     if scheme not in (HASH_SCHEME, LEGACY_SCHEME):
         file_digest(paths[0] if paths else Path("."), scheme)  # raises: unknown scheme
-    written = written if scheme == HASH_SCHEME else None
+    if scheme == LEGACY_SCHEME and written:
+        written = {p: d for p, d in written.items() if d.sha256 is not None}
 
     def one(p: Path) -> str | Exception:
         try:
             known = written.get(p) if written else None
             if known is not None and known.matches(p):
-                return known.digest
+                return known.digest if scheme == HASH_SCHEME else str(known.sha256)
             return file_digest(p, scheme)
         except Exception as e:  # noqa: BLE001 - reported per file by the caller
             return e
@@ -634,15 +637,17 @@ class VersionWriter:
         self.add_split_files(config, split, files, n, table.schema, digests)
 
     def add_split_files(self, config: str, split: str, files: list[str], num_rows: int, schema: pa.Schema,
-                        digests: dict[str, ArrowDigester] | None = None) -> None:
+                        digests: dict[str, ArrowDigester] | None = None,
+                        file_sha256: dict[str, str] | None = None) -> None:
         """Register parquet files a builder placed under `tmp/<config>/` itself (e.g. resumable shards).
 
-        `digests`: for files written just now, the digest of the rows written to each (`ArrowDigester`), so the
-        commit need not read them back; call right after the file is closed (its stat is recorded with it)."""
+        `digests`: for files written just now, the digest of the rows written to each (`ArrowDigester`), and
+        optionally `file_sha256` of their bytes, so the commit need not read them back; both are trusted only
+        while the file's stat is the one recorded here."""
         for rel, digester in (digests or {}).items():
             if rel not in files:
                 raise CurateError(f"digest given for {rel!r}, which is not among the files of {config}/{split}")
-            self.written[self.tmp / rel] = WrittenDigest.of(self.tmp / rel, digester)
+            self.written[self.tmp / rel] = WrittenDigest.of(self.tmp / rel, digester, (file_sha256 or {}).get(rel))
         self.configs.setdefault(config, {})[split] = {"num_rows": num_rows, "files": sorted(files)}
         self.schemas[config] = {f.name: str(f.type) for f in schema}
         self.features[config] = _hf_features(schema)
@@ -908,7 +913,12 @@ class DatasetStore:
                                   f"({_reason(d, writer.tmp / rel)})")
             digests[rel] = d
         full_hash = combine_digests(digests)
-        legacy_hash = combine_digests({rel: sha256_file(writer.tmp / rel) for rel in listed})
+        legacy = dict(zip(rels, digest_many([writer.tmp / rel for rel in rels], LEGACY_SCHEME, writer.written),
+                          strict=True))
+        for d in legacy.values():
+            if isinstance(d, Exception):
+                raise d
+        legacy_hash = combine_digests(legacy)  # type: ignore[arg-type]  # no exception left
         if not self.writable(ds_dir / "versions"):
             existing = self._find_existing(name, full_hash, legacy_hash)
             if existing is not None and not _verify_rebuild(existing, writer, digests):

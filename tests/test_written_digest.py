@@ -4,6 +4,7 @@ need not read its files back; a file changed after it was written is re-read; st
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -62,22 +63,37 @@ def test_write_table_digests_equal_a_reread(tmp_path: Path) -> None:
     assert v.hash == content_hash(v.path)
 
 
-def test_sink_digests_equal_a_reread(tmp_path: Path) -> None:
+def _sink_build(store: DatasetStore, sizes: tuple[int, ...] = (7, 0, 13, 1, 29, 25)):
     schema = pa.schema([("id", pa.int64()), ("text", pa.string())])
-    store = DatasetStore(tmp_path)
     with store.new_version("s", builder="t", builder_version="0", params={}, sources=[]) as w:
         sink = ParquetSink(w, "default", "train", schema, row_group_rows=10, shard_rows=30)
         start = 0
-        for n in (7, 0, 13, 1, 29, 25):
+        for n in sizes:
             sink.write(pa.table({"id": pa.array(range(start, start + n), pa.int64()),
                                  "text": [None if k % 4 == 0 else f"row {k}" for k in range(start, start + n)]}))
             start += n
         sink.close()
         empty = ParquetSink(w, "default", "test", schema)
         empty.close()
-    v = w.result.version
+        file_sha = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in w.written}
+        assert {p: d.sha256 for p, d in w.written.items()} == file_sha and len(file_sha) == 4
+    return w.result
+
+
+def test_sink_digests_equal_a_reread(tmp_path: Path) -> None:
+    v = _sink_build(DatasetStore(tmp_path)).version
     assert len(v.files("default", "train")) == 3
     assert v.manifest["data_files"] == _rereads(v)
+
+
+def test_sink_file_sha256_finds_an_old_scheme_version(tmp_path: Path) -> None:
+    """The file-sha256 a sink takes is what finds a version stored under the old scheme on an identical rebuild."""
+    from tests.test_store import _make_legacy
+
+    store = DatasetStore(tmp_path)
+    legacy = _make_legacy(store, _sink_build(store).version)
+    again = _sink_build(store, (75,))
+    assert not again.created and again.version.hash == legacy
 
 
 def test_a_file_changed_after_writing_is_read_back(tmp_path: Path) -> None:
