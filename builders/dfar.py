@@ -21,8 +21,10 @@ import logging
 import os
 import string
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,7 @@ from curate.csvfile import (
 )
 from curate.errors import CurateError, InputError
 from curate.sources import resolve_files, source_record
-from curate.store import DatasetStore
+from curate.store import DatasetStore, SourceFile
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,8 @@ DEDUPE_POLICIES = ("none", "within-split")
 LEGACY_DEDUPE = "train-test"  # before overlap dropping became the default: within-split + drop the overlap
 TEMPLATE_FIELDS = ("statement", "label", "label_text", "reason", "id")
 BATCH_ROWS = 32_768
+WRITE_AHEAD = 3  # batches read ahead of the parquet writers (each ~50 MB of DFAR text at most)
+CONFIGS = ("default", "l", "lr")
 MAX_ROW_NOTES = 20  # per-row notes per kind and split; the rest are counted
 
 DEFAULT_PROMPT = (
@@ -201,7 +205,7 @@ def _row_notes(split: str, what: str, rows: np.ndarray, texts: pa.Array, budget:
 
 
 def _stream_split(con: Any, path: Path, split: str, names: list[str], params: DfarConfig,
-                  sinks: dict[str, ParquetSink], pool: ThreadPoolExecutor, test_ids: IdSet | None,
+                  sinks: dict[str, ParquetSink], writers: dict[str, ThreadPoolExecutor], test_ids: IdSet | None,
                   notes: list[str]) -> tuple[_SplitStats, IdSet]:
     """Read, check, dedupe and write one split; returns its counts and the set of its statement ids."""
     sql_params: dict[str, Any] = {"path": str(path), "split": split}
@@ -212,7 +216,7 @@ def _stream_split(con: Any, path: Path, split: str, names: list[str], params: Df
     def bad_row(row_no: int, rec: dict[str, str]) -> None:
         check_row(path, row_no, rec, params.label_words)
 
-    pending: list[Future[None]] = []
+    pending: deque[Future[None]] = deque()
     for batch in _read_batches(con, sql, sql_params, path, bad_row):
         n = batch.num_rows
         if n == 0:
@@ -260,11 +264,13 @@ def _stream_split(con: Any, path: Path, split: str, names: list[str], params: Df
             "l": table.rename_columns({"l_completion": "completion"}),
             "lr": table.rename_columns({"lr_completion": "completion"}),
         }
-        for future in pending:  # the previous batch's writes (each sink writes in order)
-            future.result()
-        pending = [pool.submit(sinks[c].write, t) for c, t in views.items()]  # overlap with the next read
-    for future in pending:
-        future.result()
+        # One serial writer per config keeps each sink's batches in order; reading runs up to WRITE_AHEAD
+        # batches ahead, so DuckDB and the writers (zstd) keep both cores busy through uneven row-group flushes.
+        pending.extend(writers[c].submit(sinks[c].write, t) for c, t in views.items())
+        while len(pending) > WRITE_AHEAD * len(views):
+            pending.popleft().result()
+    while pending:
+        pending.popleft().result()
     check_whole_file(path, stats.rows_read, [] if stats.reasons_seen else ["Reason"])
     return stats, seen
 
@@ -304,23 +310,27 @@ def build_dfar(store: DatasetStore, source: str | Path, params: DfarConfig | Non
         "license_notes": "DFAR is MIT licensed (apurba-nsu-rnd-lab/DFAR) and derived from ETHICS (MIT).",
     }
     run_params = _params_dict(params)
-    sources = [source_record(*found[f]) for f in FILES.values()]
+    sources: list[SourceFile] = []
     started = time.perf_counter()
-    # The store renders `card` when the block exits, so what the stream finds goes in it (and in add_params).
+    # The store renders `card` and records `sources` when the block exits, so what the stream finds goes in the
+    # card (and in add_params), and the inputs' sha256 (seconds at 10 M rows) is taken while the stream runs.
     with store.new_version(
         name, builder="dfar", builder_version=BUILDER_VERSION, params=run_params,
         sources=sources, card=card,
-    ) as w, ThreadPoolExecutor(3) as pool, duckdb.connect(config={"threads": max(1, os.cpu_count() or 1)}) as con:
+    ) as w, ExitStack() as stack, duckdb.connect(config={"threads": max(1, os.cpu_count() or 1)}) as con:
+        hashing = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="dfar-sources"))
+        source_records = [hashing.submit(source_record, *found[f]) for f in FILES.values()]
+        writers = {c: stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix=f"dfar-{c}")) for c in CONFIGS}
         sinks = {
             (config, split): ParquetSink(w, config, split, DEFAULT_SCHEMA if config == "default" else SFT_SCHEMA)
-            for config in ("default", "l", "lr") for split in FILES
+            for config in CONFIGS for split in FILES
         }
         stats: dict[str, _SplitStats] = {}
         test_ids: IdSet | None = None
         for split in sorted(FILES, key=lambda s: s != "test"):  # test first: train is filtered against it
             path = found[FILES[split]][0]
             split_sinks = {c: s for (c, sp), s in sinks.items() if sp == split}
-            stats[split], ids = _stream_split(con, path, split, headers[split], params, split_sinks, pool,
+            stats[split], ids = _stream_split(con, path, split, headers[split], params, split_sinks, writers,
                                               test_ids if split == "train" else None, notes)
             if split == "test":
                 test_ids = ids
@@ -332,6 +342,7 @@ def build_dfar(store: DatasetStore, source: str | Path, params: DfarConfig | Non
             sink.close()
         log.debug("dfar: streamed %d rows (%d kept) in %.2f s; committing", sum(s.rows_read for s in stats.values()),
                  sum(s.rows_kept for s in stats.values()), time.perf_counter() - started)
+        sources.extend(r.result() for r in source_records)
         overlap = stats["train"].overlap
         w.add_params({"train_test_overlap": {"train_statements_in_test": overlap,
                                              "dropped": overlap if params.drop_overlap else 0}})
