@@ -119,3 +119,7 @@ def test_dfar_hash_is_unchanged(tmp_path: Path, dfar_source: Path) -> None:
     v = build_dfar(DatasetStore(tmp_path), dfar_source).version
     assert v.hash == DFAR_HASH
     assert v.manifest["data_files"] == _rereads(v)
+    # the inputs are hashed while the stream runs; the manifest still records each, in order
+    want = [(str((dfar_source / f).resolve()), hashlib.sha256((dfar_source / f).read_bytes()).hexdigest())
+            for f in ("DFAR_trainset.csv", "DFAR_testset.csv")]
+    assert [(s["location"], s["sha256"]) for s in v.manifest["sources"]] == want
