@@ -65,11 +65,44 @@ class Mark(logging.Handler):  # the builder logs once the last parquet byte is w
                               "stream_peak_rss_mb": u["peak_rss_mb"]}), flush=True)
 logging.getLogger("builders.dfar").addHandler(Mark())
 logging.getLogger("builders.dfar").setLevel(logging.DEBUG)
+import threading
+import pyarrow.parquet as pq
+import builders.base, curate.sources, curate.store
 from builders.dfar import build_dfar
 from curate.store import DatasetStore
+phases, lock = {}, threading.Lock()
+def timed(name, fn):  # CPU seconds of the calling thread, summed over threads: where the build's CPU goes
+    def wrapper(*a, **k):
+        c = time.thread_time()
+        try:
+            return fn(*a, **k)
+        finally:
+            with lock:
+                phases[name] = phases.get(name, 0.0) + time.thread_time() - c
+    return wrapper
+pq.ParquetWriter.write_table = timed("parquet_encode_zstd", pq.ParquetWriter.write_table)
+curate.store.ArrowDigester.update = timed("content_digest", curate.store.ArrowDigester.update)
+builders.base.sha256_file = timed("output_file_sha256", builders.base.sha256_file)
+curate.sources.SourceFile.from_path = classmethod(timed("source_sha256", curate.sources.SourceFile.from_path.__func__))
+curate.store.DatasetStore._commit = timed("commit", curate.store.DatasetStore._commit)
+import builders.dfar as dfar
+def reading(*a, **k):  # DuckDB's work shows here only as far as the main thread does it
+    it = read_batches(*a, **k)
+    while True:
+        c = time.thread_time()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        finally:
+            with lock:
+                phases["duckdb_read_main_thread"] = phases.get("duckdb_read_main_thread", 0.0) + time.thread_time() - c
+        yield batch
+read_batches, dfar._read_batches = dfar._read_batches, reading
 r = build_dfar(DatasetStore(sys.argv[2]), sys.argv[1])
 print(json.dumps({"total_s": round(time.perf_counter() - t0, 1), "summary": r.summary(), "notes": r.notes[:3],
-                  "train_rows": r.version.manifest["configs"]["default"]["train"]["num_rows"]} | usage()), flush=True)
+                  "train_rows": r.version.manifest["configs"]["default"]["train"]["num_rows"],
+                  "phase_cpu_s": {k: round(v, 1) for k, v in sorted(phases.items())}} | usage()), flush=True)
 """
 
 
@@ -234,6 +267,9 @@ def main() -> None:
          "scale_note": "rows_per_s = input rows / wall time of `build_dfar` in a child process (imports, "
                        "streaming, the store's content hash and commit); stream_* = up to the last parquet byte, "
                        "before the commit; peak_rss_mb = the child's ru_maxrss; cpu_s = its user + system time. "
+                       "phase_cpu_s = thread CPU inside parquet encoding (+zstd), the content digest of the rows "
+                       "written, the sha256 of output and source files, the commit, and the main thread's share "
+                       "of DuckDB's reading; the rest of cpu_s is DuckDB's own threads, numpy checks and imports. "
                        "The machine is shared: see load_avg_before/after."},
     )
     if scale_rows:
