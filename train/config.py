@@ -192,9 +192,11 @@ class DPOTeacherConfig(TrainConfig):
 
     Defaults, and why: the public teacher recipe fine-tunes a 7B model fully with beta 0.01 and lr 5e-7. A
     135M LoRA teacher trained for a few hundred CPU steps would barely move at that lr (LoRA updates start
-    from zero and need a ~100x larger lr than full fine-tuning), so lr is 5e-5. With Adam the size of beta does
-    not scale the step, it sets how far the policy may drift before the loss saturates; at the larger lr,
-    beta 0.1 (the DPO paper's and TRL's default) keeps the teacher closer to its reference than 0.01 would.
+    from zero and need a ~100x larger lr than full fine-tuning), so lr is 5e-5 (measured, SmolLM2-135M LoRA
+    r16, 16 steps of batch 4 on DFAR pairs: held-out reward margin 0.126 at 5e-5, 0.0013 at 5e-7). With Adam
+    the size of beta does not scale the step, it sets how far the policy may drift before the loss saturates;
+    at the larger lr, beta 0.1 (the DPO paper's and TRL's default) keeps the teacher closer to its reference
+    than 0.01 would (reasoned, not measured).
     For the public recipe: --full --beta 0.01 --lr 5e-7.
     """
 

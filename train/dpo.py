@@ -168,7 +168,8 @@ def run_dpo(cfg: DPOTeacherConfig, *, tokenizer: Any | None = None, console: Any
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
             if state.is_world_process_zero and logs:
                 shown = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in logs.items() if k in SHOWN}
-                say(f"step {state.global_step}/{state.max_steps} {shown}", highlight=False)
+                if shown:  # the final summary log holds only runtimes
+                    say(f"step {state.global_step}/{state.max_steps} {shown}", highlight=False)
 
     try:
         trainer = PairsDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=_as_dataset(train.pairs),
