@@ -35,7 +35,6 @@ import pyarrow.compute as pc
 
 from builders.base import BuildResult, IdSet, ParquetSink
 from curate.csvfile import (
-    PY_WHITESPACE,
     check_whole_file,
     csv_batches_sql,
     csv_header,
@@ -145,7 +144,6 @@ def _template_sql(template: str, sql_params: dict[str, Any]) -> str:
 
 def _split_sql(names: list[str], params: DfarConfig, sql_params: dict[str, Any]) -> str:
     """One query per split: parse, strip (exactly as `str.strip`), label, id, and the three SFT texts."""
-    sql_params["ws"] = PY_WHITESPACE
     col = {c: sql_strip(f"coalesce({quote_ident(c)}, '')") for c in REQUIRED}
     label_text = " ".join(f"WHEN $k{i} THEN $w{i}" for i in range(len(params.label_words)))
     label_num = " ".join(f"WHEN $k{i} THEN $n{i}" for i in range(len(params.label_words)))
