@@ -117,6 +117,53 @@ train-lr *args: build-dfar
 train-kd *args: build-dfar
     .venv/bin/curate train kd --limit 32 --max-steps 8 --batch-size 4 --max-length 128 --eval-limit 16 --overwrite "$@"
 
+# Preference distillation (DCKD / ADPA), quick CPU defaults chained so `just train-adpa` runs end to end:
+# DFAR pairs -> SFT reference + DPO teacher (SmolLM2) -> teacher cache, reference cache at its ids, advantage
+# table -> half-depth SFT student -> DCKD -> ADPA. Later options win, e.g. `just train-adpa --max-steps 50`.
+adpa_runs := "runs/adpa"
+
+# Preference pairs from DFAR: chosen = gold label + reason, rejected = SmolLM2's answer for the opposite label.
+build-preferences *args: build-dfar
+    .venv/bin/curate build preferences --from dfar --rejected model:smollm2 --limit 24 --max-new-tokens 32 "$@"
+
+# The DPO teacher: SmolLM2 L+R SFT (the reference, merged) then TRL DPO on the pairs (skipped when present).
+train-dpo-teacher *args: build-preferences
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ ! -f "{{adpa_runs}}/sft-teacher/merged/config.json" ]; then
+        .venv/bin/curate train lr --limit 48 --max-steps 12 --batch-size 4 --max-length 128 --no-eval --save-merged \
+            --run-dir "{{adpa_runs}}/sft-teacher" --overwrite
+    fi
+    .venv/bin/curate train dpo --model "{{adpa_runs}}/sft-teacher" --max-steps 12 --batch-size 4 --max-length 128 \
+        --eval-limit 16 --run-dir "{{adpa_runs}}/dpo-teacher" --overwrite "$@"
+
+# Teacher cache of both sides, the reference scored at its ids, and the advantage table joining them.
+cache-advantage *args: train-dpo-teacher
+    .venv/bin/curate cache-logits --dataset preferences --config sides --teacher "{{adpa_runs}}/dpo-teacher" --k 50 \
+        --name adpa-teacher-logits "$@"
+    .venv/bin/curate cache-logits --dataset preferences --config sides --teacher "{{adpa_runs}}/sft-teacher" \
+        --at-ids adpa-teacher-logits --name adpa-reference-logits
+    .venv/bin/curate build advantage --teacher adpa-teacher-logits --reference adpa-reference-logits
+
+# The student init: a half-depth (15 of 30 layers) SmolLM2, fully fine-tuned on L+R, merged (skipped when present).
+_adpa-student: build-dfar
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ ! -f "{{adpa_runs}}/sft-student/merged/config.json" ]; then
+        .venv/bin/curate train lr --student-layers 15 --full --lr 1e-4 --limit 48 --max-steps 12 --batch-size 4 \
+            --max-length 128 --no-eval --save-merged --run-dir "{{adpa_runs}}/sft-student" --overwrite
+    fi
+
+# DCKD: NLL(chosen) + 0.1·KL(teacher ‖ student) on chosen and on rejected tokens.
+train-dckd *args: cache-advantage _adpa-student
+    .venv/bin/curate train dckd --model "{{adpa_runs}}/sft-student" --cache adpa-teacher-logits --max-steps 12 \
+        --batch-size 4 --max-length 128 --eval-limit 16 --save-merged --run-dir "{{adpa_runs}}/dckd" --overwrite "$@"
+
+# ADPA: NLL(chosen) - 1.6 · advantage term on rejected tokens; `--init runs/adpa/dckd` gives ADPA+.
+train-adpa *args: cache-advantage _adpa-student
+    .venv/bin/curate train adpa --model "{{adpa_runs}}/sft-student" --advantage adpa-teacher-logits-advantage \
+        --max-steps 12 --batch-size 4 --max-length 128 --eval-limit 16 --run-dir "{{adpa_runs}}/adpa" --overwrite "$@"
+
 # e.g. `just eval --model runs/sft-dfar-v1-lr-1a2b3c4d --limit 0 --judge self`.
 # Evaluate a run or model: accuracy/P/R/F1, gold-reason perplexity, misalignment rate (dfar lr test).
 eval *args: install

@@ -268,7 +268,7 @@ def dpo_facts(info: dict[str, Any] | None) -> tuple[str | None, float | None]:
     return (info.get("reference") or {}).get("path"), (info.get("config") or {}).get("beta")
 
 
-def _load(spec: str, cfg: PreferenceEvalConfig) -> tuple[Any, Any]:
+def load_model(spec: str, cfg: PreferenceEvalConfig) -> tuple[Any, Any]:
     """(model, tokenizer) of a run folder (merged, or base + adapter) or any model spec."""
     from curate.models import load_causal_lm, load_tokenizer
     from train.modeling import RUN_FILE, check_model_spec, load_run, model_ref
@@ -315,7 +315,7 @@ def run_preference_eval(cfg: PreferenceEvalConfig, *, tokenizer: Any | None = No
     for role, spec in roles:
         if spec is None:
             continue
-        model, tok = _load(spec, cfg)
+        model, tok = load_model(spec, cfg)
         tok = tokenizer if tokenizer is not None else tok
         fp = tokenizer_fingerprint(tok)
         if fingerprint is None:

@@ -98,11 +98,11 @@ def preference_eval_step(cfg: PreferenceDistillConfig, preferences: str, teacher
         run_dir = teacher_run(teacher)
         ref_path, beta = dpo_facts(_run_json(run_dir))
         if run_dir is not None and ref_path is not None and beta is not None:
-            from train.preference_eval import _load
+            from train.preference_eval import load_model
 
             ecfg = PreferenceEvalConfig(device=cfg.device, dtype=cfg.dtype)
-            reference = score_pairs(_load(str(ref_path), ecfg)[0], tok, pairs.pairs, batch_size=cfg.batch_size)
-            teacher_scores = score_pairs(_load(run_dir, ecfg)[0], tok, pairs.pairs, batch_size=cfg.batch_size)
+            reference = score_pairs(load_model(str(ref_path), ecfg)[0], tok, pairs.pairs, batch_size=cfg.batch_size)
+            teacher_scores = score_pairs(load_model(run_dir, ecfg)[0], tok, pairs.pairs, batch_size=cfg.batch_size)
         metrics, records = preference_metrics([p.id for p in pairs.pairs], policy, reference, beta, teacher_scores)
         plot = write_preference_eval(run.path / "preference_eval", metrics, records, title=run.path.name)
         return "preference_eval", metrics, [plot]
