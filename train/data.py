@@ -24,6 +24,19 @@ if TYPE_CHECKING:
 IGNORE = -100  # label value the loss skips (prompt and padding)
 
 
+def read_split(version: Any, config: str, split: str, required: tuple[str, ...], purpose: str) -> Any:
+    """One split of a config as a pyarrow table; a missing split or required column is one line naming both."""
+    if split not in version.splits(config):
+        raise CurateError(f"{version.ref} config {config!r} has no split {split!r} "
+                          f"(it has {', '.join(version.splits(config)) or 'none'})")
+    table = version.read(config, split)
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        raise CurateError(f"{version.ref} config {config!r} lacks column(s) {', '.join(missing)} "
+                          f"({purpose} needs {', '.join(required)})")
+    return table
+
+
 def check_subsets(wanted: list[str], known: list[str], where: str) -> None:
     """A subset name the data does not have: one line listing the known ones."""
     unknown = [s for s in wanted if s not in known]

@@ -96,15 +96,9 @@ def manifest_label_words(version: Version) -> tuple[dict[int, str] | None, dict[
 
 
 def _read_labelled(version: Version, config: str, split: str) -> pa.Table:
-    if split not in version.splits(config):
-        raise CurateError(f"{version.ref} config {config!r} has no split {split!r} "
-                          f"(it has {', '.join(version.splits(config))})")
-    table = version.read(config, split)
-    missing = [c for c in REQUIRED if c not in table.column_names]
-    if missing:
-        raise CurateError(f"{version.ref} config {config!r} lacks column(s) {', '.join(missing)} "
-                          f"(evaluation needs {', '.join(REQUIRED)})")
-    return table
+    from train.data import read_split
+
+    return read_split(version, config, split, REQUIRED, "evaluation")
 
 
 def _rows_of(version: Version, config: str, split: str, table: pa.Table, recorded: dict[int, str] | None,

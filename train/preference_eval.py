@@ -52,14 +52,9 @@ class TokenizedPairs:
 
 def read_pairs(version: Any, config: str, split: str, limit: int | None = None) -> Any:
     """The pyarrow table of one split of a pairs config, refusing a missing split / column or no rows."""
-    if split not in version.splits(config):
-        raise CurateError(f"{version.ref} config {config!r} has no split {split!r} "
-                          f"(it has {', '.join(version.splits(config)) or 'none'})")
-    table = version.read(config, split)
-    missing = [c for c in PAIR_COLUMNS if c not in table.column_names]
-    if missing:
-        raise CurateError(f"{version.ref} config {config!r} lacks column(s) {', '.join(missing)}; preference pairs "
-                          f"need {', '.join(PAIR_COLUMNS)}")
+    from train.data import read_split
+
+    table = read_split(version, config, split, PAIR_COLUMNS, "preference evaluation")
     if limit:
         table = table.slice(0, limit)
     if table.num_rows == 0:
