@@ -102,27 +102,41 @@ class ParquetSink:
 
 
 class IdSet:
-    """Exact membership over 64-bit ids at 8 bytes each: sorted runs merged like a binary counter.
+    """Exact membership over 64-bit ids at 8 bytes each: sorted runs merged like a binary counter, behind a
+    2**27-bit filter on each id's top bits (16 MB) that answers most absent ids without searching the runs.
 
-    Why not a Python set: ~100 bytes per id, a gigabyte at 10 M rows.
+    Why not a Python set: ~100 bytes per id, a gigabyte at 10 M rows. Why the filter: statement ids are
+    sha256 prefixes, so uniform; at 10 M ids under 8 % of its bits are set, and the binary searches it saves
+    were the main thread's largest numpy cost at 3 M rows (measured).
     """
+
+    FILTER_BITS = 27
 
     def __init__(self) -> None:
         self.runs: list[np.ndarray] = []
+        self._filter = np.zeros(1 << (self.FILTER_BITS - 3), dtype=np.uint8)
 
     def __len__(self) -> int:
         return sum(len(r) for r in self.runs)
 
+    def _slots(self, ids: np.ndarray) -> np.ndarray:
+        return ids.astype(np.uint64, copy=False) >> np.uint64(64 - self.FILTER_BITS)
+
     def contains(self, ids: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
         """Membership of each id; `order` (an argsort of `ids`, if the caller has one) makes lookups sequential."""
+        slots = self._slots(ids)
+        maybe = ((self._filter[slots >> np.uint64(3)] >> (slots & np.uint64(7)).astype(np.uint8)) & 1).astype(bool)
+        hit = np.zeros(len(ids), dtype=bool)
+        if not maybe.any():
+            return hit
         order = np.argsort(ids, kind="stable") if order is None else order
+        order = order[maybe[order]]  # the candidates, still in sorted order
         query = ids[order]  # sorted queries walk each run in order: far fewer cache misses at 10 M ids
-        hit_sorted = np.zeros(len(ids), dtype=bool)
+        hit_sorted = np.zeros(len(query), dtype=bool)
         for run in self.runs:
             pos = np.searchsorted(run, query)
             pos[pos == len(run)] = 0
             hit_sorted |= run[pos] == query
-        hit = np.empty_like(hit_sorted)
         hit[order] = hit_sorted
         return hit
 
@@ -133,6 +147,10 @@ class IdSet:
         """Add ids already sorted and unique (ids present in earlier runs are harmless)."""
         if len(ids) == 0:
             return
+        slots = self._slots(ids)  # sorted, as the ids are: each filter byte's bits are one contiguous group
+        byte, bit = slots >> np.uint64(3), np.left_shift(1, slots & np.uint64(7)).astype(np.uint8)
+        first = np.flatnonzero(np.concatenate(([True], byte[1:] != byte[:-1])))
+        self._filter[byte[first]] |= np.bitwise_or.reduceat(bit, first)
         self.runs.append(ids)
         while len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1]):
             last = self.runs.pop()

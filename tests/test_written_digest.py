@@ -123,3 +123,23 @@ def test_dfar_hash_is_unchanged(tmp_path: Path, dfar_source: Path) -> None:
     want = [(str((dfar_source / f).resolve()), hashlib.sha256((dfar_source / f).read_bytes()).hexdigest())
             for f in ("DFAR_trainset.csv", "DFAR_testset.csv")]
     assert [(s["location"], s["sha256"]) for s in v.manifest["sources"]] == want
+
+
+def test_id_set_filter_never_hides_a_member() -> None:
+    """The top-bit filter only skips searches: ids that share a filter slot with a member are still told apart,
+    and every member is found, against a plain Python set."""
+    import numpy as np
+
+    from builders.base import IdSet
+
+    rng = np.random.default_rng(7)
+    s, members = IdSet(), set()
+    for _ in range(40):
+        batch = rng.integers(0, 2**64, 500, dtype=np.uint64)
+        s.add(batch)
+        members.update(batch.tolist())
+    every = np.array(sorted(members), dtype=np.uint64)
+    near = every ^ np.uint64(1)  # same filter slot as a member, not a member (odds of a collision: nil)
+    query = np.concatenate([every, near, rng.integers(0, 2**64, 5000, dtype=np.uint64)])
+    rng.shuffle(query)
+    assert s.contains(query).tolist() == [int(q) in members for q in query.tolist()]
