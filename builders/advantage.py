@@ -237,14 +237,19 @@ def advantage_table(t: pa.Table, r: pa.Table, tp: dict[str, Any], rp: dict[str, 
     row_tok, tok_ent, ids = _flat2(t["topk_ids"])
     _, _, t_codes = _flat2(t["topk_logprobs"])
     _, _, r_codes = _flat2(r["topk_logprobs"])
-    adv = _decode_flat(t_codes, tok_ent, tp) - _decode_flat(r_codes, tok_ent, rp)
+    t_lp, r_lp = _decode_flat(t_codes, tok_ent, tp), _decode_flat(r_codes, tok_ent, rp)
+    adv = t_lp - r_lp
+    # a u8 cache clips log-probs at -255 steps: there A is a bound, not a value (counted, like clamped entries)
+    floors = [-255 * get_scheme(p["quantization"]).step if get_scheme(p["quantization"]).step else -np.inf
+              for p in (tp, rp)]
+    floored_all = (t_lp <= floors[0]) | (r_lp <= floors[1])
     tokens_per_row = np.diff(row_tok)
     keep_row = (np.isin(t["side"].to_numpy(zero_copy_only=False), list(sides)) if "side" in t.column_names
                 else np.ones(t.num_rows, dtype=bool))
     keep_tok = np.repeat(keep_row, tokens_per_row)
     per_tok = np.diff(tok_ent)
     keep_ent = np.repeat(keep_tok, per_tok)
-    adv, ids = adv[keep_ent], ids[keep_ent]
+    adv, ids, floored = adv[keep_ent], ids[keep_ent], floored_all[keep_ent]
     new_row_tok = np.concatenate([[0], np.cumsum(np.where(keep_row, tokens_per_row, 0))])
     new_tok_ent = np.concatenate([[0], np.cumsum(per_tok[keep_tok])])
     codes = encode_advantage(adv, new_tok_ent, step, encoding)
@@ -266,6 +271,7 @@ def advantage_table(t: pa.Table, r: pa.Table, tp: dict[str, Any], rp: dict[str, 
         "advantage_entries": int(len(adv)),
         "completion_tokens": int(tokens_per_row.sum()),
         "clamped_entries": int((np.abs(finite) > limit).sum()),
+        "floored_entries": int(floored.sum()),
         "advantage_mean": round(float(finite.mean()), 4) if len(finite) else None,
         "advantage_abs_mean": round(float(np.abs(finite).mean()), 4) if len(finite) else None,
         "advantage_min": round(float(finite.min()), 4) if len(finite) else None,
@@ -297,6 +303,10 @@ def build_advantage(store: DatasetStore, teacher: str, reference: str, *, name: 
     if stats["clamped_entries"]:
         notes.append(f"{stats['clamped_entries']:,} of {stats['advantage_entries']:,} advantages beyond "
                      f"+-{127 * step:.3g} nats clamped (a larger --step widens the range)")
+    if stats["floored_entries"]:
+        notes.append(f"{stats['floored_entries']:,} of {stats['advantage_entries']:,} advantages involve a log-prob "
+                     "clipped at a u8 cache's floor (A is then only a bound): cache with --quantization fp16 to "
+                     "avoid it")
     errs = [get_scheme(p["quantization"]).max_error for p in (tp, rp)]
     params: dict[str, Any] = {
         "teacher": _ref(tv),
@@ -318,7 +328,8 @@ def build_advantage(store: DatasetStore, teacher: str, reference: str, *, name: 
         "clamp": [-127 * step, 127 * step],
         "max_error": round(step / 2 + sum(errs), 6),
         "max_error_rule": "step/2 from the codes plus the two caches' own quantisation errors (teacher "
-                          f"{tp['quantization']}, reference {rp['quantization']}); clamped entries excepted",
+                          f"{tp['quantization']}, reference {rp['quantization']}); clamped and floored entries "
+                          "excepted",
         "splits": list(dict.fromkeys(t["split"].to_pylist())),
         **stats,
     }

@@ -101,6 +101,36 @@ def test_dckd_step_zero_matches_a_dense_computation(world: dict[str, Any], tmp_p
     assert run["config"]["alpha"] == 0.1 and run["config"]["beta"] == 0.1
 
 
+def _coarse_kl(student_lp: torch.Tensor, side: Any) -> torch.Tensor:
+    """Per token KL over the teacher's k ids + one bucket for the rest, both sides renormalised (dense student)."""
+    ids = torch.as_tensor(side.top_ids)
+    t = torch.as_tensor(side.teacher_logprobs, dtype=torch.float64)
+    s = student_lp.double().gather(-1, ids)
+    t_all = torch.cat([t, torch.as_tensor(side.residual, dtype=torch.float64).log().unsqueeze(-1)], -1)
+    s_all = torch.cat([s, torch.log1p(-s.exp().sum(-1)).unsqueeze(-1)], -1)
+    p, q = torch.log_softmax(t_all, -1), torch.log_softmax(s_all, -1)
+    return (p.exp() * (p - q)).sum(-1)
+
+
+def test_dckd_weights_and_kl_terms_match_a_dense_computation(world: dict[str, Any], tmp_path: Path,
+                                                            tok: Any) -> None:
+    """A student that is not the teacher, alpha != beta: each KL term is the pooled token mean of the coarse KL
+    on its own side, weighted by its own weight (a swapped side or weight fails)."""
+    from train.dckd import cache_sides, run_dckd
+
+    result = run_dckd(_cfg(DCKDConfig, world, tmp_path / "run", model=str(world["reference"]), max_steps=1,
+                           batch_size=8, alpha=0.3, beta=0.7), tokenizer=tok)
+    first = result.metrics["log_history"][0]
+    student = load_causal_lm(ModelRef.parse(str(world["reference"])), dtype="float32", device="cpu").eval()
+    pairs = _first_batch(world, "teacher-logits", cache_sides, 8)
+    kl = {name: float(torch.cat([_coarse_kl(_dense_side(student, p[i]), p[i]) for p in pairs]).mean())
+          for i, name in enumerate(("kl_chosen", "kl_rejected"))}
+    assert abs(kl["kl_chosen"] - kl["kl_rejected"]) > 0.05  # the sides differ, so a swap would show
+    assert first["kl_chosen"] == pytest.approx(kl["kl_chosen"], rel=1e-4)
+    assert first["kl_rejected"] == pytest.approx(kl["kl_rejected"], rel=1e-4)
+    assert first["loss"] == pytest.approx(first["nll"] + 0.3 * kl["kl_chosen"] + 0.7 * kl["kl_rejected"], rel=1e-4)
+
+
 @pytest.mark.parametrize("clamp", ["none", "reference"])
 def test_adpa_step_zero_matches_a_dense_computation(world: dict[str, Any], tmp_path: Path, tok: Any,
                                                      clamp: str) -> None:
@@ -227,3 +257,13 @@ def test_cli_help_and_a_run(world: dict[str, Any], tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["train", "dckd", "--store", str(world["store"]), "--cache", "nope",
                                    "--run-dir", str(tmp_path / "cli2")])
     assert res.exit_code == 1 and "Traceback" not in res.output
+
+
+def test_missing_eval_split_is_a_note_not_a_failure(world: dict[str, Any], tmp_path: Path, tok: Any) -> None:
+    from train.dckd import run_dckd
+
+    result = run_dckd(_cfg(DCKDConfig, world, tmp_path / "run", max_steps=1, evaluate=True, eval_split="heldout"),
+                      tokenizer=tok)
+    assert "preference_eval" not in result.metrics
+    assert any("no preference evaluation" in n and "'heldout'" in n for n in result.metrics["notes"])
+    assert (result.run.path / "metrics.json").is_file()

@@ -277,6 +277,12 @@ class ADPAConfig(PreferenceDistillConfig):
                 "(negative advantages count ~0, large ones saturate).")
     init: str | None = opt(None, "Start from this run (the DCKD student: ADPA+) instead of --model.")
 
+    def validate(self) -> None:
+        super().validate()
+        if self.on_policy and not self.reference_model:
+            raise ConfigError("reference_model", "--on-policy ADPA needs the teacher's reference for the advantage: "
+                                                 "give --reference-model (the SFT run the DPO teacher started from)")
+
 
 def parse_value(text: str) -> Any:
     """`--set key=value` values are YAML scalars/lists: 3, 0.5, true, null, [q_proj, v_proj]."""

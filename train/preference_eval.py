@@ -248,7 +248,7 @@ class PreferenceEvalConfig(ModelSpec):
     store: str | None = None
 
 
-def _run_info(spec: str | None) -> dict[str, Any] | None:
+def run_info(spec: str | None) -> dict[str, Any] | None:
     from train.modeling import RUN_FILE
 
     if spec and (Path(spec) / RUN_FILE).is_file():
@@ -286,7 +286,7 @@ def run_preference_eval(cfg: PreferenceEvalConfig, *, tokenizer: Any | None = No
     from curate.models import tokenizer_fingerprint
     from curate.store import DatasetStore
 
-    model_info, teacher_info = _run_info(cfg.model), _run_info(cfg.teacher)
+    model_info, teacher_info = run_info(cfg.model), run_info(cfg.teacher)
     if cfg.teacher and (teacher_info is None or teacher_info.get("method") != "dpo"):
         raise CurateError(f"--teacher {cfg.teacher} is not a DPO run folder (run.json with method dpo)")
     t_ref, t_beta = dpo_facts(teacher_info)

@@ -72,8 +72,8 @@ def teacher_run(teacher: str | None) -> str | None:
     return None
 
 
-def preference_eval_step(cfg: PreferenceDistillConfig, preferences: str, teacher: str | None,
-                         template: str) -> Callable[[Any, Any, RunFolder], tuple[str, dict[str, Any], list[Path]]]:
+def preference_eval_step(cfg: PreferenceDistillConfig, preferences: str, teacher: str | None, template: str,
+                         notes: list[str]) -> Callable[[Any, Any, RunFolder], tuple[str, dict[str, Any], list[Path]]]:
     """`train_and_save`'s extra evaluation: held-out preference accuracy of the trained student and, when the
     teacher is a DPO run, its reward margin under the teacher's reference and beta (and the teacher's own)."""
 
@@ -83,6 +83,7 @@ def preference_eval_step(cfg: PreferenceDistillConfig, preferences: str, teacher
             dpo_facts,
             preference_metrics,
             read_pairs,
+            run_info,
             score_pairs,
             tokenize_pairs,
             write_preference_eval,
@@ -96,8 +97,11 @@ def preference_eval_step(cfg: PreferenceDistillConfig, preferences: str, teacher
         policy = score_pairs(model, tok, pairs.pairs, batch_size=cfg.batch_size)
         reference = teacher_scores = None
         run_dir = teacher_run(teacher)
-        ref_path, beta = dpo_facts(_run_json(run_dir))
-        if run_dir is not None and ref_path is not None and beta is not None:
+        ref_path, beta = dpo_facts(run_info(run_dir))
+        if run_dir is None or ref_path is None or beta is None:
+            notes.append(f"no reward margin: the cached teacher {teacher} is not a DPO run folder reachable "
+                             "from here (its reference and beta are unknown)")
+        else:
             from train.preference_eval import load_model
 
             ecfg = PreferenceEvalConfig(device=cfg.device, dtype=cfg.dtype)
@@ -110,26 +114,38 @@ def preference_eval_step(cfg: PreferenceDistillConfig, preferences: str, teacher
     return step
 
 
-def _run_json(run_dir: str | None) -> dict[str, Any] | None:
-    import json
-
-    from train.modeling import RUN_FILE
-
-    if run_dir is None:
-        return None
-    return json.loads((Path(run_dir) / RUN_FILE).read_text())
-
-
 def run_preference_distill(cfg: PreferenceDistillConfig, data_name: str, prepare: Callable[[], Prepared],
                            loss: PreferenceLoss, trainer_cls: type, *, console: Any = None) -> RunResult:
     """Run folder first (refusals before any step), then prepare, train, save and evaluate."""
     run = RunFolder.prepare(cfg, data_name)
     prep = prepare()
     kwargs: dict[str, Any] = {"pref_loss": loss}
+    teacher = prep.facts.get("teacher")
     if cfg.on_policy:
         from train.on_policy import OnPolicyRejected
 
+        check_same_teacher(cfg.teacher_model, teacher, "--teacher-model", "teacher")
+        check_same_teacher(cfg.reference_model, prep.facts.get("reference"), "--reference-model", "reference")
         kwargs["on_policy"] = OnPolicyRejected.from_config(cfg, prep.tokenizer, loss)
-    teacher = prep.facts.get("teacher")
-    step = preference_eval_step(cfg, prep.facts["preferences"], teacher, prep.template)
+    step = None
+    preferences = DatasetStore(cfg.store).get(prep.facts["preferences"])
+    if cfg.eval_split in preferences.splits("pairs"):
+        step = preference_eval_step(cfg, preferences.ref, teacher, prep.template, prep.notes)
+    elif cfg.evaluate:
+        prep.notes.append(f"no preference evaluation: {preferences.ref} has no {cfg.eval_split!r} pairs (build it "
+                          "with a test split, e.g. --test-fraction)")
     return train_and_save(cfg, prep, trainer_cls, run, trainer_kwargs=kwargs, console=console, extra_eval=step)
+
+
+def check_same_teacher(given: str | None, recorded: str | None, flag: str, role: str) -> None:
+    """--on-policy scores new samples with `given`; refuse a model other than the one the offline rows came
+    from (a run would otherwise mix two teachers)."""
+    from train.modeling import model_ref
+
+    if given is None or recorded is None:
+        return
+    same = Path(model_ref(given).location).resolve() == Path(model_ref(recorded).location).resolve() \
+        if Path(given).exists() and Path(recorded).exists() else given == recorded
+    if not same:
+        raise CurateError(f"{flag} {given} is not the {role} the offline rows were scored with ({recorded}): "
+                          "one run would mix two teachers")
