@@ -129,3 +129,15 @@ def test_cli_errors_name_the_url(case: str, server: Server, tmp_path: Path, monk
     if case == "404":
         assert "HTTP 404" in res.output and server.hits["/plain/nope.tar"] == 1  # not retried
     assert not (tmp_path / "s").exists() or not list((tmp_path / "s").rglob("*.parquet"))
+
+
+def test_unresolvable_host_is_one_line_at_once(tmp_path: Path) -> None:
+    """A host that cannot resolve (offline, or a typo: `.invalid` never resolves, RFC 6761) is not retried: one
+    line naming the host and the way out, without the retry warnings and back-off of a transient failure."""
+    url = "https://no-such-host.invalid/ethics.tar"
+    res = CliRunner().invoke(app, ["build", "ethics", "--source", url, "--store", str(tmp_path / "s")])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1, res.output
+    assert lines[0] == (f"error: could not download {url}: cannot resolve no-such-host.invalid (offline? give a "
+                        "local folder with --source)")
