@@ -135,8 +135,13 @@ def main() -> None:
     def acc(n: str) -> float:
         return results[n]["pref_acc_mean"]
 
+    def margin(n: str) -> float:
+        return results[n]["margin"]
+
     shows = {clamp: acc(f"ADPA+ ({clamp})") >= acc(f"ADPA ({clamp})") > acc("DCKD") > acc("DPO-on-student")
              for clamp in ("none", "reference")}
+    shows_margin = {clamp: margin(f"ADPA+ ({clamp})") >= margin(f"ADPA ({clamp})") > margin("DCKD")
+                    > margin("DPO-on-student") for clamp in ("none", "reference")}
     columns = ["model", "pref acc (summed)", "pref acc (per token)", "reward margin", "DFAR acc", "DFAR F1"]
     rows = [[n, r["pref_acc_sum"], r["pref_acc_mean"], r["margin"], r["dfar_acc"], r["dfar_f1"]]
             for n, r in results.items()]
@@ -144,10 +149,12 @@ def main() -> None:
          f"{a.steps} steps each)", columns, rows,
          {"args": {k: str(v) for k, v in vars(a).items()}, "beta": beta, "teacher_margin": teacher_own["margin"],
           "advantage_bytes_per_token": adv.version.manifest.get("params", {}).get("bytes_per_token"),
-          "expected_order": ORDER, "order_shows_per_token_accuracy": shows, "seconds": lap.seconds,
+          "expected_order": ORDER, "order_shows_per_token_accuracy": shows,
+          "order_shows_reward_margin": shows_margin, "seconds": lap.seconds,
           "total_seconds": lap.total(), "held_out_pairs": len(ids), "dfar_test_rows": len(dfar_rows.labels)})
-    for clamp, ok in shows.items():
-        print(f"{ORDER} on per-token preference accuracy, clamp {clamp}: {'shows' if ok else 'does NOT show'}")
+    for clamp in ("none", "reference"):
+        for what, ok in (("per-token preference accuracy", shows[clamp]), ("reward margin", shows_margin[clamp])):
+            print(f"{ORDER} on {what}, clamp {clamp}: {'shows' if ok else 'does NOT show'}")
 
 
 if __name__ == "__main__":
