@@ -267,3 +267,18 @@ def test_missing_eval_split_is_a_note_not_a_failure(world: dict[str, Any], tmp_p
     assert "preference_eval" not in result.metrics
     assert any("no preference evaluation" in n and "'heldout'" in n for n in result.metrics["notes"])
     assert (result.run.path / "metrics.json").is_file()
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_is_refused(world: dict[str, Any], tmp_path: Path,
+                                                                 tok: Any) -> None:
+    """--overwrite empties the run folder only once every check has passed: a typo loses nothing."""
+    from train.adpa import run_adpa
+
+    old = tmp_path / "run"
+    old.mkdir()
+    (old / "run.json").write_text("{}")
+    with pytest.raises(CurateError, match="is not an advantage table"):  # refused inside prepare, after the folder
+        run_adpa(_cfg(ADPAConfig, world, old, advantage="teacher-logits", overwrite=True), tokenizer=tok)
+    assert (old / "run.json").read_text() == "{}"
+    result = run_adpa(_cfg(ADPAConfig, world, old, max_steps=1, overwrite=True), tokenizer=tok)
+    assert json.loads((result.run.path / "run.json").read_text())["config"]["method"] == "adpa"

@@ -83,10 +83,13 @@ class RunFolder:
     path: Path
     resume_from: Path | None = None  # the complete checkpoint a --resume continues from
     changes: dict[str, list[Any]] = field(default_factory=dict)  # options changed on resume (--allow-changes)
+    # --overwrite of an existing run: emptied by `start`, after every check of the data and options has passed,
+    # so a refused start (a typo in the cache name, a tokenizer mismatch) loses nothing
+    overwrite_pending: bool = False
 
     @classmethod
     def prepare(cls, cfg: TrainConfig, data_label: str, *, is_main: bool | None = None) -> RunFolder:
-        """Create (or reopen with --resume / wipe with --overwrite) the run's folder.
+        """Create (or reopen with --resume, or mark for wiping with --overwrite: done by `start`) the run's folder.
 
         --resume continues from the newest *complete* checkpoint and refuses options that differ from the
         run's recorded config unless `allow_changes` (then they become a new segment in run.json).
@@ -107,7 +110,7 @@ class RunFolder:
             if cfg.resume:
                 run._check_resume(cfg)
             elif cfg.overwrite:
-                shutil.rmtree(path)
+                run.overwrite_pending = True
             else:
                 raise CurateError(f"run folder {path} already exists: pass --resume to continue it, --overwrite to "
                                   "start again, or --run-dir for a new folder")
@@ -197,6 +200,10 @@ class RunFolder:
         --resume only a new segment (config.yaml and datasets.json keep describing what the run started with;
         data versions that changed since are refused unless `allow_changes`, then recorded in the segment)."""
         now = datetime.now(UTC).isoformat(timespec="seconds")
+        if self.overwrite_pending:
+            shutil.rmtree(self.path)
+            self.path.mkdir(parents=True)
+            self.overwrite_pending = False
         if self.resume_from is None or not (self.path / "run.json").is_file():
             self.write_config(cfg)
             self.write_json("datasets.json", datasets)
