@@ -100,7 +100,7 @@ def preference_eval_step(cfg: PreferenceDistillConfig, preferences: str, teacher
         ref_path, beta = dpo_facts(run_info(run_dir))
         if run_dir is None or ref_path is None or beta is None:
             notes.append(f"no reward margin: the cached teacher {teacher} is not a DPO run folder reachable "
-                             "from here (its reference and beta are unknown)")
+                         "from here (its reference and beta are unknown)")
         else:
             from train.preference_eval import load_model
 
