@@ -48,7 +48,8 @@ class ViewSpec:
     has_split_column: bool
     where: tuple[tuple[str, str], ...] = ()  # column = value filters (a builder's `params.views`)
     # Checks the files before the view is created (local versions: `Version.ensure_intact`, a damaged file is
-    # refused rather than served); None for Hub views, whose files are checked by the Hub's own hashes.
+    # refused rather than served); None for Hub views, which read the remote files as served (`curate pull`
+    # is what verifies a repo's files against its manifest).
     check: Callable[[], object] | None = field(default=None, compare=False, repr=False)
 
     def sql(self) -> str:
