@@ -15,7 +15,7 @@ from typing import Any
 from curate.errors import CurateError
 from curate.store import DatasetStore, Version
 from train.config import ADPAConfig
-from train.kd import check_tokenizer
+from train.kd import cache_template, check_tokenizer
 from train.losses import get_preference_loss
 from train.preference_distill import PairSide, PreferenceDistillTrainer, pair_up
 from train.preference_run import prepare_pairs, run_preference_distill
@@ -47,10 +47,7 @@ def prepare_adpa(cfg: ADPAConfig, tokenizer: Any | None = None) -> Prepared:
     store = DatasetStore(cfg.store)
     adv = get_advantage(store, cfg.advantage)
     params = advantage_params(adv)
-    template = params.get("template", "plain")
-    if cfg.template is not None and cfg.template != template:
-        raise CurateError(f"template {cfg.template!r} differs from {adv.ref}'s {template!r}: ADPA trains on the "
-                          "table's tokenization; leave template out (or set it to the table's)")
+    template = cache_template(cfg, adv, params, method="ADPA", source="table")
     student = student_config(cfg)
 
     def check(tok: Any) -> str:

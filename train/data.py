@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
@@ -22,6 +23,20 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 IGNORE = -100  # label value the loss skips (prompt and padding)
+
+
+def cached_completion(input_ids: Any, prompt_len: int, max_length: int,
+                      ) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(ids, labels, completion tokens) of a cached row cut to ``max_length``: labels copy the completion ids
+    and are IGNORE on the prompt; None when no completion token is left (KD and preference features)."""
+    ids = np.asarray(input_ids, dtype=np.int64)[:max_length]
+    p = int(prompt_len)
+    t = len(ids) - p
+    if t <= 0:
+        return None
+    labels = np.full(len(ids), IGNORE, dtype=np.int64)
+    labels[p:] = ids[p:]
+    return ids, labels, t
 
 
 def read_split(version: Any, config: str, split: str, required: tuple[str, ...], purpose: str) -> Any:

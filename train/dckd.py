@@ -41,7 +41,7 @@ def prepare_dckd(cfg: DCKDConfig, tokenizer: Any | None = None) -> Prepared:
     store = DatasetStore(cfg.store)
     cache = get_cache(store, cfg.cache)
     params = cache_params(cache)
-    template = cache_template(cfg, cache, params)  # type: ignore[arg-type]  # same field, same rule as KD
+    template = cache_template(cfg, cache, params, method="DCKD")
     resolve_parent(store, cache)  # the parent must be in the store (one line otherwise)
 
     def check(tok: Any) -> str:

@@ -239,19 +239,12 @@ def run_dpo(cfg: DPOTeacherConfig, *, tokenizer: Any | None = None, console: Any
 
 def plot_rewards(log_history: list[dict[str, Any]], path: Path, title: str = "") -> Path | None:
     """TRL's implicit rewards of chosen and rejected (beta · log pi/pi_ref) and their margin per logged step."""
-    from train.plots import _save, plt
+    from train.plots import step_plot
 
     keys = {"rewards/chosen": "chosen", "rewards/rejected": "rejected", "rewards/margins": "margin"}
     rows = [r for r in log_history if "rewards/margins" in r and "step" in r]
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in keys.items():
-        ax.plot([r["step"] for r in rows], [r[key] for r in rows], "-", label=label)
-    ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("implicit reward (train batch)")
-    ax.set_title(title or "DPO rewards")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _save(fig, path)
+    steps = [r["step"] for r in rows]
+    return step_plot({label: (steps, [r[key] for r in rows], "-") for key, label in keys.items()}, path,
+                     ylabel="implicit reward (train batch)", title=title or "DPO rewards", zero_line=True)

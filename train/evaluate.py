@@ -434,14 +434,20 @@ def _evaluate(model: Any, tok: Any, rows: EvalRows, *, template: str, batch_size
     return metrics, preds
 
 
+def write_metrics_and_records(out: Path, metrics: dict[str, Any], records: list[dict[str, Any]],
+                              records_name: str) -> None:
+    """``out``/metrics.json and one JSON line per record in ``out``/``records_name`` (an evaluation's files)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    with open(out / records_name, "w") as fh:
+        for r in records:
+            fh.write(json.dumps(r) + "\n")
+
+
 def write_eval(out: Path, metrics: dict[str, Any], preds: list[dict[str, Any]], title: str) -> None:
     from train.plots import plot_confusion, plot_group_confusion
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    with open(out / "predictions.jsonl", "w") as fh:
-        for p in preds:
-            fh.write(json.dumps(p) + "\n")
+    write_metrics_and_records(out, metrics, preds, "predictions.jsonl")
     if "per_group" in metrics:
         (out / "table.md").write_text(table_markdown(results_table(metrics)))
         panels = {f"{g} {sp}": m["verbalizer"]["confusion"] for g, s in metrics["per_group"].items()

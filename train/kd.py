@@ -157,12 +157,14 @@ class KDPrepared(Prepared):
     per_row_labels: bool = False  # the cache's subsets have their own label words (ids per row)
 
 
-def cache_template(cfg: KDConfig, cache: Version, params: dict[str, Any]) -> str:
-    """The cache's template: KD trains on the cache's own token ids, so a different `template` is refused."""
+def cache_template(cfg: Any, cache: Version, params: dict[str, Any], *, method: str = "KD",
+                   source: str = "cache") -> str:
+    """The cache's template: KD (and DCKD, ADPA on an advantage table) train on the cached token ids, so a
+    different ``cfg.template`` is refused."""
     template = params.get("template", "plain")
     if cfg.template is not None and cfg.template != template:
-        raise CurateError(f"template {cfg.template!r} differs from {cache.ref}'s {template!r}: KD trains on the "
-                          "cache's tokenization; leave template out (or set it to the cache's)")
+        raise CurateError(f"template {cfg.template!r} differs from {cache.ref}'s {template!r}: {method} trains on "
+                          f"the {source}'s tokenization; leave template out (or set it to the {source}'s)")
     return template
 
 

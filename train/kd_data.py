@@ -13,18 +13,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from train.data import IGNORE, pad_right
+from train.data import IGNORE, cached_completion, pad_right
 
 
 def kd_features(ex: Any, max_length: int) -> dict[str, Any] | None:
     """One `CachedExample` -> features, cut to ``max_length`` tokens (None if no completion token is left)."""
-    ids = np.asarray(ex.input_ids, dtype=np.int64)[:max_length]
-    p = int(ex.prompt_len)
-    t = len(ids) - p
-    if t <= 0:
+    cut = cached_completion(ex.input_ids, ex.prompt_len, max_length)
+    if cut is None:
         return None
-    labels = np.full(len(ids), IGNORE, dtype=np.int64)
-    labels[p:] = ids[p:]
+    ids, labels, t = cut
+    p = int(ex.prompt_len)
     feats: dict[str, Any] = {
         "input_ids": ids,
         "labels": labels,

@@ -27,14 +27,22 @@ def plot_losses(log_history: list[dict[str, Any]], path: Path, title: str = "") 
                 ys.append(float(rec[key]))
     if not series:
         return None
+    names = {"loss": "train loss", "ce": "train CE", "kd": "train KD (T²·D)", "eval_loss": "eval loss"}
+    return step_plot({names.get(k, k): (xs, ys, "o-" if k == "eval_loss" else "-") for k, (xs, ys) in series.items()},
+                     path, ylabel="loss (nats)", title=title or "training curves")
+
+
+def step_plot(series: dict[str, tuple[list[int], list[float], str]], path: Path, *, ylabel: str, title: str,
+              zero_line: bool = False) -> Path:
+    """Named (steps, values, style) lines against the optimizer step, saved as one PNG."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, (xs, ys) in series.items():
-        style = "o-" if key == "eval_loss" else "-"
-        ax.plot(xs, ys, style, label={"loss": "train loss", "ce": "train CE", "kd": "train KD (T²·D)",
-                                      "eval_loss": "eval loss"}.get(key, key), markersize=3)
+    for label, (xs, ys, style) in series.items():
+        ax.plot(xs, ys, style, label=label, markersize=3)
+    if zero_line:
+        ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats)")
-    ax.set_title(title or "training curves")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)

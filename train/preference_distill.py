@@ -23,12 +23,11 @@ from transformers import Trainer
 
 from curate.errors import CurateError
 from curate.store import DatasetStore, Version
-from train.data import IGNORE, pad_right
-from train.losses.preference import PreferenceLoss, SideTokens
+from train.data import IGNORE, cached_completion, pad_right
+from train.losses.preference import TERMS, PreferenceLoss, SideTokens
 from train.token_rows import logprobs_at, supervised_positions
 
 SIDES = ("chosen", "rejected")
-TERMS = ("nll", "kl_chosen", "kl_rejected", "adv")  # logged next to the loss when the method has them
 
 
 @dataclass
@@ -47,14 +46,11 @@ class PairSide:
 
     def features(self, max_length: int) -> dict[str, Any] | None:
         """Cut to ``max_length`` tokens (None when no completion token is left)."""
-        ids = np.asarray(self.input_ids, dtype=np.int64)[:max_length]
-        p = int(self.prompt_len)
-        t = len(ids) - p
-        if t <= 0:
+        cut = cached_completion(self.input_ids, self.prompt_len, max_length)
+        if cut is None:
             return None
-        labels = np.full(len(ids), IGNORE, dtype=np.int64)
-        labels[p:] = ids[p:]
-        out: dict[str, Any] = {"input_ids": ids, "labels": labels, "answer_pos": p - 1}
+        ids, labels, t = cut
+        out: dict[str, Any] = {"input_ids": ids, "labels": labels, "answer_pos": int(self.prompt_len) - 1}
         if self.top_ids is not None and self.top_ids.size:
             out["top_ids"] = np.asarray(self.top_ids[:t], dtype=np.int64)
             valid = self.valid[:t] if self.valid is not None else None

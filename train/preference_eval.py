@@ -207,11 +207,9 @@ def plot_margins(records: list[dict[str, Any]], path: Path, title: str = "") -> 
 
 def write_preference_eval(out: Path, metrics: dict[str, Any], records: list[dict[str, Any]], title: str) -> Path:
     """metrics.json, pairs.jsonl (one record per pair) and margins.png in ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    with open(out / "pairs.jsonl", "w") as fh:
-        for r in records:
-            fh.write(json.dumps(r) + "\n")
+    from train.evaluate import write_metrics_and_records
+
+    write_metrics_and_records(out, metrics, records, "pairs.jsonl")
     return plot_margins(records, out / "margins.png", title)
 
 

@@ -10,7 +10,11 @@ from typing import Any
 
 from curate.errors import CurateError
 from train.config import TrainConfig
+from train.losses.preference import TERMS
 from train.run_folder import RunFolder
+
+# What the one-line progress shows of a logged step: the loss, its parts (KD: ce, kd; DCKD / ADPA: their terms)
+SHOWN = ("loss", "ce", "kd", *TERMS, "eval_loss", "learning_rate", "epoch", "train_runtime")
 
 
 @dataclass
@@ -114,8 +118,7 @@ def train_and_save(cfg: TrainConfig, prep: Prepared, trainer_cls: type, run: Run
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
             if state.is_world_process_zero and logs:
                 shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in logs.items()
-                         if k in ("loss", "ce", "kd", "nll", "kl_chosen", "kl_rejected", "adv", "eval_loss",
-                                  "learning_rate", "epoch", "train_runtime")}
+                         if k in SHOWN}
                 say(f"step {state.global_step}/{state.max_steps} {shown}", highlight=False)
 
     args = training_arguments(cfg, run, prep.eval_dataset is not None)

@@ -20,7 +20,9 @@ from train.losses.base import PAD_LOGPROB
 from train.losses.forward_kl import ForwardKL
 from train.token_rows import completion_ce
 
-__all__ = ["PreferenceLoss", "SideTokens", "gather_sparse", "nll", "pad_mask", "sparse_kl"]
+__all__ = ["TERMS", "PreferenceLoss", "SideTokens", "gather_sparse", "nll", "pad_mask", "sparse_kl"]
+
+TERMS = ("nll", "kl_chosen", "kl_rejected", "adv")  # the named terms a preference loss may return (logged)
 
 
 @dataclass
