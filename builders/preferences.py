@@ -412,6 +412,8 @@ def _generate_local(model: Any, tok: Any, inputs: list[list[int]], params: Prefe
     todo = [i for i, k in enumerate(keys) if k not in gen_log.done]
     if len(todo) < len(inputs):
         log.info("resuming: %d of %d generations already in %s", len(inputs) - len(todo), len(inputs), gen_log.path)
+    if not todo:  # a rebuild: every answer is in the log, no empty progress bar
+        return [gen_log.done[k] for k in keys]
     model.eval()
     with rich_progress("generating rejected answers") as tick:
         tick(0, len(todo))

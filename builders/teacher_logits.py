@@ -260,9 +260,11 @@ def read_parent(store: DatasetStore, params: LogitCacheConfig) -> tuple[Version,
         t = parent.read(params.config, split)
         missing = [c for c in REQUIRED_COLUMNS if c not in t.column_names]
         if missing:
+            hint = "; preference pairs are cached from the `sides` config (--config sides)" \
+                if "sides" in parent.configs() and params.config != "sides" else ""
             raise CurateError(
                 f"{parent.ref} config {params.config!r} lacks column(s) {', '.join(missing)} "
-                f"(a logit cache needs {', '.join(REQUIRED_COLUMNS)}; has {', '.join(t.column_names)})"
+                f"(a logit cache needs {', '.join(REQUIRED_COLUMNS)}; has {', '.join(t.column_names)}){hint}"
             )
         if params.subsets or "subset" in t.column_names:
             from train.data import select_subsets

@@ -182,6 +182,9 @@ def test_refusals_are_one_line_before_any_step(world: dict[str, Any], tmp_path: 
     store = DatasetStore(world["store"])
     cache_teacher_logits(store, LogitCacheConfig(model=str(world["teacher"]), dataset="dfar", config="lr", k=8,
                                                  max_length=64, name="dfar-cache"), progress=False)
+    with pytest.raises(CurateError, match=r"lacks column\(s\) completion .*cached from the `sides` config"):
+        cache_teacher_logits(store, LogitCacheConfig(model=str(world["teacher"]), dataset="preferences",
+                                                     config="pairs", k=8), progress=False)
     with pytest.raises(CurateError, match="no side column"):
         run_dckd(_cfg(DCKDConfig, world, tmp_path / "a", cache="dfar-cache"), tokenizer=tok)
     with pytest.raises(CurateError, match="is not an advantage table"):

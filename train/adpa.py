@@ -41,11 +41,11 @@ def student_config(cfg: ADPAConfig) -> ADPAConfig:
     return replace(cfg, model=cfg.init) if cfg.init else cfg
 
 
-def prepare_adpa(cfg: ADPAConfig, tokenizer: Any | None = None) -> Prepared:
+def prepare_adpa(cfg: ADPAConfig, tokenizer: Any | None = None, *, adv: Version | None = None) -> Prepared:
     from builders.advantage import advantage_params
 
     store = DatasetStore(cfg.store)
-    adv = get_advantage(store, cfg.advantage)
+    adv = adv if adv is not None else get_advantage(store, cfg.advantage)
     params = advantage_params(adv)
     template = cache_template(cfg, adv, params, method="ADPA", source="table")
     student = student_config(cfg)
@@ -65,5 +65,5 @@ def run_adpa(cfg: ADPAConfig, *, tokenizer: Any | None = None, console: Any = No
     """One ADPA (or, with --init, ADPA+) run end to end."""
     adv = get_advantage(DatasetStore(cfg.store), cfg.advantage)
     loss = get_preference_loss("adpa", gamma=cfg.gamma, clamp=cfg.advantage_clamp)
-    return run_preference_distill(cfg, f"{adv.name}-{adv.tag}", lambda: prepare_adpa(cfg, tokenizer), loss,
+    return run_preference_distill(cfg, f"{adv.name}-{adv.tag}", lambda: prepare_adpa(cfg, tokenizer, adv=adv), loss,
                                   PreferenceDistillTrainer, console=console)

@@ -35,11 +35,11 @@ def cache_sides(cache: Version, split: str) -> list[PairSide]:
     return out
 
 
-def prepare_dckd(cfg: DCKDConfig, tokenizer: Any | None = None) -> Prepared:
+def prepare_dckd(cfg: DCKDConfig, tokenizer: Any | None = None, *, cache: Version | None = None) -> Prepared:
     from curate.logit_codec import cache_params
 
     store = DatasetStore(cfg.store)
-    cache = get_cache(store, cfg.cache)
+    cache = cache if cache is not None else get_cache(store, cfg.cache, "just cache-advantage")
     params = cache_params(cache)
     template = cache_template(cfg, cache, params, method="DCKD")
     resolve_parent(store, cache)  # the parent must be in the store (one line otherwise)
@@ -54,7 +54,8 @@ def prepare_dckd(cfg: DCKDConfig, tokenizer: Any | None = None) -> Prepared:
 
 def run_dckd(cfg: DCKDConfig, *, tokenizer: Any | None = None, console: Any = None) -> RunResult:
     """One DCKD run end to end: checks (cache, parent, tokenizer, sides) first, then train, save, evaluate."""
-    cache = get_cache(DatasetStore(cfg.store), cfg.cache)
+    cache = get_cache(DatasetStore(cfg.store), cfg.cache, "just cache-advantage")
     loss = get_preference_loss("dckd", alpha=cfg.alpha, beta=cfg.beta)
-    return run_preference_distill(cfg, f"{cache.name}-{cache.tag}", lambda: prepare_dckd(cfg, tokenizer), loss,
+    return run_preference_distill(cfg, f"{cache.name}-{cache.tag}",
+                                  lambda: prepare_dckd(cfg, tokenizer, cache=cache), loss,
                                   PreferenceDistillTrainer, console=console)

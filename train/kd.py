@@ -111,12 +111,11 @@ class KDTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
-def get_cache(store: DatasetStore, spec: str) -> Version:
+def get_cache(store: DatasetStore, spec: str, recipe: str = "just cache-teacher-logits") -> Version:
     try:
         return store.get(spec)
     except CurateError as e:
-        raise CurateError(f"{e}; write a teacher-logit cache first: curate cache-logits "
-                          "(just cache-teacher-logits)") from None
+        raise CurateError(f"{e}; write a teacher-logit cache first: curate cache-logits ({recipe})") from None
 
 
 def resolve_parent(store: DatasetStore, cache: Version) -> tuple[Version, dict[str, Any]]:
