@@ -46,6 +46,9 @@ from train.modeling import keep_layers  # noqa: E402
 from train.token_rows import logprobs_at, supervised_positions  # noqa: E402
 
 
+TRL_ANCHOR = "(a') online dense KD, TRL GKDTrainer"
+
+
 def make_cache(store: DatasetStore, model: Any, tok: Any, name: str, n: int, **fields: Any) -> tuple[Any, float]:
     params = LogitCacheConfig(model=SMOLLM2, splits=["train"], limit=n, dtype="float32", name=name, **fields)
     t0 = time.perf_counter()
@@ -77,6 +80,54 @@ def train(student: Any, teacher: Any, feats: list[dict], order: list[list[int]],
         times.append(time.perf_counter() - t0)
     student.eval()
     return times
+
+
+def train_trl(student: Any, teacher: Any, tok: Any, feats: list[dict], order: list[list[int]], pad_id: int, *,
+              lr: float, out_dir: str) -> list[float]:
+    """The anchor for (a): the same steps through TRL's `GKDTrainer` with lmbda = 0 (the dataset's own
+    sequences, no generation) and beta = 0 (forward KL over the full vocabulary, temperature 1, mean over
+    completion tokens). Optimiser settings match `train`'s torch AdamW (weight decay 0.01, no clipping, constant
+    lr); the batches are fed in the same order (a sequential sampler over the batches laid end to end)."""
+    from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+    from transformers import TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from train.data import IGNORE, pad_right
+
+    class InOrder(GKDTrainer):
+        def _get_train_sampler(self, *args: Any, **kwargs: Any) -> SequentialSampler:
+            return SequentialSampler(self.train_dataset)
+
+    class StepTimes(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            self.times.append(time.perf_counter() - self.t0)
+
+    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+        return {"input_ids": pad_right([r["input_ids"] for r in rows], pad_id),
+                "attention_mask": pad_right([[1] * len(r["input_ids"]) for r in rows], 0),
+                "labels": pad_right([r["labels"] for r in rows], IGNORE)}
+
+    batch = len(order[0])
+    data = Dataset.from_list([{"input_ids": [int(x) for x in feats[i]["input_ids"]],
+                               "labels": [int(x) for x in feats[i]["labels"]]} for idx in order for i in idx])
+    args = GKDConfig(output_dir=out_dir, per_device_train_batch_size=batch, max_steps=len(order), learning_rate=lr,
+                     lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.01, max_grad_norm=0.0,
+                     optim="adamw_torch", lmbda=0.0, beta=0.0, bf16=False, fp16=False, gradient_checkpointing=False,
+                     logging_steps=1, save_strategy="no", report_to=[], seed=0, use_cpu=True, disable_tqdm=True,
+                     dataloader_num_workers=0)
+    timer = StepTimes()
+    trainer = InOrder(model=student, teacher_model=teacher, args=args, train_dataset=data, data_collator=collate,
+                      processing_class=tok, callbacks=[timer])
+    trainer.train()
+    student.eval()
+    return timer.times
 
 
 @torch.no_grad()
@@ -113,6 +164,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--layers", type=int, default=15)
+    ap.add_argument("--no-trl", action="store_true", help="skip the TRL GKDTrainer anchor run")
     a = ap.parse_args()
     torch.manual_seed(0)
     wall0 = time.perf_counter()
@@ -141,6 +193,8 @@ def main() -> None:
         collate = KDCollator(pad_id=int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id))
         variants: dict[str, tuple[list[dict], bool, Any]] = {
             "(a) online dense KD": ([kd_features(e, 1024) for e in base], True, None)}
+        if not a.no_trl:
+            variants[TRL_ANCHOR] = (variants["(a) online dense KD"][0], True, None)
         for name, (version, _) in caches.items():
             exs = load_cache(version)
             assert [e.id for e in exs] == [e.id for e in base]
@@ -150,7 +204,10 @@ def main() -> None:
             student = copy.deepcopy(teacher)
             keep_layers(student, a.layers)
             print(f"training {name} ...", flush=True)
-            times = train(student, teacher, feats, order, collate, online=online, lr=a.lr)
+            if name == TRL_ANCHOR:
+                times = train_trl(student, teacher, tok, feats, order, collate.pad_id, lr=a.lr, out_dir=tmp)
+            else:
+                times = train(student, teacher, feats, order, collate, online=online, lr=a.lr)
             ev = evaluate(student, teacher, test_plan.examples, label_ids)
             p = version.manifest["params"] if version is not None else {}
             secs = dict(caches).get(name, (None, None))[1]
