@@ -111,6 +111,9 @@ class LogitCacheConfig(ModelSpec):
         "top", "top: the most probable ids; sample: the distinct ids of --samples draws from the teacher "
         "(unbiased forward-KL estimate).")
     samples: Annotated[int, at.Ge(1), at.Le(4096)] = opt(16, "Draws per token with --select sample.")
+    tail_samples: Annotated[int, at.Ge(0), at.Le(255)] = opt(
+        0, "Also keep this many draws per token from the teacher outside the kept ids (ids + log-probs): forward "
+        "KD then gets an unbiased estimate of the tail the top entries leave out.")
     proposal_temperature: Annotated[float, at.Gt(0)] = opt(
         1.0, "With --select sample: draw from softmax(logits / this) (> 1 reaches further into the tail); stored "
         "importance weights keep the KD estimate unbiased.")
@@ -151,6 +154,9 @@ class LogitCacheConfig(ModelSpec):
                                         or self.select == "sample"):
             raise ConfigError("at_ids", "--at-ids scores exactly the other cache's ids: --top-p, --entry-cost and "
                               "--select sample do not apply")
+        if self.tail_samples and (self.select == "sample" or self.at_ids is not None or self.layout == 1):
+            raise ConfigError("tail_samples", "--tail-samples adds draws to a top selection (--select top, layout 2, "
+                              "no --at-ids)")
         if self.preset is not None and self.preset not in PRESETS:
             raise ConfigError("preset", f"--preset must be one of {', '.join(PRESETS)}, not {self.preset!r}")
 
@@ -515,6 +521,8 @@ def _key_params(params: LogitCacheConfig) -> dict[str, Any]:
     if d.get("subsets") is None:  # added later: absent from earlier keys
         d.pop("subsets", None)
     d.pop("at_ids", None)  # added later; the other cache's content hash is in the key instead
+    if not d.get("tail_samples"):  # added later: absent from earlier keys
+        d.pop("tail_samples", None)
     d["teacher"] = d.pop("model")
     if d["revision"] is None:
         del d["revision"]
@@ -529,7 +537,7 @@ def unit_table(plan: Plan, unit: list[int], scored: list[Any]) -> pa.Table:
     p = plan.params
     schema = cache_schema(plan.vocab_size, scheme, layout=p.layout, sampled=p.select == "sample",
                           tempered=p.proposal_temperature != 1.0, row_labels=bool(plan.label_token_ids_by_subset),
-                          sided=plan.sided)
+                          sided=plan.sided, tail=bool(p.tail_samples))
     exs = [plan.examples[i] for i in unit]
     lab_type = schema.field("label_logprobs").type
     codes = [encode_logprobs(s.topk_logprobs, scheme) for s in scored]
@@ -554,6 +562,12 @@ def unit_table(plan: Plan, unit: list[int], scored: list[Any]) -> pa.Table:
             if p.proposal_temperature != 1.0:
                 cols["sample_log_weights"] = _ragged([s.sample_log_weights for s in scored], masks,
                                                      schema.field("sample_log_weights").type)
+    if p.tail_samples:  # plain codes (draws are in id order, not probability order); a row without tail: none
+        tail_scheme = get_scheme(PLAIN_SCHEME.get(scheme.name, scheme.name))
+        tail_masks = [np.isfinite(s.tail_logprobs) for s in scored]
+        cols["tail_ids"] = _ragged([s.tail_ids for s in scored], tail_masks, schema.field("tail_ids").type)
+        cols["tail_logprobs"] = _ragged([encode_logprobs(s.tail_logprobs, tail_scheme) for s in scored], tail_masks,
+                                        schema.field("tail_logprobs").type)
     cols["residual"] = _lists([s.residual.astype(np.float16) for s in scored], pa.float16())
     cols["entropy"] = _lists([s.entropy.astype(np.float16) for s in scored], pa.float16())
     if plan.label_token_ids_by_subset:  # each row keeps its own subset's words, scored among every subset's
@@ -649,7 +663,8 @@ def compute_units(plan: Plan, work: Path, get_model: Callable[[], Any], *, shard
                                           label_token_ids=plan.scored_label_ids or None, top_p=plan.params.top_p,
                                           k_min=plan.params.k_min, entry_cost=plan.params.entry_cost,
                                           samples=plan.params.samples if plan.params.select == "sample" else None,
-                                          proposal_temperature=plan.params.proposal_temperature)
+                                          proposal_temperature=plan.params.proposal_temperature,
+                                          tail_samples=plan.params.tail_samples)
                 n = sum(e.completion_tokens for e in batch)
                 report.tokens += n
                 rate = report.tokens / max(time.perf_counter() - t0, 1e-9)
@@ -697,6 +712,7 @@ def merge_units(store: DatasetStore, plan: Plan, work: Path, *, teacher: dict[st
         "entry_cost": p.entry_cost,
         "samples": p.samples if p.select == "sample" else None,
         "proposal_temperature": p.proposal_temperature if p.select == "sample" else None,
+        "tail_samples": p.tail_samples,
         "max_entries": p.max_entries,
         "preset": p.preset,
         "quantization": scheme.name,
@@ -778,11 +794,12 @@ def _kept_words(p: LogitCacheConfig) -> str:
     if p.select == "sample":
         tempered = "" if p.proposal_temperature == 1.0 else f" at temperature {p.proposal_temperature}"
         return f"the distinct ids of {p.samples} draws from the teacher{tempered} (with their counts),"
-    if p.top_p is not None:
-        return f"the fewest top ids reaching mass {p.top_p} ({p.k_min} to {p.k}),"
+    tail = f" plus {p.tail_samples} draws from the rest of the distribution," if p.tail_samples else ""
     if p.entry_cost is not None:
-        return f"the top ids (between {p.k_min} and {p.k}) minimising KL + {p.entry_cost} nats per entry,"
-    return f"the top-{p.k}"
+        return f"the top ids (between {p.k_min} and {p.k}) minimising KL + {p.entry_cost} nats per entry,{tail}"
+    if p.top_p is not None:
+        return f"the fewest top ids reaching mass {p.top_p} ({p.k_min} to {p.k}),{tail}"
+    return f"the top-{p.k}{tail}"
 
 
 def _remove_work(work: Path) -> None:

@@ -21,6 +21,11 @@ Columns (layout 2, the default; ``params.layout`` in the manifest)::
     topk_logprobs   list<list<float16|uint8>> [T][n_t]  their log-probs, encoded by the scheme below
     sample_counts   list<list<uint16>> [T][n_t]      only with --select sample: draws that hit each id
     sample_log_weights list<list<float32>> [T][n_t]  only with --proposal-temperature != 1: log p - log proposal
+    tail_ids        list<list<uint16|uint32>> [T][m_t]  only with --tail-samples m: m draws (ascending ids, repeats
+                                                     kept) from the teacher restricted to the ids outside the
+                                                     kept ones; m_t = 0 where that tail has no mass
+    tail_logprobs   list<list<float16|uint8>> [T][m_t]  their log-probs, in the scheme's plain form (``u8-delta``
+                                                     -> ``u8``: draws are in id order, not probability order)
     residual        list<float16> [T]                1 - sum(kept probs), computed exactly at cache time
     entropy         list<float16> [T]                entropy (nats) of the full teacher distribution
     label_logprobs  list<float32> [num_labels]       log-softmax over the full vocab of each label's 1st token
@@ -59,6 +64,12 @@ Sampled caches (``--select sample --samples N``): the kept ids are the distinct 
 teacher (or from a tempered proposal softmax(logits / tau), then with importance log-weights), ``sample_counts``
 says how often each was drawn; `CachedExample.sample_weights` = counts / N (x p / proposal), so
 ``sum_j w_j (log p_j - log q_j)`` is an unbiased estimate of KL(p ‖ q) (`train.losses.base.sampled_forward_kl`).
+
+Tail draws (``--tail-samples m``, ``params.tail_samples``): a top selection leaves the shape of the tail out
+(a top-k cache is a biased estimate of the teacher). By the chain rule KL(p ‖ q) = KL over (kept ids + one
+bucket) + r · KL(p|tail ‖ q|tail), and m draws from p|tail estimate the second term without bias
+(`train.losses.base.tail_forward_kl`). The kept rows, residual and everything else are unchanged, so readers
+that ignore the tail see an ordinary top cache.
 """
 
 from __future__ import annotations
@@ -157,7 +168,8 @@ LAYOUT = 2  # what new caches are written as (layout 1 is still read, and writte
 
 
 def cache_schema(vocab_size: int, scheme: Scheme, *, layout: int = LAYOUT, sampled: bool = False,
-                 tempered: bool = False, row_labels: bool = False, sided: bool = False) -> pa.Schema:
+                 tempered: bool = False, row_labels: bool = False, sided: bool = False,
+                 tail: bool = False) -> pa.Schema:
     ids = id_type(vocab_size)
     fields = [
         ("id", pa.string()),
@@ -173,6 +185,9 @@ def cache_schema(vocab_size: int, scheme: Scheme, *, layout: int = LAYOUT, sampl
         fields.append(("sample_counts", pa.list_(pa.list_(pa.uint16()))))
     if sampled and tempered:
         fields.append(("sample_log_weights", pa.list_(pa.list_(pa.float32()))))
+    if tail:
+        plain = SCHEMES[PLAIN_SCHEME.get(scheme.name, scheme.name)]
+        fields += [("tail_ids", pa.list_(pa.list_(ids))), ("tail_logprobs", pa.list_(pa.list_(plain.arrow_type())))]
     fields += [
         ("residual", pa.list_(pa.float16())),
         ("entropy", pa.list_(pa.float16())),
@@ -200,6 +215,8 @@ class CachedExample:
     sample_weights: np.ndarray | None = None  # float32 [T, k], sampled caches only: counts / N (0 on padding)
     label_token_ids: np.ndarray | None = None  # int64 [num_labels], per-subset-word caches only: this row's words
     side: str | None = None  # "chosen" / "rejected" when the parent has a side column; the key is (id, side)
+    tail_ids: np.ndarray | None = None  # int64 [T, m], --tail-samples caches only: draws outside the kept ids
+    tail_logprobs: np.ndarray | None = None  # float32 [T, m], their log-probs; -inf on padding (no tail mass)
 
     @property
     def target_ids(self) -> np.ndarray:
@@ -238,11 +255,12 @@ def _padded_entries(col: pa.Array, width: int) -> tuple[np.ndarray, np.ndarray, 
 
 
 def decode_batch(batch: pa.RecordBatch | pa.Table, scheme: Scheme, k: int, *, ragged: bool = False,
-                 samples: int | None = None) -> list[CachedExample]:
+                 samples: int | None = None, tail_samples: int = 0) -> list[CachedExample]:
     """Arrow rows -> CachedExample objects (vectorised per column, then sliced per row).
 
     ``ragged`` (layout 2): rows of up to ``k`` entries, padded to k (id 0, log-prob -inf); ``samples``: the
-    draws per token of a sampled cache (weights = counts / samples)."""
+    draws per token of a sampled cache (weights = counts / samples); ``tail_samples``: the tail draws per token
+    (rows padded to it the same way)."""
     if isinstance(batch, pa.Table):
         batch = batch.combine_chunks()
     n = batch.num_rows
@@ -268,6 +286,12 @@ def decode_batch(batch: pa.RecordBatch | pa.Table, scheme: Scheme, k: int, *, ra
         tk_off, tk_ids = _nested(batch.column("topk_ids"), k)
         _, tk_lp = _nested(batch.column("topk_logprobs"), k)
         tk_lp = decode_logprobs(tk_lp, scheme)
+    tail_ids = tail_lp = None
+    if tail_samples and "tail_ids" in names:
+        plain = SCHEMES[PLAIN_SCHEME.get(scheme.name, scheme.name)]
+        _, codes, valid, _ = _padded_entries(batch.column("tail_logprobs"), tail_samples)
+        tail_lp = np.where(valid, decode_logprobs(codes, plain), -np.inf).astype(np.float32)
+        _, tail_ids, _, _ = _padded_entries(batch.column("tail_ids"), tail_samples)
     _, resid = _nested(batch.column("residual"))
     _, ent = _nested(batch.column("entropy"))
     lab_col = batch.column("label_logprobs")
@@ -292,6 +316,8 @@ def decode_batch(batch: pa.RecordBatch | pa.Table, scheme: Scheme, k: int, *, ra
                 sample_weights=weights[a:b] if weights is not None else None,
                 label_token_ids=np.asarray(row_ids[i], dtype=np.int64) if row_ids[i] is not None else None,
                 side=sides[i],
+                tail_ids=tail_ids[a:b].astype(np.int64) if tail_ids is not None else None,
+                tail_logprobs=tail_lp[a:b] if tail_lp is not None else None,
             )
         )
     return out
@@ -311,9 +337,10 @@ def iter_cache(version: Version, split: str | None = None, batch_rows: int = 256
     width = int(params.get("max_entries", params["k"]))
     ragged = int(params.get("layout", 1)) >= 2
     samples = params.get("samples") if params.get("select") == "sample" else None
+    tail_samples = int(params.get("tail_samples") or 0)
     for path in version.files(CACHE_CONFIG, split):
         for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
-            yield from decode_batch(batch, scheme, width, ragged=ragged, samples=samples)
+            yield from decode_batch(batch, scheme, width, ragged=ragged, samples=samples, tail_samples=tail_samples)
 
 
 def load_cache(version: Version, split: str | None = None) -> list[CachedExample]:

@@ -40,13 +40,19 @@ def ce_and_distillation(logprobs: torch.Tensor, rows: torch.Tensor, pos: torch.T
     vocab = logprobs.shape[-1]
     if kd_target == "tokens":
         top_ids = inputs["kd_ids"][rows, t]
-        picked = logprobs.gather(-1, torch.cat([top_ids, targets.unsqueeze(-1)], dim=-1))
+        tail = "kd_tail_ids" in inputs and kd_loss.uses_tail(temperature)
+        tail_ids = [inputs["kd_tail_ids"][rows, t]] if tail else []
+        picked = logprobs.gather(-1, torch.cat([top_ids, *tail_ids, targets.unsqueeze(-1)], dim=-1))
         ce = -picked[:, -1].mean()
+        k = top_ids.shape[-1]
         if "kd_weights" in inputs:  # sampled cache: the loss's unbiased estimator over the drawn ids
             return ce, kd_loss.sampled_token_loss(picked[:, :-1], inputs["kd_logprobs"][rows, t],
                                                   inputs["kd_weights"][rows, t], temperature).mean()
-        per = kd_loss.token_loss(picked[:, :-1], inputs["kd_logprobs"][rows, t], inputs["kd_residual"][rows, t],
-                                 temperature, complete=top_ids.shape[-1] >= vocab)
+        per = kd_loss.token_loss(picked[:, :k], inputs["kd_logprobs"][rows, t], inputs["kd_residual"][rows, t],
+                                 temperature, complete=k >= vocab)
+        if tail:  # the chain-rule tail term: with it the estimate of the full KL is unbiased
+            per = per + kd_loss.tail_token_loss(picked[:, :k], inputs["kd_logprobs"][rows, t], picked[:, k:-1],
+                                                inputs["kd_tail_logprobs"][rows, t], inputs["kd_residual"][rows, t])
         return ce, per.mean()
     if "label_token_ids" in inputs:  # per-subset words: each row's own label tokens [N, C]
         labels = inputs["label_token_ids"][rows]
@@ -187,12 +193,16 @@ def prepare_kd(cfg: KDConfig, tokenizer: Any | None = None, *, cache: Version | 
         raise CurateError(f"--kd-target labels: {cache.ref} has no label_token_ids (its parent has no labels)")
     if params.get("select") == "sample" and cfg.kd_target == "tokens":
         get_loss(cfg.loss).check_sampled(cfg.temperature)  # a one-line refusal before any training
+    tail_note = None
+    if params.get("tail_samples") and cfg.kd_target == "tokens" and not get_loss(cfg.loss).uses_tail(cfg.temperature):
+        tail_note = (f"{cache.ref} has tail draws; --loss {cfg.loss} at --temperature {cfg.temperature} cannot use "
+                     "them (only forward_kl at temperature 1 has their estimator): trained on the kept ids + bucket")
     all_ids = label_ids + [i for ids in by_subset.values() for i in ids]
     if all_ids and max(all_ids) >= len(tok):
         raise CurateError(f"{cache.ref} label token ids {all_ids} are outside the student's vocabulary")
     examples = load_cache(cache, cfg.train_split)
     parent_config = parent_rec.get("config") or params.get("parent_config")
-    notes = []
+    notes = [tail_note] if tail_note else []
     examples = _mix_by_subset(cfg, examples, parent, parent_config, notes)
     if cfg.limit:
         examples = examples[: cfg.limit]

@@ -33,7 +33,7 @@ from curate.errors import CurateError
 from curate.logit_codec import RESIDUAL_FLOOR  # smallest bucket mass, the same number the cache reader uses
 
 __all__ = ["RESIDUAL_FLOOR", "DistillationLoss", "kl", "label_log_distributions", "sampled_forward_kl",
-           "sparse_log_distributions"]
+           "sparse_log_distributions", "tail_forward_kl"]
 
 PAD_LOGPROB = -1e4  # stands for -inf on padded entries (fits float16 / bfloat16; exp() is exactly 0)
 
@@ -95,6 +95,17 @@ class DistillationLoss(ABC):
         self.check_sampled(temperature)
         raise NotImplementedError
 
+    def uses_tail(self, temperature: float) -> bool:
+        """Whether `tail_token_loss` adds the tail draws of a ``--tail-samples`` cache at this temperature; where
+        it does not, the loss is the coarse one over kept ids + one bucket (draws of the teacher estimate only a
+        temperature-1 forward KL)."""
+        return False
+
+    def tail_token_loss(self, student_topk: Tensor, topk_logprobs: Tensor, student_tail: Tensor,
+                        tail_logprobs: Tensor, residual: Tensor) -> Tensor:
+        """Per-position tail term (added to `token_loss`) from the draws of a ``--tail-samples`` cache."""
+        raise NotImplementedError(f"{self.name} has no tail estimator")
+
     def check_sampled(self, temperature: float) -> None:
         """Raise unless this loss can train from a sampled cache at this temperature."""
         raise CurateError(f"--loss {self.name} cannot train from a sampled cache (--select sample): only "
@@ -112,6 +123,22 @@ def kl(p_logp: Tensor, q_logp: Tensor) -> Tensor:
     product, so an infinite log-prob there cannot turn the gradient into NaN)."""
     p = p_logp.exp()
     return (p * torch.where(p > 0, p_logp - q_logp, torch.zeros_like(p))).sum(-1)
+
+
+def tail_forward_kl(student_topk: Tensor, topk_logprobs: Tensor, student_tail: Tensor, tail_logprobs: Tensor,
+                    residual: Tensor) -> Tensor:
+    """The tail part of KL(p ‖ q) by the chain rule: r · KL(p|T ‖ q|T), where T is everything outside the
+    kept ids, p|T = p / r and q|T = q / q_T (q_T = 1 - sum of the student's kept mass). Estimated without bias
+    by the mean over the m draws j ~ p|T of log p|T(j) - log q|T(j); together with the coarse forward KL over
+    (kept ids + one bucket) this is an unbiased estimate of the full-vocabulary KL. [N, k], [N, k], [N, m],
+    [N, m] (-inf on padding), [N] -> [N]; a row without draws adds 0."""
+    s_top = student_topk.masked_fill(~torch.isfinite(topk_logprobs), PAD_LOGPROB)
+    log_q_tail = torch.log(torch.clamp(-torch.expm1(torch.logsumexp(s_top, dim=-1)), min=RESIDUAL_FLOOR))
+    log_r = torch.log(torch.clamp(residual.to(student_tail.dtype), min=RESIDUAL_FLOOR))
+    drawn = torch.isfinite(tail_logprobs)
+    teacher = tail_logprobs.to(student_tail.dtype).masked_fill(~drawn, 0.0) - log_r[:, None]
+    diff = torch.where(drawn, teacher - (student_tail - log_q_tail[:, None]), torch.zeros_like(student_tail))
+    return residual.to(student_tail.dtype).clamp(min=0) * diff.sum(-1) / drawn.sum(-1).clamp(min=1)
 
 
 def sampled_forward_kl(student_logprobs: Tensor, teacher_logprobs: Tensor, weights: Tensor) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from curate.errors import CurateError
-from train.losses.base import DistillationLoss, kl, sampled_forward_kl
+from train.losses.base import DistillationLoss, kl, sampled_forward_kl, tail_forward_kl
 
 
 class ForwardKL(DistillationLoss):
@@ -20,6 +20,13 @@ class ForwardKL(DistillationLoss):
         not known from draws, so other temperatures are refused)."""
         self.check_sampled(temperature)
         return sampled_forward_kl(student_logprobs, teacher_logprobs, weights)
+
+    def uses_tail(self, temperature: float) -> bool:
+        return temperature == 1.0
+
+    def tail_token_loss(self, student_topk: Tensor, topk_logprobs: Tensor, student_tail: Tensor,
+                        tail_logprobs: Tensor, residual: Tensor) -> Tensor:
+        return tail_forward_kl(student_topk, topk_logprobs, student_tail, tail_logprobs, residual)
 
     def check_sampled(self, temperature: float) -> None:
         if temperature != 1.0:
