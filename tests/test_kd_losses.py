@@ -257,3 +257,86 @@ def test_sampled_caches_refuse_biased_losses_and_temperatures() -> None:
         get_loss("reverse_kl").sampled_token_loss(s, t, w, 1.0)
     with pytest.raises(CurateError, match="temperature-1 KL"):
         get_loss("forward_kl").sampled_token_loss(s, t, w, 2.0)
+
+
+# ---- tail draws (--tail-samples) -----------------------------------------------------------------------
+TAIL_V = 600  # three sampler blocks of 256, the last one short (88)
+
+
+def _tail_rows(seed: int, m: int, t_logits: torch.Tensor) -> object:
+    from curate.teacher_scoring import reduce_logits
+
+    # entry-cost selection: the top-40 entries past each row's kept count belong to the tail too
+    return reduce_logits(t_logits.clone(), 40, entry_cost=0.004, tail_samples=m, seed=seed)
+
+
+def _tail_logits() -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    t = torch.randn(3, TAIL_V, generator=g) * 2.5
+    t[2] = -1e4
+    t[2, 7] = 10.0  # a row whose tail has (numerically) no mass: no draws
+    return t
+
+
+def test_tail_draws_follow_the_teacher_outside_the_kept_ids() -> None:
+    """Draws never hit a kept id, carry the teacher's exact log-probs, and their frequencies fit p restricted to
+    the tail (chi-square over bins with >= 5 expected draws, p > 1e-4; the row without tail mass has none)."""
+    from scipy.stats import chi2
+
+    t_logits = _tail_logits()
+    p = torch.softmax(t_logits.double(), -1)
+    m, repeats = 16, 400
+    counts = np.zeros((2, TAIL_V))
+    for seed in range(repeats):
+        r = _tail_rows(seed, m, t_logits)
+        assert not torch.isfinite(r.tail_logprobs[2]).any()
+        for i in range(2):
+            kept = set(r.topk_ids[i, : int(r.kept[i])].tolist())
+            ids = r.tail_ids[i]
+            assert not kept & set(ids.tolist())
+            assert torch.all(ids[1:] >= ids[:-1])
+            assert torch.allclose(r.tail_logprobs[i].double(), p[i, ids].log(), atol=1e-4)
+            np.add.at(counts[i], ids.numpy(), 1)
+    for i in range(2):
+        tail = p[i].numpy().copy()
+        tail[r.topk_ids[i, : int(r.kept[i])].numpy()] = 0
+        expected = tail / tail.sum() * m * repeats
+        big = expected >= 5
+        obs = np.append(counts[i][big], counts[i][~big].sum())
+        exp = np.append(expected[big], expected[~big].sum())
+        stat = float(((obs - exp) ** 2 / np.maximum(exp, 1e-12)).sum())
+        assert big.sum() > 20 and chi2.sf(stat, len(obs) - 1) > 1e-4, (i, stat, len(obs))
+
+
+def test_coarse_plus_tail_term_is_an_unbiased_forward_kl_and_gradient() -> None:
+    """Over many draws, forward KL on (kept ids + bucket) plus the tail term averages to the dense KL, and its
+    gradient to the dense gradient q - p (within 4 standard errors measured from the same draws); the coarse
+    term alone falls short of the dense KL by far more than that, so a missing tail term fails."""
+    t_logits = _tail_logits()[:2]
+    # a student near the teacher (as in distillation): its tail mass is small too, so a tail term that forgot to
+    # renormalise the student within the tail (a bias of r · log q_T) is far outside the tolerance
+    s_logits = t_logits + torch.randn(2, TAIL_V, generator=torch.Generator().manual_seed(6))
+    dense = _dense_reference("forward_kl", t_logits, s_logits, 1.0).numpy()
+    dense_grad = (torch.softmax(s_logits.double(), -1) - torch.softmax(t_logits.double(), -1)).numpy()
+    loss = get_loss("forward_kl")
+    assert loss.uses_tail(1.0) and not loss.uses_tail(2.0) and not get_loss("jsd").uses_tail(1.0)
+    values, grads, coarse = [], [], []
+    for seed in range(1500):
+        r = _tail_rows(seed, 4, t_logits)
+        ids, top_lp, res, tail_ids, tail_lp = (x.clone() for x in (r.topk_ids, r.topk_logprobs, r.residual.float(),
+                                                                   r.tail_ids, r.tail_logprobs))  # out of inference
+        s = s_logits.clone().requires_grad_(True)
+        lp = torch.log_softmax(s, -1)
+        head = loss.token_loss(lp.gather(-1, ids), top_lp, res, 1.0)
+        total = head + loss.tail_token_loss(lp.gather(-1, ids), top_lp, lp.gather(-1, tail_ids), tail_lp, res)
+        total.sum().backward()
+        values.append(total.detach().numpy())
+        coarse.append(head.detach().numpy())
+        grads.append(s.grad.numpy().copy())
+    v, g = np.array(values, np.float64), np.array(grads, np.float64)
+    se = v.std(0, ddof=1) / math.sqrt(len(v))
+    assert np.all(np.abs(v.mean(0) - dense) <= 4 * se + 1e-5), (v.mean(0), dense, se)
+    assert np.all(dense - np.array(coarse).mean(0) > 10 * se), "the tail term must matter in this test"
+    g_se = g.std(0, ddof=1) / math.sqrt(len(g))
+    err = np.linalg.norm(g.mean(0) - dense_grad, axis=-1)
+    assert np.all(err <= 4 * np.sqrt((g_se**2).sum(-1))), (err, np.sqrt((g_se**2).sum(-1)))
