@@ -220,6 +220,8 @@ def test_variable_rows_round_trip_exactly_through_the_table() -> None:
     (["--proposal-temperature", "2"], "--proposal-temperature is for --select sample"),
     (["--select", "sample", "--samples", "0"], "samples must be in [1, 4096]"),
     (["--preset", "tiny"], "--preset must be one of small, not 'tiny'"),
+    (["--select", "sample", "--tail-samples", "4"], "--tail-samples adds draws to a top selection"),
+    (["--tail-samples", "256"], "tail_samples must be in [0, 255]"),
 ])
 def test_bad_selection_flags_are_one_line_errors(tmp_path: Path, args: list[str], message: str) -> None:
     out = CliRunner().invoke(app, ["cache-logits", "--store", str(tmp_path / "store"), *args])
@@ -361,3 +363,91 @@ def test_cache_written_before_v2_loads_for_kd(tmp_path: Path) -> None:
         feats = kd_features(ex, 1024)
         assert feats["kd_ids"].shape == (len(want["topk_ids"]), fixture["params"]["k"])
         assert "kd_weights" not in feats
+
+
+# ---- tail draws -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("which", ["teacher", "qwen_sized_teacher"])
+def test_tail_draws_round_trip_and_feed_kd(tmp_path: Path, dfar_store: Path, which: str,
+                                           request: pytest.FixtureRequest) -> None:
+    """--tail-samples 4 on an --entry-cost cache (49,152 and 151,936 vocabularies): per token 4 draws outside
+    the kept ids with the teacher's own log-probs (direct float64 softmax, within the u8 step), decoded exactly
+    as the scorer produced them; a rebuild is byte-identical; the KD batch adds the tail term, recomputed here
+    from the dense student softmax; a loss without a tail estimator trains on the kept ids with a note."""
+    from builders.teacher_logits import plan_cache
+    from curate.teacher_scoring import score_batch
+    from train.config import KDConfig
+    from train.kd import ce_and_distillation, prepare_kd
+    from train.kd_data import KDCollator
+    from train.losses import get_loss
+
+    teacher = request.getfixturevalue(which)
+    folder, model, tok = teacher
+    store = _store(tmp_path, dfar_store)
+    fields = {"k": 16, "entry_cost": 0.002, "tail_samples": 4, "splits": ["test"]}
+    v = _cache(store, teacher, **fields).version
+    p = v.manifest["params"]
+    assert p["tail_samples"] == 4
+    schema = v.read("default", "test").schema
+    assert str(schema.field("tail_logprobs").type.value_type.value_type) == "uint8"  # u8-delta -> plain u8
+    step = SCHEMES["u8"].step
+    examples = load_cache(v)
+    plan = plan_cache(store, LogitCacheConfig(model=str(folder), dtype="float32", chunk_size=4, batch_size=4,
+                                              **fields), tok)
+    scored_by_id = {}  # the scorer on the cacher's own batches (draws are seeded by the batch's content)
+    for unit in plan.units:
+        batch_exs = [plan.examples[i] for i in unit]
+        got = score_batch(model, [e.input_ids for e in batch_exs], [e.prompt_len for e in batch_exs], k=16,
+                          pad_id=tok.pad_token_id, entry_cost=0.002, tail_samples=4)
+        scored_by_id.update({e.id: g for e, g in zip(batch_exs, got, strict=True)})
+    high = 0
+    for ex in examples:
+        full = _direct(model, ex.input_ids, ex.prompt_len)
+        scored = scored_by_id[ex.id]
+        drawn = np.isfinite(ex.tail_logprobs)
+        assert np.array_equal(drawn, np.isfinite(scored.tail_logprobs)) and drawn.all(axis=1).sum() > 0
+        assert np.array_equal(ex.tail_ids[drawn], scored.tail_ids[drawn])
+        want = decode_logprobs(encode_logprobs(scored.tail_logprobs, SCHEMES["u8"]), SCHEMES["u8"])
+        assert np.array_equal(ex.tail_logprobs[drawn], want[drawn])
+        for t in range(len(ex.residual)):
+            kept = set(ex.topk_ids[t, np.isfinite(ex.topk_logprobs[t])].tolist())
+            ids = ex.tail_ids[t, drawn[t]]
+            assert len(ids) in (0, 4) and not kept & set(ids.tolist())
+            true = full[t, ids].numpy()
+            assert np.all(np.abs(ex.tail_logprobs[t, drawn[t]] - np.maximum(true, SCHEMES["u8"].floor))
+                          <= step / 2 + 1e-4)
+        high += int((ex.tail_ids[drawn] >= 1 << 16).sum())
+    if which == "qwen_sized_teacher":
+        assert p["id_type"] == "uint32" and high > 0, "the draws must exercise ids above uint16"
+        return
+    again = _cache(store, teacher, name="again", **fields)
+    assert [f.read_bytes() for f in again.version.files("default")] == [f.read_bytes() for f in v.files("default")]
+
+    feats = [kd_features(ex, 1024) for ex in examples[:2]]
+    batch = KDCollator(pad_id=tok.pad_token_id)(feats)
+    with torch.no_grad():  # a student near the teacher: its logits plus seeded noise
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+        noise = torch.randn(logits.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        student = torch.log_softmax(logits + noise, -1)
+    rows, pos = torch.nonzero(batch["labels"][:, 1:] != -100, as_tuple=True)
+    targets = batch["labels"][rows, pos + 1]
+    _, kd = ce_and_distillation(student[rows, pos].float(), rows, pos, targets, batch,
+                                kd_loss=get_loss("forward_kl"), temperature=1.0)
+    _, coarse = ce_and_distillation(student[rows, pos].float(), rows, pos, targets,
+                                    {k: x for k, x in batch.items() if not k.startswith("kd_tail")},
+                                    kd_loss=get_loss("forward_kl"), temperature=1.0)
+    t = pos - batch["answer_pos"][rows]
+    lq = student[rows, pos]
+    kept_lp = batch["kd_logprobs"][rows, t]
+    q_kept = torch.where(torch.isfinite(kept_lp), lq.gather(-1, batch["kd_ids"][rows, t]).exp(), 0.0).sum(-1)
+    r = batch["kd_residual"][rows, t].double()
+    tail_lp = batch["kd_tail_logprobs"][rows, t].double()
+    ok = torch.isfinite(tail_lp)
+    term = torch.where(ok, (tail_lp - r.log()[:, None]) - (lq.gather(-1, batch["kd_tail_ids"][rows, t])
+                                                            - torch.log(1 - q_kept)[:, None]), 0.0)
+    manual = (r * term.sum(-1) / ok.sum(-1).clamp(min=1)).mean()
+    assert abs(float(kd - coarse) - float(manual)) < 1e-4 * max(1.0, abs(float(manual))), (kd, coarse, manual)
+    assert abs(float(manual)) > 1e-3  # the tail term is not vanishing here
+
+    cfg = KDConfig(model=str(folder), store=str(store.root), cache="again", limit=2, train_split="test",
+                   eval_limit=0, max_length=64, loss="jsd")
+    assert any("cannot use them" in n for n in prepare_kd(cfg, tok).notes)
