@@ -562,12 +562,9 @@ def unit_table(plan: Plan, unit: list[int], scored: list[Any]) -> pa.Table:
             if p.proposal_temperature != 1.0:
                 cols["sample_log_weights"] = _ragged([s.sample_log_weights for s in scored], masks,
                                                      schema.field("sample_log_weights").type)
-    if p.tail_samples:  # plain codes (draws are in id order, not probability order); a row without tail: none
-        tail_scheme = get_scheme(PLAIN_SCHEME.get(scheme.name, scheme.name))
-        tail_masks = [np.isfinite(s.tail_logprobs) for s in scored]
-        cols["tail_ids"] = _ragged([s.tail_ids for s in scored], tail_masks, schema.field("tail_ids").type)
-        cols["tail_logprobs"] = _ragged([encode_logprobs(s.tail_logprobs, tail_scheme) for s in scored], tail_masks,
-                                        schema.field("tail_logprobs").type)
+    if p.tail_samples:  # ids only (see the codec); a token whose tail has no mass keeps no draws
+        cols["tail_ids"] = _ragged([s.tail_ids for s in scored], [np.isfinite(s.tail_logprobs) for s in scored],
+                                   schema.field("tail_ids").type)
     cols["residual"] = _lists([s.residual.astype(np.float16) for s in scored], pa.float16())
     cols["entropy"] = _lists([s.entropy.astype(np.float16) for s in scored], pa.float16())
     if plan.label_token_ids_by_subset:  # each row keeps its own subset's words, scored among every subset's

@@ -24,8 +24,6 @@ Columns (layout 2, the default; ``params.layout`` in the manifest)::
     tail_ids        list<list<uint16|uint32>> [T][m_t]  only with --tail-samples m: m draws (ascending ids, repeats
                                                      kept) from the teacher restricted to the ids outside the
                                                      kept ones; m_t = 0 where that tail has no mass
-    tail_logprobs   list<list<float16|uint8>> [T][m_t]  their log-probs, in the scheme's plain form (``u8-delta``
-                                                     -> ``u8``: draws are in id order, not probability order)
     residual        list<float16> [T]                1 - sum(kept probs), computed exactly at cache time
     entropy         list<float16> [T]                entropy (nats) of the full teacher distribution
     label_logprobs  list<float32> [num_labels]       log-softmax over the full vocab of each label's 1st token
@@ -68,8 +66,10 @@ says how often each was drawn; `CachedExample.sample_weights` = counts / N (x p 
 Tail draws (``--tail-samples m``, ``params.tail_samples``): a top selection leaves the shape of the tail out
 (a top-k cache is a biased estimate of the teacher). By the chain rule KL(p ‖ q) = KL over (kept ids + one
 bucket) + r · KL(p|tail ‖ q|tail), and m draws from p|tail estimate the second term without bias
-(`train.losses.base.tail_forward_kl`). The kept rows, residual and everything else are unchanged, so readers
-that ignore the tail see an ordinary top cache.
+(`train.losses.base.tail_forward_kl`). Only the ids are stored (about 2 bytes a draw): the gradient needs
+nothing else, and the teacher's own part of the term, sum over the tail of p log p, is exact from the entropy
+column. The kept rows, residual and everything else are unchanged, so readers that ignore the tail see an
+ordinary top cache.
 """
 
 from __future__ import annotations
@@ -186,8 +186,7 @@ def cache_schema(vocab_size: int, scheme: Scheme, *, layout: int = LAYOUT, sampl
     if sampled and tempered:
         fields.append(("sample_log_weights", pa.list_(pa.list_(pa.float32()))))
     if tail:
-        plain = SCHEMES[PLAIN_SCHEME.get(scheme.name, scheme.name)]
-        fields += [("tail_ids", pa.list_(pa.list_(ids))), ("tail_logprobs", pa.list_(pa.list_(plain.arrow_type())))]
+        fields.append(("tail_ids", pa.list_(pa.list_(ids))))
     fields += [
         ("residual", pa.list_(pa.float16())),
         ("entropy", pa.list_(pa.float16())),
@@ -215,8 +214,8 @@ class CachedExample:
     sample_weights: np.ndarray | None = None  # float32 [T, k], sampled caches only: counts / N (0 on padding)
     label_token_ids: np.ndarray | None = None  # int64 [num_labels], per-subset-word caches only: this row's words
     side: str | None = None  # "chosen" / "rejected" when the parent has a side column; the key is (id, side)
-    tail_ids: np.ndarray | None = None  # int64 [T, m], --tail-samples caches only: draws outside the kept ids
-    tail_logprobs: np.ndarray | None = None  # float32 [T, m], their log-probs; -inf on padding (no tail mass)
+    tail_ids: np.ndarray | None = None  # int64 [T, m], --tail-samples caches only: draws outside the kept ids;
+    # -1 on padding (a token whose tail has no mass has no draws)
 
     @property
     def target_ids(self) -> np.ndarray:
@@ -286,12 +285,10 @@ def decode_batch(batch: pa.RecordBatch | pa.Table, scheme: Scheme, k: int, *, ra
         tk_off, tk_ids = _nested(batch.column("topk_ids"), k)
         _, tk_lp = _nested(batch.column("topk_logprobs"), k)
         tk_lp = decode_logprobs(tk_lp, scheme)
-    tail_ids = tail_lp = None
+    tail_ids = None
     if tail_samples and "tail_ids" in names:
-        plain = SCHEMES[PLAIN_SCHEME.get(scheme.name, scheme.name)]
-        _, codes, valid, _ = _padded_entries(batch.column("tail_logprobs"), tail_samples)
-        tail_lp = np.where(valid, decode_logprobs(codes, plain), -np.inf).astype(np.float32)
-        _, tail_ids, _, _ = _padded_entries(batch.column("tail_ids"), tail_samples)
+        _, drawn, valid, _ = _padded_entries(batch.column("tail_ids"), tail_samples)
+        tail_ids = np.where(valid, drawn.astype(np.int64), -1)
     _, resid = _nested(batch.column("residual"))
     _, ent = _nested(batch.column("entropy"))
     lab_col = batch.column("label_logprobs")
@@ -316,8 +313,7 @@ def decode_batch(batch: pa.RecordBatch | pa.Table, scheme: Scheme, k: int, *, ra
                 sample_weights=weights[a:b] if weights is not None else None,
                 label_token_ids=np.asarray(row_ids[i], dtype=np.int64) if row_ids[i] is not None else None,
                 side=sides[i],
-                tail_ids=tail_ids[a:b].astype(np.int64) if tail_ids is not None else None,
-                tail_logprobs=tail_lp[a:b] if tail_lp is not None else None,
+                tail_ids=tail_ids[a:b] if tail_ids is not None else None,
             )
         )
     return out

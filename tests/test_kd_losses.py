@@ -320,6 +320,8 @@ def test_coarse_plus_tail_term_is_an_unbiased_forward_kl_and_gradient() -> None:
     dense_grad = (torch.softmax(s_logits.double(), -1) - torch.softmax(t_logits.double(), -1)).numpy()
     loss = get_loss("forward_kl")
     assert loss.uses_tail(1.0) and not loss.uses_tail(2.0) and not get_loss("jsd").uses_tail(1.0)
+    p = torch.softmax(t_logits.double(), -1)
+    entropy = -(p * p.log()).sum(-1).float()  # what the cache stores per token
     values, grads, coarse = [], [], []
     for seed in range(1500):
         r = _tail_rows(seed, 4, t_logits)
@@ -328,7 +330,8 @@ def test_coarse_plus_tail_term_is_an_unbiased_forward_kl_and_gradient() -> None:
         s = s_logits.clone().requires_grad_(True)
         lp = torch.log_softmax(s, -1)
         head = loss.token_loss(lp.gather(-1, ids), top_lp, res, 1.0)
-        total = head + loss.tail_token_loss(lp.gather(-1, ids), top_lp, lp.gather(-1, tail_ids), tail_lp, res)
+        total = head + loss.tail_token_loss(lp.gather(-1, ids), top_lp, lp.gather(-1, tail_ids),
+                                            torch.isfinite(tail_lp), res, entropy)
         total.sum().backward()
         values.append(total.detach().numpy())
         coarse.append(head.detach().numpy())

@@ -41,7 +41,7 @@ def ce_and_distillation(logprobs: torch.Tensor, rows: torch.Tensor, pos: torch.T
     if kd_target == "tokens":
         top_ids = inputs["kd_ids"][rows, t]
         tail = "kd_tail_ids" in inputs and kd_loss.uses_tail(temperature)
-        tail_ids = [inputs["kd_tail_ids"][rows, t]] if tail else []
+        tail_ids = [inputs["kd_tail_ids"][rows, t].clamp(min=0)] if tail else []  # -1 (no draw) is masked below
         picked = logprobs.gather(-1, torch.cat([top_ids, *tail_ids, targets.unsqueeze(-1)], dim=-1))
         ce = -picked[:, -1].mean()
         k = top_ids.shape[-1]
@@ -52,7 +52,8 @@ def ce_and_distillation(logprobs: torch.Tensor, rows: torch.Tensor, pos: torch.T
                                  temperature, complete=k >= vocab)
         if tail:  # the chain-rule tail term: with it the estimate of the full KL is unbiased
             per = per + kd_loss.tail_token_loss(picked[:, :k], inputs["kd_logprobs"][rows, t], picked[:, k:-1],
-                                                inputs["kd_tail_logprobs"][rows, t], inputs["kd_residual"][rows, t])
+                                                inputs["kd_tail_ids"][rows, t] >= 0, inputs["kd_residual"][rows, t],
+                                                inputs["kd_entropy"][rows, t])
         return ce, per.mean()
     if "label_token_ids" in inputs:  # per-subset words: each row's own label tokens [N, C]
         labels = inputs["label_token_ids"][rows]

@@ -33,9 +33,9 @@ def kd_features(ex: Any, max_length: int) -> dict[str, Any] | None:
     }
     if getattr(ex, "sample_weights", None) is not None:
         feats["kd_weights"] = np.asarray(ex.sample_weights[:t], dtype=np.float32)
-    if getattr(ex, "tail_ids", None) is not None:
+    if getattr(ex, "tail_ids", None) is not None:  # the tail term also needs the full entropy (its teacher part)
         feats["kd_tail_ids"] = np.asarray(ex.tail_ids[:t], dtype=np.int64)
-        feats["kd_tail_logprobs"] = np.asarray(ex.tail_logprobs[:t], dtype=np.float32)
+        feats["kd_entropy"] = np.asarray(ex.entropy[:t], dtype=np.float32)
     if ex.label_logprobs is not None:
         feats["label_logprobs"] = np.asarray(ex.label_logprobs, dtype=np.float32)
         if getattr(ex, "label_token_ids", None) is not None:  # per-subset words: the row's own label tokens
@@ -73,9 +73,8 @@ class KDCollator:
         if "kd_weights" in features[0]:  # a sampled cache: importance weights of the kept ids
             out["kd_weights"] = pad_right([f["kd_weights"] for f in features], 0.0, torch.float32)
         if "kd_tail_ids" in features[0]:  # a --tail-samples cache: draws outside the kept ids
-            out["kd_tail_ids"] = pad_right([f["kd_tail_ids"] for f in features], 0)
-            out["kd_tail_logprobs"] = pad_right([f["kd_tail_logprobs"] for f in features], -torch.inf,
-                                                torch.float32)
+            out["kd_tail_ids"] = pad_right([f["kd_tail_ids"] for f in features], -1)
+            out["kd_entropy"] = pad_right([f["kd_entropy"] for f in features], 0.0, torch.float32)
         for i, f in enumerate(features):
             if "label_logprobs" in f and self.num_labels:
                 if self.per_row_labels:

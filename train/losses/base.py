@@ -101,8 +101,8 @@ class DistillationLoss(ABC):
         temperature-1 forward KL)."""
         return False
 
-    def tail_token_loss(self, student_topk: Tensor, topk_logprobs: Tensor, student_tail: Tensor,
-                        tail_logprobs: Tensor, residual: Tensor) -> Tensor:
+    def tail_token_loss(self, student_topk: Tensor, topk_logprobs: Tensor, student_tail: Tensor, drawn: Tensor,
+                        residual: Tensor, entropy: Tensor) -> Tensor:
         """Per-position tail term (added to `token_loss`) from the draws of a ``--tail-samples`` cache."""
         raise NotImplementedError(f"{self.name} has no tail estimator")
 
@@ -125,20 +125,31 @@ def kl(p_logp: Tensor, q_logp: Tensor) -> Tensor:
     return (p * torch.where(p > 0, p_logp - q_logp, torch.zeros_like(p))).sum(-1)
 
 
-def tail_forward_kl(student_topk: Tensor, topk_logprobs: Tensor, student_tail: Tensor, tail_logprobs: Tensor,
-                    residual: Tensor) -> Tensor:
-    """The tail part of KL(p ‖ q) by the chain rule: r · KL(p|T ‖ q|T), where T is everything outside the
-    kept ids, p|T = p / r and q|T = q / q_T (q_T = 1 - sum of the student's kept mass). Estimated without bias
-    by the mean over the m draws j ~ p|T of log p|T(j) - log q|T(j); together with the coarse forward KL over
-    (kept ids + one bucket) this is an unbiased estimate of the full-vocabulary KL. [N, k], [N, k], [N, m],
-    [N, m] (-inf on padding), [N] -> [N]; a row without draws adds 0."""
-    s_top = student_topk.masked_fill(~torch.isfinite(topk_logprobs), PAD_LOGPROB)
+def tail_forward_kl(student_topk: Tensor, topk_logprobs: Tensor, student_tail: Tensor, drawn: Tensor,
+                    residual: Tensor, entropy: Tensor) -> Tensor:
+    """The tail part of KL(p ‖ q) by the chain rule: r · KL(p|T ‖ q|T), T = every id outside the kept ones,
+    p|T = p / r, q|T = q / q_T (q_T = 1 - the student's kept mass). Written as
+
+        (sum_T p log p  -  r log r)  -  r · E_{j ~ p|T}[log q_j - log q_T]
+
+    the teacher's part is exact from the cached full entropy H (sum_T p log p = -H - sum_kept p log p, the kept
+    p renormalised to 1 - r as in the coarse term), and the student's part is the mean over the m draws: with
+    the coarse forward KL over (kept ids + one bucket) an unbiased estimate of the full-vocabulary KL, whose
+    gradient needs only the drawn ids. [N, k], [N, k] (-inf padding), [N, m], [N, m] bool, [N], [N] -> [N];
+    a token without draws adds 0."""
+    dtype = student_tail.dtype
+    pad = ~torch.isfinite(topk_logprobs)
+    s_top = student_topk.masked_fill(pad, PAD_LOGPROB)
     log_q_tail = torch.log(torch.clamp(-torch.expm1(torch.logsumexp(s_top, dim=-1)), min=RESIDUAL_FLOOR))
-    log_r = torch.log(torch.clamp(residual.to(student_tail.dtype), min=RESIDUAL_FLOOR))
-    drawn = torch.isfinite(tail_logprobs)
-    teacher = tail_logprobs.to(student_tail.dtype).masked_fill(~drawn, 0.0) - log_r[:, None]
-    diff = torch.where(drawn, teacher - (student_tail - log_q_tail[:, None]), torch.zeros_like(student_tail))
-    return residual.to(student_tail.dtype).clamp(min=0) * diff.sum(-1) / drawn.sum(-1).clamp(min=1)
+    r = residual.to(dtype).clamp(min=0)
+    t_top = topk_logprobs.to(dtype).masked_fill(pad, PAD_LOGPROB)
+    log_p = t_top - torch.logsumexp(t_top, dim=-1, keepdim=True) + torch.log1p(-r.clamp(max=1 - 1e-6))[:, None]
+    kept_plogp = torch.where(pad, torch.zeros_like(log_p), log_p.exp() * log_p).sum(-1)
+    teacher = -entropy.to(dtype) - kept_plogp - torch.where(r > 0, r * torch.log(r.clamp(min=RESIDUAL_FLOOR)), 0.0)
+    student = torch.where(drawn, student_tail - log_q_tail[:, None], torch.zeros_like(student_tail))
+    any_drawn = drawn.any(-1)
+    term = teacher - r * student.sum(-1) / drawn.sum(-1).clamp(min=1)
+    return torch.where(any_drawn, term, torch.zeros_like(term))
 
 
 def sampled_forward_kl(student_logprobs: Tensor, teacher_logprobs: Tensor, weights: Tensor) -> Tensor:

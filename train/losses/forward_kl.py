@@ -24,9 +24,9 @@ class ForwardKL(DistillationLoss):
     def uses_tail(self, temperature: float) -> bool:
         return temperature == 1.0
 
-    def tail_token_loss(self, student_topk: Tensor, topk_logprobs: Tensor, student_tail: Tensor,
-                        tail_logprobs: Tensor, residual: Tensor) -> Tensor:
-        return tail_forward_kl(student_topk, topk_logprobs, student_tail, tail_logprobs, residual)
+    def tail_token_loss(self, student_topk: Tensor, topk_logprobs: Tensor, student_tail: Tensor, drawn: Tensor,
+                        residual: Tensor, entropy: Tensor) -> Tensor:
+        return tail_forward_kl(student_topk, topk_logprobs, student_tail, drawn, residual, entropy)
 
     def check_sampled(self, temperature: float) -> None:
         if temperature != 1.0:
