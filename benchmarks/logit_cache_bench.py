@@ -91,11 +91,13 @@ def fidelity(model: Any, plan: Plan) -> tuple[list[dict], dict[str, float]]:
         tokens += len(full_all)
         neg_h_all = (np.exp(full_all) * full_all).sum(1)
         for label, fields in SETTINGS:
-            cfg = replace(plan.params, **{"top_p": None, "entry_cost": None, "k_min": 1, "select": "top", **fields})
+            cfg = replace(plan.params, **{"top_p": None, "entry_cost": None, "k_min": 1, "select": "top",
+                                          "tail_samples": 0, **fields})
             scheme = SCHEMES[cfg.quantization]
             scored = scored_examples(logits.clone(), seqs, plens, k=cfg.k, label_token_ids=plan.label_token_ids,
                                      top_p=cfg.top_p, k_min=cfg.k_min, entry_cost=cfg.entry_cost,
-                                     samples=cfg.samples if cfg.select == "sample" else None)
+                                     samples=cfg.samples if cfg.select == "sample" else None,
+                                     tail_samples=cfg.tail_samples)
             kplan = replace(plan, params=cfg, scheme=scheme)
             tables[label].append(unit_table(kplan, idx, scored).drop_columns(["_row"]))
             row = 0
