@@ -72,7 +72,9 @@ SETTINGS: list[tuple[str, dict[str, Any]]] = (
     + [(f"sample N={n} {q}", {"select": "sample", "samples": n, "k": 1, "quantization": q})
        for n in (16, 48) for q in ("u8-delta",)]
     + [(f"preset {name}", dict(values)) for name, values in PRESETS.items()]
+    + [(f"preset small --tail-samples {m}", {**PRESETS["small"], "tail_samples": m}) for m in (2, 4)]
 )
+TAIL = 4  # --tail-samples of the overhead's fourth step
 
 
 @np.errstate(invalid="ignore")  # 0 * -inf on padding, masked by np.where
@@ -153,18 +155,24 @@ def cached_run(model: Any, tok: Any, store: DatasetStore, params: LogitCacheConf
 
 def measure_overhead(model: Any, tok: Any, store: DatasetStore, plan: Plan, base: LogitCacheConfig) -> dict[str, Any]:
     """Per batch, interleaved (order rotated each batch): a bare forward with full logits, a bare forward with
-    completion logits only, and the caching step (forward + reduce + encode + parquet). Interleaving puts all
+    completion logits only, the caching step (forward + reduce + encode + parquet), and the same with
+    ``--tail-samples``. Interleaving puts all
     three under the same machine load, which a shared CPU box needs. The end-to-end pipeline (tokenize, plan,
     units, merge, version) is timed once on top."""
     from builders.teacher_logits import unit_table
 
     kplan = replace(plan, params=base, scheme=SCHEMES[base.quantization])
+    tplan = replace(kplan, params=replace(base, tail_samples=TAIL))
     steps = {
         "full": lambda seqs, plens, idx: _bare(model, seqs, plens, plan.pad_id, keep=False),
         "keep": lambda seqs, plens, idx: _bare(model, seqs, plens, plan.pad_id, keep=True),
         "cache": lambda seqs, plens, idx: pq.write_table(unit_table(kplan, idx, score_batch(
             model, seqs, plens, k=base.k, pad_id=plan.pad_id, label_token_ids=plan.label_token_ids,
             top_p=base.top_p, k_min=base.k_min, entry_cost=base.entry_cost)), io.BytesIO(), compression="zstd"),
+        "cache_tail": lambda seqs, plens, idx: pq.write_table(unit_table(tplan, idx, score_batch(
+            model, seqs, plens, k=base.k, pad_id=plan.pad_id, label_token_ids=plan.label_token_ids,
+            top_p=base.top_p, k_min=base.k_min, entry_cost=base.entry_cost, tail_samples=TAIL)), io.BytesIO(),
+            compression="zstd"),
     }
     names = list(steps)
     first = batches(plan)[0]
@@ -175,7 +183,7 @@ def measure_overhead(model: Any, tok: Any, store: DatasetStore, plan: Plan, base
     for bi, idx in enumerate(batches(plan)):
         seqs = [plan.examples[i].input_ids for i in idx]
         plens = [plan.examples[i].prompt_len for i in idx]
-        for name in names[bi % 3:] + names[: bi % 3]:
+        for name in names[bi % len(names):] + names[: bi % len(names)]:
             w, c = time.perf_counter(), time.process_time()
             steps[name](seqs, plens, idx)
             per_batch[name].append(time.perf_counter() - w)
@@ -195,12 +203,14 @@ def measure_overhead(model: Any, tok: Any, store: DatasetStore, plan: Plan, base
     merge_s = time.perf_counter() - w - plan_s
     totals = {n: sum(t) for n, t in per_batch.items()}
     ratio = {n: float(np.median(np.array(per_batch["cache"]) / np.array(per_batch[n]))) for n in ("full", "keep")}
+    tail_ratio = float(np.median(np.array(per_batch["cache_tail"]) / np.array(per_batch["keep"])))
     fixed = plan_s + max(merge_s, 0.0)
     return {
         "interleaved_s": {n: {"wall": totals[n], "cpu": cpu[n]} for n in names},
         "per_batch_wall_s": per_batch,
         "overhead_vs_full_forward_pct": 100 * (ratio["full"] - 1),
         "overhead_vs_completion_forward_pct": 100 * (ratio["keep"] - 1),
+        f"overhead_with_tail_samples_{TAIL}_vs_completion_forward_pct": 100 * (tail_ratio - 1),
         "overhead_totals_vs_full_pct": 100 * (totals["cache"] / totals["full"] - 1),
         "overhead_totals_vs_completion_pct": 100 * (totals["cache"] / totals["keep"] - 1),
         "fixed_costs_s": {"plan": plan_s, "merge": merge_s},
@@ -314,7 +324,8 @@ def main() -> None:
               f"{o['overhead_vs_completion_forward_pct']:+.1f}% vs one with completion logits only "
               f"(totals {t['cache']['wall']:.0f}s / {t['full']['wall']:.0f}s / {t['keep']['wall']:.0f}s); "
               f"fixed plan + merge {sum(o['fixed_costs_s'].values()):.1f}s "
-              f"({o['fixed_costs_pct_of_full_forward']:.1f}% of the forward)")
+              f"({o['fixed_costs_pct_of_full_forward']:.1f}% of the forward); with --tail-samples {TAIL} "
+              f"{o[f'overhead_with_tail_samples_{TAIL}_vs_completion_forward_pct']:+.1f}% vs the completion forward")
     for label, part in breakdown.items():
         print(f"bytes/token by column ({label}):", {k: round(v, 2) for k, v in part.items()})
     png = RESULTS / "logit_cache_bench.png"

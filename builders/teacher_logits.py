@@ -758,9 +758,10 @@ def merge_units(store: DatasetStore, plan: Plan, work: Path, *, teacher: dict[st
                        f"[{p.config}]",
         "description": (
             f"Sparse teacher distributions for offline knowledge distillation: per completion token {_kept_words(p)} "
-            f"token ids and log-probs ({scheme.name}), the residual probability mass outside them and the "
-            "entropy; per example the teacher's log-probs of the label words at the answer position. Read it "
-            "with `curate.logit_codec.iter_cache`."
+            f"token ids and log-probs ({scheme.name}), "
+            + (f"the ids of {p.tail_samples} draws from the teacher outside them, " if p.tail_samples else "")
+            + "the residual probability mass outside them and the entropy; per example the teacher's log-probs "
+            "of the label words at the answer position. Read it with `curate.logit_codec.iter_cache`."
         ),
         "license": plan.parent.manifest.get("card", {}).get("license"),
         "task_categories": ["text-generation"],
@@ -791,12 +792,11 @@ def _kept_words(p: LogitCacheConfig) -> str:
     if p.select == "sample":
         tempered = "" if p.proposal_temperature == 1.0 else f" at temperature {p.proposal_temperature}"
         return f"the distinct ids of {p.samples} draws from the teacher{tempered} (with their counts),"
-    tail = f" plus {p.tail_samples} draws from the rest of the distribution," if p.tail_samples else ""
     if p.entry_cost is not None:
-        return f"the top ids (between {p.k_min} and {p.k}) minimising KL + {p.entry_cost} nats per entry,{tail}"
+        return f"the top ids (between {p.k_min} and {p.k}) minimising KL + {p.entry_cost} nats per entry,"
     if p.top_p is not None:
-        return f"the fewest top ids reaching mass {p.top_p} ({p.k_min} to {p.k}),{tail}"
-    return f"the top-{p.k}{tail}"
+        return f"the fewest top ids reaching mass {p.top_p} ({p.k_min} to {p.k}),"
+    return f"the top-{p.k}"
 
 
 def _remove_work(work: Path) -> None:
