@@ -254,8 +254,11 @@ def plot(rows: list[dict], path: Path) -> None:
         pts = sorted((r["bytes_per_token"], r["mean_kl"]) for r in rows if keep(r))
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=name)
     for r in rows:
-        if r["setting"].startswith("preset"):
+        if r["setting"].startswith("preset") and "tail" not in r["setting"]:
             ax.plot(r["bytes_per_token"], r["mean_kl"], "k*", ms=14, label=r["setting"])
+    tails = sorted((r["bytes_per_token"], r["mean_kl"]) for r in rows if "--tail-samples" in r["setting"])
+    if tails:  # the draws add bytes, not reconstruction fidelity: their use is the unbiased KD tail term
+        ax.plot([t[0] for t in tails], [t[1] for t in tails], "kx", ms=7, label="preset small + 2 / 4 tail draws")
     for d in DISTILLKIT:
         ax.plot(d["bytes_per_token"], d["mean_kl"], "s", ms=8, label=d["setting"] + " [issue 14]")
     ax.axvline(GOAL["bytes_per_token"], color="grey", ls=":", lw=1)
