@@ -64,7 +64,8 @@ from curate.models import (
 )
 from curate.store import DatasetStore, SourceFile, Version, sha256_file
 
-BUILDER_VERSION = "2.0.0"  # 2: layout 2 (variable-length rows, sampled rows)
+# 2: layout 2 (variable-length rows, sampled rows); 2.1: --tail-samples, sampled draws seeded per row block
+BUILDER_VERSION = "2.1.0"
 REQUIRED_COLUMNS = ("id", "prompt", "completion")
 ANSWER_POSITION = (
     "logits at position prompt_len - 1 (the distribution over the first completion token); each label word is "
@@ -112,8 +113,8 @@ class LogitCacheConfig(ModelSpec):
         "(unbiased forward-KL estimate).")
     samples: Annotated[int, at.Ge(1), at.Le(4096)] = opt(16, "Draws per token with --select sample.")
     tail_samples: Annotated[int, at.Ge(0), at.Le(255)] = opt(
-        0, "Also keep this many draws per token from the teacher outside the kept ids (ids + log-probs): forward "
-        "KD then gets an unbiased estimate of the tail the top entries leave out.")
+        0, "Also keep the ids of this many draws per token from the teacher outside the kept ids: forward KD then "
+        "gets an unbiased estimate of the tail the top entries leave out.")
     proposal_temperature: Annotated[float, at.Gt(0)] = opt(
         1.0, "With --select sample: draw from softmax(logits / this) (> 1 reaches further into the tail); stored "
         "importance weights keep the KD estimate unbiased.")
