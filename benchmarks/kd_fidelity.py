@@ -5,7 +5,7 @@ and optimiser, trained with pure distillation (no gold CE) from
   (a) online dense KD: the teacher runs every step, forward KL over the full vocabulary;
   (b) an offline top-64 u8-delta cache;
   (c) an offline ``--preset small`` cache;
-  (d) an offline sampled cache (``--select sample``) whose bytes/token are closest to (c)'s among two sizes;
+  (d) an offline sampled cache (``--select sample``) whose bytes/token are closest to (c)'s among four sizes;
   (e) (c) plus ``--tail-samples`` draws (the unbiased chain-rule tail term);
   (a') (a) through TRL's `GKDTrainer` (lmbda 0, beta 0), the anchor.
 Offline runs use the trainer's own pieces (`kd_features`, `KDCollator`, `ce_and_distillation`). Reported:
@@ -187,7 +187,7 @@ def main() -> None:
         }
         target = caches["(c) --preset small"][0].manifest["params"]["bytes_per_token"]
         sampled = [make_cache(store, teacher, tok, f"c-sample-{n}", a.train, select="sample", samples=n)
-                   for n in (96, 192)]
+                   for n in (96, 128, 160, 192)]
         best = min(sampled, key=lambda vc: abs(vc[0].manifest["params"]["bytes_per_token"] - target))
         caches[f"(d) sampled N={best[0].manifest['params']['samples']}"] = best
         test_plan = plan_cache(store, LogitCacheConfig(model=SMOLLM2, splits=["test"], limit=a.test), tok)
