@@ -64,8 +64,9 @@ from curate.models import (
 )
 from curate.store import DatasetStore, SourceFile, Version, sha256_file
 
-# 2: layout 2 (variable-length rows, sampled rows); 2.1: --tail-samples, sampled draws seeded per row block
-BUILDER_VERSION = "2.1.0"
+# 2: layout 2 (variable-length rows, sampled rows). Part of the work-dir key, so it stays put for additions that
+# leave earlier units valid (--tail-samples adds a key field only when used), keeping unfinished runs resumable.
+BUILDER_VERSION = "2.0.0"
 REQUIRED_COLUMNS = ("id", "prompt", "completion")
 ANSWER_POSITION = (
     "logits at position prompt_len - 1 (the distribution over the first completion token); each label word is "
