@@ -274,8 +274,14 @@ def test_missing_eval_split_is_a_note_not_a_failure(world: dict[str, Any], tmp_p
 
 def test_overwrite_keeps_the_old_run_when_the_new_one_is_refused(world: dict[str, Any], tmp_path: Path,
                                                                  tok: Any) -> None:
-    """--overwrite empties the run folder only once every check has passed: a typo loses nothing."""
+    """--overwrite empties the run folder only once every check has passed: a typo loses nothing; a new run
+    refused the same way leaves no empty folder behind."""
     from train.adpa import run_adpa
+
+    new = tmp_path / "new-run"
+    with pytest.raises(CurateError, match="is not an advantage table"):
+        run_adpa(_cfg(ADPAConfig, world, new, advantage="teacher-logits"), tokenizer=tok)
+    assert not new.exists()
 
     old = tmp_path / "run"
     old.mkdir()

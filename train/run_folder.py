@@ -89,7 +89,8 @@ class RunFolder:
 
     @classmethod
     def prepare(cls, cfg: TrainConfig, data_label: str, *, is_main: bool | None = None) -> RunFolder:
-        """Create (or reopen with --resume, or mark for wiping with --overwrite: done by `start`) the run's folder.
+        """Check the run's folder: new (made by `start`), reopened with --resume, or marked for wiping with
+        --overwrite (done by `start`).
 
         --resume continues from the newest *complete* checkpoint and refuses options that differ from the
         run's recorded config unless `allow_changes` (then they become a new segment in run.json).
@@ -116,8 +117,7 @@ class RunFolder:
                                   "start again, or --run-dir for a new folder")
         elif cfg.resume:
             raise CurateError(f"--resume: run folder {path} does not exist")
-        path.mkdir(parents=True, exist_ok=True)
-        return run
+        return run  # a new run's folder is made by `start`: a run refused before then leaves none behind
 
     def _check_resume(self, cfg: TrainConfig) -> None:
         if self.resume_from is None:
@@ -202,8 +202,8 @@ class RunFolder:
         now = datetime.now(UTC).isoformat(timespec="seconds")
         if self.overwrite_pending:
             shutil.rmtree(self.path)
-            self.path.mkdir(parents=True)
             self.overwrite_pending = False
+        self.path.mkdir(parents=True, exist_ok=True)
         if self.resume_from is None or not (self.path / "run.json").is_file():
             self.write_config(cfg)
             self.write_json("datasets.json", datasets)
