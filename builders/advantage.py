@@ -240,9 +240,11 @@ def advantage_table(t: pa.Table, r: pa.Table, tp: dict[str, Any], rp: dict[str, 
     t_lp, r_lp = _decode_flat(t_codes, tok_ent, tp), _decode_flat(r_codes, tok_ent, rp)
     adv = t_lp - r_lp
     # a u8 cache clips log-probs at -255 steps: there A is a bound, not a value (counted, like clamped entries)
-    floors = [-255 * get_scheme(p["quantization"]).step if get_scheme(p["quantization"]).step else -np.inf
-              for p in (tp, rp)]
-    floored_all = (t_lp <= floors[0]) | (r_lp <= floors[1])
+    floored_all = np.zeros(len(adv), dtype=bool)
+    for lp, p in ((t_lp, tp), (r_lp, rp)):
+        floor = get_scheme(p["quantization"]).floor  # None for fp16: nothing is clipped
+        if floor is not None:
+            floored_all |= lp <= floor
     tokens_per_row = np.diff(row_tok)
     keep_row = (np.isin(t["side"].to_numpy(zero_copy_only=False), list(sides)) if "side" in t.column_names
                 else np.ones(t.num_rows, dtype=bool))
