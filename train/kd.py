@@ -192,10 +192,11 @@ def prepare_kd(cfg: KDConfig, tokenizer: Any | None = None, *, cache: Version | 
     num_labels = len(label_ids) or max((len(ids) for ids in by_subset.values()), default=0)
     if cfg.kd_target == "labels" and not num_labels:
         raise CurateError(f"--kd-target labels: {cache.ref} has no label_token_ids (its parent has no labels)")
+    kd_loss = get_loss(cfg.loss)
     if params.get("select") == "sample" and cfg.kd_target == "tokens":
-        get_loss(cfg.loss).check_sampled(cfg.temperature)  # a one-line refusal before any training
+        kd_loss.check_sampled(cfg.temperature)  # a one-line refusal before any training
     tail_note = None
-    if params.get("tail_samples") and cfg.kd_target == "tokens" and not get_loss(cfg.loss).uses_tail(cfg.temperature):
+    if params.get("tail_samples") and cfg.kd_target == "tokens" and not kd_loss.uses_tail(cfg.temperature):
         tail_note = (f"{cache.ref} has tail draws; --loss {cfg.loss} at --temperature {cfg.temperature} cannot use "
                      "them (only forward_kl at temperature 1 has their estimator): trained on the kept ids + bucket")
     all_ids = label_ids + [i for ids in by_subset.values() for i in ids]
