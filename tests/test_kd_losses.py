@@ -343,3 +343,63 @@ def test_coarse_plus_tail_term_is_an_unbiased_forward_kl_and_gradient() -> None:
     g_se = g.std(0, ddof=1) / math.sqrt(len(g))
     err = np.linalg.norm(g.mean(0) - dense_grad, axis=-1)
     assert np.all(err <= 4 * np.sqrt((g_se**2).sum(-1))), (err, np.sqrt((g_se**2).sum(-1)))
+
+
+
+def test_tail_term_on_quantised_rows_is_unbiased_for_the_cached_teacher() -> None:
+    """With u8-delta-coarse codes the decoded kept mass S is not 1 - r, so the coarse term's teacher p̂ (kept
+    log-probs and log r renormalised together) holds r̂ = r / (S + r) in its bucket. The tail term is a mean over
+    draws, so its expectation is exactly sum_x p|T(x) · (the term with the single draw x): fed every tail id,
+    coarse + expected tail term must equal the documented value, and its gradient q - p̂ (p̂'s bucket shared out
+    as the teacher's own tail), to float64 precision. A tail weighted by the raw r leaves (r - r̂)(q|T - p|T)."""
+    from curate.logit_codec import SCHEMES, decode_logprobs, encode_logprobs
+
+    scheme = SCHEMES["u8-delta-coarse"]
+    g = torch.Generator().manual_seed(11)
+    t_logits = torch.randn(2, TAIL_V, generator=g) * 1.5
+    t_logits[:, 0] += 7.5  # a dominant token, whose 1/4-nat code moves the kept mass by 0.04 and 0.11
+    s_logits = torch.randn(2, TAIL_V, generator=g, dtype=torch.float64) * 1.5
+    p, q = torch.softmax(t_logits.double(), -1), torch.softmax(s_logits, -1)
+    entropy = -(p * p.log()).sum(-1)
+    loss = get_loss("forward_kl")
+    r = _tail_rows(0, 4, t_logits)
+    lp_codes = r.topk_logprobs.numpy()
+    back = decode_logprobs(encode_logprobs(np.where(np.isfinite(lp_codes), lp_codes, 0.0), scheme), scheme)
+    top_lp = torch.from_numpy(np.where(np.isfinite(lp_codes), back, -np.inf)).double()
+    ids, res = r.topk_ids.clone(), r.residual.double()
+    for i in range(2):
+        n = int(r.kept[i])
+        tail = torch.ones(TAIL_V, dtype=torch.bool)
+        tail[ids[i, :n]] = False
+        tail_ids = tail.nonzero().squeeze(-1)
+        p_cond = p[i, tail_ids] / p[i, tail_ids].sum()
+        s = s_logits[i].clone().requires_grad_(True)
+        lp = torch.log_softmax(s, -1)
+        row = (lp[ids[i]][None], top_lp[i][None], res[i : i + 1])
+        coarse = loss.token_loss(*row, 1.0)[0]
+        each = loss.tail_token_loss(row[0].expand(len(tail_ids), -1), row[1].expand(len(tail_ids), -1),
+                                    lp[tail_ids][:, None], torch.ones(len(tail_ids), 1, dtype=torch.bool),
+                                    res[i].expand(len(tail_ids)), entropy[i].expand(len(tail_ids)))
+        total = coarse + (p_cond * each).sum()
+        total.backward()
+
+        # the target, from the definitions
+        dec, rr = top_lp[i, :n].exp(), float(res[i])
+        s_mass = float(dec.sum())
+        assert abs(s_mass - (1 - rr)) > 0.03, "the codes must move the kept mass for this test to mean anything"
+        r_hat = rr / (s_mass + rr)
+        p_hat = torch.zeros(TAIL_V, dtype=torch.float64)
+        p_hat[ids[i, :n]] = dec / (s_mass + rr)
+        p_hat[tail_ids] = r_hat * p_cond
+        q_tail = float(q[i, tail_ids].sum())
+        coarse_t = torch.cat([dec / (s_mass + rr), torch.tensor([r_hat], dtype=torch.float64)])
+        coarse_s = torch.cat([q[i, ids[i, :n]], torch.tensor([q_tail], dtype=torch.float64)])
+        p_kept = dec / s_mass * (1 - rr)  # the kept p the entropy identity uses
+        teacher_part = (-float(entropy[i]) - float((p_kept * p_kept.log()).sum())) / rr - math.log(rr)
+        student_part = float((p_cond * (q[i, tail_ids] / q_tail).log()).sum())
+        want = float((coarse_t * (coarse_t / coarse_s).log()).sum()) + r_hat * (teacher_part - student_part)
+        assert abs(total.item() - want) < 1e-9, (total.item(), want)
+        err = float((s.grad - (q[i] - p_hat)).norm())
+        q_cond = q[i, tail_ids] / q_tail
+        raw_r_bias = float(((rr - r_hat) * (q_cond - p_cond)).norm())
+        assert err < 1e-9 and raw_r_bias > 1e-4, (err, raw_r_bias)

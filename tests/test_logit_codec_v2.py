@@ -443,7 +443,7 @@ def test_tail_draws_round_trip_and_feed_kd(tmp_path: Path, dfar_store: Path, whi
     got_b, part_b = tail_term(1)
     assert abs((got_a - got_b) + float((part_a - part_b).mean())) < 1e-4, (got_a, got_b)
     assert abs(float((part_a - part_b).mean())) > 1e-3  # the students differ in the tail
-    # the teacher part, sum_T p log p - r log r per token, from the dense teacher; the cache's comes from u8 codes
+    # the teacher part, sum_T p log p - r log r per token, from the dense teacher; the cache's comes from fp16 codes
     # of the kept log-probs and a float16 entropy: the bound below follows from their actual errors
     p_true = teacher_lp.exp()
     tail_mask = torch.ones_like(p_true, dtype=torch.bool)

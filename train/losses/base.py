@@ -127,16 +127,20 @@ def kl(p_logp: Tensor, q_logp: Tensor) -> Tensor:
 
 def tail_forward_kl(student_topk: Tensor, topk_logprobs: Tensor, student_tail: Tensor, drawn: Tensor,
                     residual: Tensor, entropy: Tensor) -> Tensor:
-    """The tail part of KL(p ‖ q) by the chain rule: r · KL(p|T ‖ q|T), T = every id outside the kept ones,
-    p|T = p / r, q|T = q / q_T (q_T = 1 - the student's kept mass). Written as
+    """The tail part of KL(p̂ ‖ q) by the chain rule, T = every id outside the kept ones, q|T = q / q_T
+    (q_T = 1 - the student's kept mass), p|T = p / r the teacher within its tail (r = the cached residual):
 
-        (sum_T p log p  -  r log r)  -  r · E_{j ~ p|T}[log q_j - log q_T]
+        r̂ · KL(p|T ‖ q|T) = r̂ · ((sum_T p log p) / r  -  log r  -  E_{j ~ p|T}[log q_j - log q_T])
 
-    the teacher's part is exact from the cached full entropy H (sum_T p log p = -H - sum_kept p log p, the kept
-    p renormalised to 1 - r as in the coarse term), and the student's part is the mean over the m draws: with
-    the coarse forward KL over (kept ids + one bucket) an unbiased estimate of the full-vocabulary KL, whose
-    gradient needs only the drawn ids. [N, k], [N, k] (-inf padding), [N, m], [N, m] bool, [N], [N] -> [N];
-    a token without draws adds 0."""
+    p̂ is the teacher the coarse term sees (`sparse_log_distributions`: the decoded kept log-probs and log r
+    renormalised together, so its bucket holds r̂ = r / (S + r), S the decoded kept mass), with its bucket
+    shared out as p|T. Weighting by that same r̂ (not r) makes coarse + tail term an unbiased estimate of
+    KL(p̂ ‖ q) whose gradient is q - p̂: with u8 codes S differs from 1 - r (a 1/4-nat step moves a top-1 of
+    0.9 to 1.0), and weighting by r would leave a bias (r - r̂) q|T. The teacher's part comes from the cached
+    full entropy H (sum_T p log p = -H - sum_kept p log p, the kept p renormalised to 1 - r): exact for fp16
+    caches, off by the quantisation of the kept log-probs otherwise (a constant: no gradient). The student's
+    part is the mean over the m draws, so the gradient needs only the drawn ids.
+    [N, k], [N, k] (-inf padding), [N, m], [N, m] bool, [N], [N] -> [N]; a token without draws adds 0."""
     dtype = student_tail.dtype
     pad = ~torch.isfinite(topk_logprobs)
     s_top = student_topk.masked_fill(pad, PAD_LOGPROB)
@@ -148,8 +152,11 @@ def tail_forward_kl(student_topk: Tensor, topk_logprobs: Tensor, student_tail: T
     teacher = -entropy.to(dtype) - kept_plogp - torch.where(r > 0, r * torch.log(r.clamp(min=RESIDUAL_FLOOR)), 0.0)
     student = torch.where(drawn, student_tail - log_q_tail[:, None], torch.zeros_like(student_tail))
     any_drawn = drawn.any(-1)
-    term = teacher - r * student.sum(-1) / drawn.sum(-1).clamp(min=1)
-    return torch.where(any_drawn, term, torch.zeros_like(term))
+    term = teacher - r * student.sum(-1) / drawn.sum(-1).clamp(min=1)  # r · KL(p|T ‖ q|T)
+    r_floor = r.clamp(min=RESIDUAL_FLOOR)  # the coarse term's bucket mass, floored as it floors it
+    kept_mass = torch.where(pad, torch.zeros_like(t_top), t_top.exp()).sum(-1)
+    r_hat_over_r = torch.where(r > 0, r_floor / (kept_mass + r_floor) / r.clamp(min=torch.finfo(dtype).tiny), 0.0)
+    return torch.where(any_drawn, term * r_hat_over_r, torch.zeros_like(term))
 
 
 def sampled_forward_kl(student_logprobs: Tensor, teacher_logprobs: Tensor, weights: Tensor) -> Tensor:
