@@ -157,7 +157,7 @@ def measure_overhead(model: Any, tok: Any, store: DatasetStore, plan: Plan, base
     """Per batch, interleaved (order rotated each batch): a bare forward with full logits, a bare forward with
     completion logits only, the caching step (forward + reduce + encode + parquet), and the same with
     ``--tail-samples``. Interleaving puts all
-    three under the same machine load, which a shared CPU box needs. The end-to-end pipeline (tokenize, plan,
+    four under the same machine load, which a shared CPU box needs. The end-to-end pipeline (tokenize, plan,
     units, merge, version) is timed once on top."""
     from builders.teacher_logits import unit_table
 

@@ -500,6 +500,9 @@ def plan_cache(store: DatasetStore, params: LogitCacheConfig, tok: Any | None = 
         "parent": parent.hash, "builder": BUILDER_VERSION, "revision": revision, "fingerprint": fingerprint,
         "scheme": scheme.name, "chat_template": chat_sha, **_key_params(params),
         **({"row_labels": True} if ids_by_subset else {}),  # units with per-row label ids (absent: keys as before)
+        # sampled draws are seeded per example and row block since tail draws came in: units drawn the earlier
+        # way are not resumed into a new run (each was valid, but the mix would match no fresh build)
+        **({"sample_seeding": 2} if params.select == "sample" else {}),
     }
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:16]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)

@@ -112,7 +112,8 @@ def _sampled_ids(x: torch.Tensor, samples: int, seed: int) -> tuple[torch.Tensor
 
 
 def _block_sums(e: torch.Tensor) -> torch.Tensor:
-    """[N, V] -> [N, ceil(V / TAIL_BLOCK)] float64 sums of consecutive vocabulary blocks (the last one short)."""
+    """[N, V] -> [N, ceil(V / TAIL_BLOCK)] sums of consecutive vocabulary blocks (the last one short), summed in the
+    logits' dtype and returned as float64 for the cumulative sums of `_tail_draws`."""
     n, v = e.shape
     full = v // TAIL_BLOCK
     sums = e[:, : full * TAIL_BLOCK].reshape(n, full, TAIL_BLOCK).sum(-1)
@@ -217,7 +218,9 @@ def reduce_logits(logits: torch.Tensor, k: int, label_ids: torch.Tensor | None =
     e = torch.exp(y)
     e.scatter_(-1, ids, 0.0)
     block_sums = _block_sums(e) if tail_samples and not samples else None
-    rest = block_sums.sum(-1) if block_sums is not None else e.sum(-1).double()
+    # summed directly even when block sums exist: the residual (and so every kept row) is then the same bits
+    # with and without tail draws, at the cost of one more pass over an in-cache block
+    rest = e.sum(-1).double()
     s_rest = torch.bmm(e.unsqueeze(1), y.unsqueeze(2)).view(-1).double()  # row-wise dot, fastest on CPU
     top_y = (top - m).double()
     e_top = torch.where(valid, top_y.exp(), 0.0)

@@ -403,3 +403,16 @@ def test_tail_term_on_quantised_rows_is_unbiased_for_the_cached_teacher() -> Non
         q_cond = q[i, tail_ids] / q_tail
         raw_r_bias = float(((rr - r_hat) * (q_cond - p_cond)).norm())
         assert err < 1e-9 and raw_r_bias > 1e-4, (err, raw_r_bias)
+
+
+def test_tail_draws_leave_the_kept_rows_bit_identical() -> None:
+    """Adding --tail-samples changes nothing else a row stores: kept count, ids, log-probs, residual and entropy
+    are the same bits as without draws (the residual decides the kept count under --entry-cost)."""
+    from curate.teacher_scoring import reduce_logits
+
+    t = torch.randn(64, 49_152, generator=torch.Generator().manual_seed(8)) * 3
+    plain = reduce_logits(t.clone(), 64, entry_cost=0.004)
+    drawn = reduce_logits(t.clone(), 64, entry_cost=0.004, tail_samples=4, seed=1)
+    assert plain.tail_ids is None and drawn.tail_ids is not None
+    for name in ("kept", "topk_ids", "topk_logprobs", "residual", "entropy"):
+        assert torch.equal(getattr(plain, name), getattr(drawn, name)), name

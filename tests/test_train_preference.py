@@ -174,6 +174,23 @@ def test_adpa_plus_starts_from_the_dckd_student(world: dict[str, Any], tmp_path:
     assert {"accuracy", "f1"} <= set(plus.metrics["eval"]["verbalizer"])  # DFAR metrics through the lineage
 
 
+def test_dckd_says_it_does_not_use_tail_draws(world: dict[str, Any], tok: Any) -> None:
+    """A sides cache with --tail-samples trains DCKD on kept ids + bucket, and the run says so in its notes."""
+    from builders.teacher_logits import LogitCacheConfig, cache_teacher_logits
+    from train.dckd import prepare_dckd
+
+    store = DatasetStore(world["store"])
+    cache_teacher_logits(store, LogitCacheConfig(model=str(world["teacher"]), dataset="preferences", config="sides",
+                                                 k=16, max_length=64, dtype="float32", tail_samples=2,
+                                                 name="tail-logits"), progress=False)
+    cfg = load_config(DCKDConfig, None, {**QUICK, "cache": "tail-logits", "model": str(world["teacher"]),
+                                         "store": str(world["store"])})
+    assert any("tail draws" in n and "not used" in n for n in prepare_dckd(cfg, tok).notes)
+    plain = load_config(DCKDConfig, None, {**QUICK, "cache": "teacher-logits", "model": str(world["teacher"]),
+                                           "store": str(world["store"])})
+    assert not any("tail draws" in n for n in prepare_dckd(plain, tok).notes)
+
+
 def test_refusals_are_one_line_before_any_step(world: dict[str, Any], tmp_path: Path, tok: Any) -> None:
     from builders.teacher_logits import LogitCacheConfig, cache_teacher_logits
     from train.adpa import run_adpa

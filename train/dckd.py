@@ -48,8 +48,12 @@ def prepare_dckd(cfg: DCKDConfig, tokenizer: Any | None = None, *, cache: Versio
         return check_tokenizer(tok, params, cache, cfg.model)
 
     pairs = pair_up(cache_sides(cache, cfg.train_split), f"{cache.ref} split {cfg.train_split!r}")
-    return prepare_pairs(cfg, store, cache, pairs, template=template, check_tokenizer=check, tokenizer=tokenizer,
-                         facts={"teacher": params.get("teacher"), "cache_k": params.get("k")})
+    prepared = prepare_pairs(cfg, store, cache, pairs, template=template, check_tokenizer=check,
+                             tokenizer=tokenizer, facts={"teacher": params.get("teacher"), "cache_k": params.get("k")})
+    if params.get("tail_samples"):  # said, as KD says it for losses without a tail estimator
+        prepared.notes.append(f"{cache.ref} has tail draws; DCKD's KL terms use the kept ids + one bucket, "
+                              "so the draws are not used")
+    return prepared
 
 
 def run_dckd(cfg: DCKDConfig, *, tokenizer: Any | None = None, console: Any = None) -> RunResult:

@@ -94,7 +94,7 @@ class RunFolder:
 
         --resume continues from the newest *complete* checkpoint and refuses options that differ from the
         run's recorded config unless `allow_changes` (then they become a new segment in run.json).
-        Under torchrun / accelerate only rank 0 checks and creates it; the other ranks just get the path.
+        Under torchrun / accelerate only rank 0 checks it (and `start` creates it); the other ranks just get the path.
         """
         path = Path(cfg.run_dir) if cfg.run_dir else Path(cfg.runs_dir) / default_name(cfg, data_label)
         path = path.resolve()
