@@ -136,7 +136,7 @@ def tail_forward_kl(student_topk: Tensor, topk_logprobs: Tensor, student_tail: T
     renormalised together, so its bucket holds r̂ = r / (S + r), S the decoded kept mass), with its bucket
     shared out as p|T. Weighting by that same r̂ (not r) makes coarse + tail term an unbiased estimate of
     KL(p̂ ‖ q) whose gradient is q - p̂: with u8 codes S differs from 1 - r (a 1/4-nat step moves a top-1 of
-    0.9 to 1.0), and weighting by r would leave a bias (r - r̂) q|T. The teacher's part comes from the cached
+    0.9 to 1.0), and weighting by r would leave a bias (r - r̂)(q|T - p|T). The teacher's part comes from the cached
     full entropy H (sum_T p log p = -H - sum_kept p log p, the kept p renormalised to 1 - r): exact for fp16
     caches, off by the quantisation of the kept log-probs otherwise (a constant: no gradient). The student's
     part is the mean over the m draws, so the gradient needs only the drawn ids.
