@@ -44,6 +44,7 @@ import json
 import logging
 import string
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -402,9 +403,10 @@ class _GenerationLog:
                 self.done[k] = t
 
 
-def _generate_local(model: Any, tok: Any, inputs: list[list[int]], params: PreferencesConfig,
+def _generate_local(load_model: Callable[[], Any], tok: Any, inputs: list[list[int]], params: PreferencesConfig,
                     gen_log: _GenerationLog) -> list[str]:
-    """Greedy continuations of `inputs`, `batch_size` per chunk, each chunk logged before the next."""
+    """Greedy continuations of `inputs`, `batch_size` per chunk, each chunk logged before the next. The weights
+    are loaded only when something is left to generate (a rebuild reads every answer from the log)."""
     from curate.llm import rich_progress
     from train.scoring import generate
 
@@ -414,7 +416,7 @@ def _generate_local(model: Any, tok: Any, inputs: list[list[int]], params: Prefe
         log.info("resuming: %d of %d generations already in %s", len(inputs) - len(todo), len(inputs), gen_log.path)
     if not todo:  # a rebuild: every answer is in the log, no empty progress bar
         return [gen_log.done[k] for k in keys]
-    model.eval()
+    model = load_model().eval()
     with rich_progress("generating rejected answers") as tick:
         tick(0, len(todo))
         for a in range(0, len(todo), params.batch_size):
@@ -426,27 +428,29 @@ def _generate_local(model: Any, tok: Any, inputs: list[list[int]], params: Prefe
     return [gen_log.done[k] for k in keys]
 
 
-def _local_model(params: PreferencesConfig, kind: str, what: str) -> tuple[Any, Any, str, dict[str, Any]]:
-    """(model, tokenizer, template, facts for the manifest and the generation key) for model: / student:."""
+def _local_model(params: PreferencesConfig, kind: str,
+                 what: str) -> tuple[Callable[[], Any], Any, str, dict[str, Any]]:
+    """(a loader of the model, tokenizer, template, facts for the manifest and the generation key) for model: /
+    student:. The facts come from the files, not the weights, so a rebuild need not load them."""
     from curate.models import load_causal_lm, load_tokenizer
-    from train.modeling import RUN_FILE, check_model_spec, load_run, model_ref
+    from train.modeling import RUN_FILE, check_model_spec, load_run, model_ref, run_tokenizer
 
     run = Path(what)
     if kind == "student" or (run / RUN_FILE).is_file():  # a run folder: merged weights or base + adapter
         if not (run / RUN_FILE).is_file():
             raise CurateError(f"--rejected student:{what}: not a run folder (no {RUN_FILE})")
-        model, tok, info = load_run(run, device=params.device)
+        info = json.loads((run / RUN_FILE).read_text())
+        tok = run_tokenizer(run)
         template = params.template or info.get("template", "plain")
         weights = run / "merged" if (run / "merged").is_dir() else run / "adapter"
         facts = {"run": str(run.resolve()), "run_sha256": hashlib.sha256((run / RUN_FILE).read_bytes()).hexdigest(),
                  "weights": _model_files_key(str(weights))}
-        return model, tok, template, facts
+        return lambda: load_run(run, device=params.device)[0], tok, template, facts
     check_model_spec(what)
     ref = model_ref(what)
     tok = load_tokenizer(ref)
-    model = load_causal_lm(ref, device=params.device)
     facts = {"model": ref.describe(), "weights": _model_files_key(ref.location), "revision": ref.revision}
-    return model, tok, params.template or "plain", facts
+    return lambda: load_causal_lm(ref, device=params.device), tok, params.template or "plain", facts
 
 
 def _dfar_pairs(store: DatasetStore, params: PreferencesConfig, d: _DfarRows,
@@ -466,7 +470,7 @@ def _dfar_pairs(store: DatasetStore, params: PreferencesConfig, d: _DfarRows,
     else:
         from curate.models import prompt_token_ids
 
-        model, tok, template, mfacts = _local_model(params, kind, what)
+        load_model, tok, template, mfacts = _local_model(params, kind, what)
         facts |= {k: v for k, v in mfacts.items() if k != "weights"} | {"template": template}
         if kind == "model":
             prefixes = [_prefix(d.template, r, opposite[r["label"]], d.label_words[opposite[r["label"]]]).rstrip()
@@ -484,7 +488,7 @@ def _dfar_pairs(store: DatasetStore, params: PreferencesConfig, d: _DfarRows,
                "builder_version": BUILDER_VERSION}
         gen_log = _GenerationLog(store, params.name, key)
         log.info("local generations are logged (resumable) in %s", gen_log.path)
-        texts = list(_generate_local(model, tok, inputs, params, gen_log))
+        texts = list(_generate_local(load_model, tok, inputs, params, gen_log))
     out: dict[str, list[_Pair]] = {}
     for (split, r), text in zip(flat, texts, strict=True):
         lab = int(r["label"])

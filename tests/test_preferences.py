@@ -78,7 +78,12 @@ def _check_sides(v: Any) -> None:
             p["id"], "rejected", p["prompt"], p["rejected"], p["split"])
 
 
-def test_from_dfar_with_a_local_model(dfar_store: DatasetStore, tok: Any, tmp_path: Path) -> None:
+def _no_weights(*_: Any, **__: Any) -> None:
+    raise AssertionError("a rebuild whose answers are all logged must not load the weights")
+
+
+def test_from_dfar_with_a_local_model(dfar_store: DatasetStore, tok: Any, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from curate.models import ModelRef, load_causal_lm
     from tests.tiny import save_tiny
 
@@ -119,8 +124,9 @@ def test_from_dfar_with_a_local_model(dfar_store: DatasetStore, tok: Any, tmp_pa
     again = build_preferences(st, params)  # same inputs: the same version; only the 4 missing rows generated
     assert not again.created and again.version.hash == v.hash and again.version.ref == "preferences@v1"
     assert len(logs[0].read_text().splitlines()) == 6
-    build_preferences(st, params)
-    assert len(logs[0].read_text().splitlines()) == 6  # nothing generated again
+    monkeypatch.setattr("curate.models.load_causal_lm", _no_weights)
+    third = build_preferences(st, params)  # nothing generated again, and the weights stay on disk
+    assert len(logs[0].read_text().splitlines()) == 6 and third.version.hash == v.hash
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +170,8 @@ def _said(text: str) -> int | None:
     return None if m is None else {"ethical": 0, "unethical": 1}[m.group(1).lower()]
 
 
-def test_student_answers_kept_only_when_wrong(dfar_store: DatasetStore, tok: Any, tmp_path: Path) -> None:
+def test_student_answers_kept_only_when_wrong(dfar_store: DatasetStore, tok: Any, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A real SmolLM2 run folder (merged weights, as --save-merged writes) answers the 6 DFAR prompts."""
     from curate.models import ModelRef, load_causal_lm
     from train.modeling import clear_gguf_marker
@@ -195,6 +202,10 @@ def test_student_answers_kept_only_when_wrong(dfar_store: DatasetStore, tok: Any
     assert dropped.get("student_right", 0) == right and dropped.get("student_unparsed", 0) == unparsed
     assert right + unparsed + len(want) == 6
     _check_sides(result.version)
+    monkeypatch.setattr("train.modeling.load_causal_lm", _no_weights)  # a rebuild reads the logged answers
+    again = build_preferences(st, PreferencesConfig(from_dataset="dfar", rejected=f"student:{run}",
+                                                    max_new_tokens=10, batch_size=1))
+    assert not again.created and again.version.hash == result.version.hash
 
 
 # ---- files ------------------------------------------------------------------------------------------------

@@ -116,6 +116,16 @@ def load_student(cfg: Any, tokenizer: Any | None = None) -> tuple[Any, Any, dict
     return model, tok, facts
 
 
+def run_tokenizer(run_dir: str | Path) -> Any:
+    """A trained run's tokenizer without its weights (the one `load_run` returns)."""
+    run = Path(run_dir)
+    if (run / "merged").is_dir():
+        return load_tokenizer(ModelRef(str((run / "merged").resolve())))
+    if not (run / "adapter").is_dir():
+        raise CurateError(f"{run} has no adapter/ or merged/ folder: the run did not finish (resume it)")
+    return load_tokenizer(ModelRef(str(run / "adapter")))
+
+
 def load_run(run_dir: str | Path, *, device: str = "auto", dtype: str = "auto",
              quant: QuantDecision | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """A trained run as an inference model: merged weights if saved (always for full fine-tuning), else the
