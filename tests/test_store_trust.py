@@ -116,6 +116,9 @@ def test_verify_names_the_bad_file_and_a_rebuild_repairs_it(dfar, tmp_path: Path
     assert {p.relative_to(v.path).as_posix(): p.read_bytes() for p in v.path.rglob("*.parquet")} == good
     assert st.verify(st.get("dfar")) == []
     assert cli("verify", "--store", st.root).exit_code == 0
+    typo = cli("verify", "dfra", "--store", st.root)  # a misspelt name is an error, not a clean bill
+    assert typo.exit_code == 1 and "no dataset named 'dfra'" in typo.output and "datasets: dfar" in typo.output
+    assert len(typo.output.strip().splitlines()) == 1, typo.output
 
 
 def test_damaged_manifest_or_tags_is_one_line_naming_the_file(dfar, tmp_path: Path) -> None:

@@ -29,7 +29,10 @@ def verify_cmd(
             return
     else:
         name, tag = parse_ref(ref)
-        targets = [(check_name(name), tag)]
+        if check_name(name) not in st.names():  # a typo is not a dataset that verified clean
+            known = ", ".join(st.names()) or "none"
+            raise CurateError(f"no dataset named {name!r} in store {st.root} (datasets: {known})")
+        targets = [(name, tag)]
     checked, problems = 0, []
     for name, tag in targets:
         try:
