@@ -147,6 +147,21 @@ def test_cli_kd_and_bad_options(world: dict[str, Path], tmp_path: Path) -> None:
                              "--max-steps", "2", "--batch-size", "2", "--limit", "4", "--no-eval", "--loss",
                              "reverse_kl", "--run-dir", str(tmp_path / "r")])
     assert ok.exit_code == 0, ok.output
+    assert "note:" not in ok.output  # nothing to say about this run
+
+    from builders.teacher_logits import LogitCacheConfig, cache_teacher_logits
+
+    cache_teacher_logits(DatasetStore(world["store"]),  # the student's own logits, with tail draws
+                         LogitCacheConfig(dataset="dfar", config="lr", model=str(world["student"]), k=16,
+                                          max_length=64, tail_samples=2, limit=4, name="tail-logits"), progress=False)
+    noted = runner.invoke(app, ["train", "kd", "--model", str(world["student"]), "--store", str(world["store"]),
+                                "--cache", "tail-logits", "--max-steps", "1", "--batch-size", "2", "--no-eval",
+                                "--temperature", "2", "--run-dir", str(tmp_path / "t")])
+    assert noted.exit_code == 0, noted.output
+    notes = json.loads((tmp_path / "t" / "metrics.json").read_text())["notes"]
+    assert any("tail draws" in n for n in notes)
+    shown = " ".join(noted.output.split())  # the console wraps long lines
+    assert all(f"note: {' '.join(n.split())}" in shown for n in notes), noted.output
     bad = runner.invoke(app, ["train", "kd", "--store", str(world["store"]), "--alpha", "1.5"])
     assert bad.exit_code == 1 and "alpha must be in [0, 1]" in bad.output
     bad = runner.invoke(app, ["train", "kd", "--store", str(world["store"]), "--kd-target", "logits"])

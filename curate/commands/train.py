@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from curate.commands._app import StoreOpt, app, console, friendly_errors
+from curate.commands._app import StoreOpt, app, console, friendly_errors, safe
 from curate.commands._options import config_options
 from curate.errors import CurateError
 from train.config import ADPAConfig, DCKDConfig, DPOTeacherConfig, KDConfig, RLSageConfig, SFTConfig
@@ -73,6 +73,8 @@ def _report(result: Any) -> None:
             print_group_table(ev)
         if ev.get("reason_perplexity") is not None:  # none for label-only runs
             console.print(f"  gold-reason perplexity {ev['reason_perplexity']:.2f}", highlight=False)
+    for note in m.get("notes") or []:  # also in metrics.json and the run card; said here so nobody misses them
+        console.print(f"  [yellow]note[/]: {safe(note)}", highlight=False)
 
 
 def _sft(config: Path | None, overrides: dict[str, Any]) -> None:
