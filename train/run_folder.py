@@ -86,6 +86,9 @@ class RunFolder:
     # --overwrite of an existing run: emptied by `start`, after every check of the data and options has passed,
     # so a refused start (a typo in the cache name, a tokenizer mismatch) loses nothing
     overwrite_pending: bool = False
+    # (step, final step) when --resume finds the run already trained to its end with its results saved: there is
+    # nothing to continue, so `train_and_save` returns the recorded results instead of retraining / re-evaluating
+    finished_at: tuple[int, int] | None = None
 
     @classmethod
     def prepare(cls, cfg: TrainConfig, data_label: str, *, is_main: bool | None = None) -> RunFolder:
@@ -106,10 +109,12 @@ class RunFolder:
         if cfg.resume:
             run.resume_from = run.latest_checkpoint()
         if not is_main:
+            run.finished_at = run.finished(cfg)  # every rank must skip training, or the others wait on rank 0
             return run
         if path.exists() and any(path.iterdir()):
             if cfg.resume:
                 run._check_resume(cfg)
+                run.finished_at = run.finished(cfg)
             elif cfg.overwrite:
                 run.overwrite_pending = True
             else:
@@ -139,6 +144,50 @@ class RunFolder:
             if not checkpoint_complete(p) and int(CHECKPOINT_RE.match(p.name).group(1)) > self.resume_step:
                 log.warning("removing %s: incomplete (killed while saving); resuming from %s", p, self.resume_from.name)
                 shutil.rmtree(p)  # Trainer would write into it (or rotate good checkpoints out for it)
+
+    def finished(self, cfg: TrainConfig) -> tuple[int, int] | None:
+        """(step, final step) when the checkpoint --resume would continue from already is the run's last step
+        and that step's results are saved (metrics.json naming it, the card, the weights); None otherwise.
+
+        Judged from what the run recorded, no marker of its own: the checkpoint's trainer_state.json (its
+        step, and its max_steps when the run is sized by --epochs), metrics.json's train.global_step (written
+        after the weights, so a run killed while evaluating is still resumed to finish its outputs). A raised
+        --max-steps (or, with --epochs, any changed option) means there is more to train: not finished."""
+        if self.resume_from is None:
+            return None
+        try:
+            state = json.loads((self.resume_from / "trainer_state.json").read_text())
+            metrics = self.read_json("metrics.json")
+        except (OSError, ValueError):
+            return None
+        step = state.get("global_step")
+        if cfg.max_steps > 0:
+            final = cfg.max_steps  # Trainer stops at max_steps whatever --epochs says
+        else:
+            recorded = self.effective_config()
+            if recorded is None or config_changes(recorded, cfg):
+                return None  # the number of steps --epochs gives may differ now: let Trainer decide
+            final = state.get("max_steps")
+        if not isinstance(step, int) or not isinstance(final, int) or final <= 0 or step < final:
+            return None
+        if not isinstance(metrics, dict) or (metrics.get("train") or {}).get("global_step") != step:
+            return None
+        if not (self.path / "README.md").is_file() or not self.has_model(cfg):
+            return None
+        return step, final
+
+    def has_model(self, cfg: TrainConfig) -> bool:
+        """The trained weights `train_and_save` writes for this config are there (adapter/, merged/ or both)."""
+        lora = getattr(cfg, "use_lora", True)
+        wanted = ([self.adapter] if lora else []) + ([self.merged] if not lora or getattr(cfg, "save_merged", False)
+                                                    else [])
+        return all(any((d / f).is_file() for f in WEIGHT_FILES) for d in wanted)
+
+    def finished_message(self) -> str:
+        """One line for a --resume that finds nothing to do, with the two ways to do something."""
+        step, final = self.finished_at or (self.resume_step, self.resume_step)
+        return (f"already finished at step {step}/{final}: nothing to resume in {self.path}; use --overwrite to "
+                "train again (or --max-steps N --allow-changes to train further)")
 
     @property
     def resume_step(self) -> int:

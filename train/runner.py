@@ -38,6 +38,7 @@ class Prepared:
 class RunResult:
     run: RunFolder
     metrics: dict[str, Any]
+    already_finished: bool = False  # --resume of a finished run: `metrics` are the recorded ones, nothing was run
 
 
 def step_token_scale(trainer: Any, n_tokens: int, num_items_in_batch: Any) -> Any:
@@ -111,6 +112,11 @@ def train_and_save(cfg: TrainConfig, prep: Prepared, trainer_cls: type, run: Run
     from transformers import TrainerCallback
 
     say = console.print if console is not None else (lambda *a, **k: None)
+    if run.finished_at is not None:
+        # Trainer would run 0 steps and report a 0.0 loss, and the evaluation, metrics.json, the card and a new
+        # run.json segment would replace the real results: say so and hand back what the run recorded instead.
+        say(run.finished_message(), highlight=False)
+        return RunResult(run, run.read_json("metrics.json") or {}, already_finished=True)
 
     class Progress(TrainerCallback):
         """One line per logged step (Trainer's tqdm is off: it floods logs on CPU runs)."""
