@@ -144,9 +144,19 @@ def accepts_logits_to_keep(model: Any) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+def _missing_folder(ref: ModelRef) -> None:
+    """A spec written as a path (absolute, ./, ../, ~) that does not exist: said as such, not as transformers'
+    complaint that it is not a valid Hub repo id."""
+    loc = ref.location
+    if loc.startswith(("/", "./", "../", "~")) and not Path(loc).expanduser().exists():
+        raise CurateError(f"no such model file or folder: {loc}")
+
+
 def load_tokenizer(ref: ModelRef) -> Any:
     from transformers import AutoTokenizer
 
+    _missing_folder(ref)
+    log.info("loading tokenizer %s", ref.describe())  # seconds from a GGUF file: said, not a silent wait
     try:
         tok = AutoTokenizer.from_pretrained(ref.location, **ref.kwargs())
     except (OSError, ValueError) as e:
@@ -173,6 +183,8 @@ def load_causal_lm(ref: ModelRef, *, dtype: str = "auto", device: str = "auto",
         kwargs["device_map"] = "auto"
     if dtype != "auto":
         kwargs["dtype"] = getattr(torch, dtype)
+    _missing_folder(ref)
+    log.info("loading model %s", ref.describe())
     try:
         model = AutoModelForCausalLM.from_pretrained(ref.location, **kwargs)
     except (OSError, ValueError) as e:

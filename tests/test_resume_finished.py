@@ -71,7 +71,7 @@ def test_cli_resume_of_a_finished_kd_run_changes_nothing(world: dict[str, Path],
     assert (run / "eval").is_dir() and before["checkpoints"] == b"checkpoint-2"
     again = runner.invoke(app, [*args, "--resume"])
     assert again.exit_code == 0, again.output
-    assert "already finished at step 2/2: nothing to resume" in again.output
+    assert "already finished at step 2/2: nothing to resume" in again.output and "run finished" not in again.output
     assert "--overwrite" in again.output
     assert "mean train loss 0.0000" not in again.output and "evaluating" not in again.output
     assert _records(run) == before

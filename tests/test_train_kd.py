@@ -145,9 +145,11 @@ def test_cli_kd_and_bad_options(world: dict[str, Path], tmp_path: Path) -> None:
     runner = CliRunner()
     ok = runner.invoke(app, ["train", "kd", "--model", str(world["student"]), "--store", str(world["store"]),
                              "--max-steps", "2", "--batch-size", "2", "--limit", "4", "--no-eval", "--loss",
-                             "reverse_kl", "--run-dir", str(tmp_path / "r")])
+                             "reverse_kl", "--lr", "5e-5", "--run-dir", str(tmp_path / "r")])
     assert ok.exit_code == 0, ok.output
     assert "note:" not in ok.output  # nothing to say about this run
+    logged = json.loads((tmp_path / "r" / "metrics.json").read_text())["log_history"][0]["learning_rate"]
+    assert 0 < logged < 1e-4 and f"'learning_rate': {float(f'{logged:.4g}')}" in ok.output  # not rounded to 0.0001
 
     from builders.teacher_logits import LogitCacheConfig, cache_teacher_logits
 

@@ -123,8 +123,8 @@ def train_and_save(cfg: TrainConfig, prep: Prepared, trainer_cls: type, run: Run
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
             if state.is_world_process_zero and logs:
-                shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in logs.items()
-                         if k in SHOWN}
+                shown = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in logs.items()
+                         if k in SHOWN}  # 4 significant digits: a 5e-05 learning rate is not 0.0001
                 say(f"step {state.global_step}/{state.max_steps} {shown}", highlight=False)
 
     args = training_arguments(cfg, run, prep.eval_dataset is not None)

@@ -55,6 +55,8 @@ def _report(result: Any) -> None:
 
     if not PartialState().is_main_process:  # one report per launch, from rank 0
         return
+    if getattr(result, "already_finished", False):  # said in one line by the trainer; nothing ran
+        return
     m = result.metrics
     console.print(f"[green]run finished[/]: {result.run.path}", highlight=False)
     train = m.get("train", {})
