@@ -164,6 +164,9 @@ def test_cli_kd_and_bad_options(world: dict[str, Path], tmp_path: Path) -> None:
     assert any("tail draws" in n for n in notes)
     shown = " ".join(noted.output.split())  # the console wraps long lines
     assert all(f"note: {' '.join(n.split())}" in shown for n in notes), noted.output
+    typo = runner.invoke(app, ["train", "kd", "--model", str(tmp_path / "studnet"), "--store", str(world["store"]),
+                               "--max-steps", "1", "--run-dir", str(tmp_path / "typo")])
+    assert typo.exit_code == 1 and typo.output.strip().endswith(f"no such model file or folder: {tmp_path / 'studnet'}")
     bad = runner.invoke(app, ["train", "kd", "--store", str(world["store"]), "--alpha", "1.5"])
     assert bad.exit_code == 1 and "alpha must be in [0, 1]" in bad.output
     bad = runner.invoke(app, ["train", "kd", "--store", str(world["store"]), "--kd-target", "logits"])
