@@ -24,8 +24,9 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -90,6 +91,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": {"k": 128, "entry_cost": 0.0052, "quantization": "u8-delta-coarse"},
 }
 PRESETS_HELP = [f"{n}: " + " ".join(f"{k}={v}" for k, v in d.items()) for n, d in PRESETS.items()]
+# A preset's part that chooses the kept entries: an explicit choice (see `preset_values`) replaces all of it.
+PRESET_SELECTION = ("top_p", "entry_cost", "select", "samples", "proposal_temperature")
+DEFAULT_SAMPLES = 16  # --samples when not given; another value without --select sample is refused
 
 
 @dataclass
@@ -112,7 +116,7 @@ class LogitCacheConfig(ModelSpec):
     select: Literal["top", "sample"] = opt(
         "top", "top: the most probable ids; sample: the distinct ids of --samples draws from the teacher "
         "(unbiased forward-KL estimate).")
-    samples: Annotated[int, at.Ge(1), at.Le(4096)] = opt(16, "Draws per token with --select sample.")
+    samples: Annotated[int, at.Ge(1), at.Le(4096)] = opt(DEFAULT_SAMPLES, "Draws per token with --select sample.")
     tail_samples: Annotated[int, at.Ge(0), at.Le(255)] = opt(
         0, "Also keep the ids of this many draws per token from the teacher outside the kept ids: forward KD then "
         "gets an unbiased estimate of the tail the top entries leave out.")
@@ -152,6 +156,10 @@ class LogitCacheConfig(ModelSpec):
                               "--select sample rows")
         if self.proposal_temperature != 1.0 and self.select != "sample":
             raise ConfigError("proposal_temperature", "--proposal-temperature is for --select sample")
+        # Like the temperature: a value other than the default means sampling was meant. (The default itself
+        # cannot be told from an explicit 16; a default of None would change every existing work-dir key.)
+        if self.samples != DEFAULT_SAMPLES and self.select != "sample":
+            raise ConfigError("samples", "--samples is for --select sample")
         if self.at_ids is not None and (self.top_p is not None or self.entry_cost is not None
                                         or self.select == "sample"):
             raise ConfigError("at_ids", "--at-ids scores exactly the other cache's ids: --top-p, --entry-cost and "
@@ -168,13 +176,28 @@ class LogitCacheConfig(ModelSpec):
         return self.samples if self.select == "sample" else self.k
 
 
-def preset_values(name: str | None) -> dict[str, Any]:
-    """The option values a preset stands for (lowest layer under YAML / flags)."""
+def preset_values(name: str | None, explicit: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The option values a preset stands for (lowest layer under YAML / flags).
+
+    ``explicit``: the options given on top of it. When they choose the kept entries themselves (--top-p,
+    --entry-cost, --select sample, --at-ids, --layout 1), the preset's selection (its entry_cost) is left out
+    rather than conflicting with them: explicit options override the preset, as documented.
+    """
     if name is None:
         return {}
     if name not in PRESETS:
         raise CurateError(f"--preset must be one of {', '.join(PRESETS)}, not {name!r}")
-    return {**PRESETS[name], "preset": name}
+    values = {**PRESETS[name], "preset": name}
+    if explicit is not None and _chooses_entries(explicit):
+        for key in PRESET_SELECTION:
+            values.pop(key, None)
+    return values
+
+
+def _chooses_entries(options: Mapping[str, Any]) -> bool:
+    """Whether `options` say how the kept entries are chosen (so a preset's choice does not apply)."""
+    return (options.get("top_p") is not None or options.get("entry_cost") is not None
+            or options.get("select") == "sample" or options.get("at_ids") is not None or options.get("layout") == 1)
 
 
 @dataclass
@@ -237,6 +260,18 @@ class Plan:
 
     def unit_path(self, work: Path, i: int) -> Path:
         return work / f"unit-{i:05d}.parquet"
+
+    @cached_property
+    def rerun_key(self) -> str | None:
+        """What makes a stored version this run's result: the work-dir key (which leaves out the device: a
+        rerun elsewhere is the same request), the file split (rows_per_file changes the files, not the
+        units) and the teacher's files as they are now (a retrained folder keeps its name). None when the
+        weights cannot be identified without loading them: such runs always compute."""
+        weights = weights_identity(self.ref, self.teacher_revision)
+        if weights is None:
+            return None
+        src = {"work_key": self.key, "rows_per_file": self.params.rows_per_file, "weights": weights}
+        return hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -458,6 +493,52 @@ def teacher_identity(ref: ModelRef) -> str | None:
     """A revision for the manifest: the GGUF file's sha256 for local files, else the hub commit when known."""
     if ref.gguf_file and (Path(ref.location) / ref.gguf_file).is_file():
         return "sha256:" + sha256_file(Path(ref.location) / ref.gguf_file)
+    return None
+
+
+def weights_identity(ref: ModelRef, revision: str | None) -> str | None:
+    """The teacher's weights as files, without loading them: a local GGUF's sha256 (``revision``); a folder's
+    file names, sizes and mtimes; a hub repo's commit as the hub resolves it now. None: unknown (an adapter
+    folder, whose base lives elsewhere, or a hub that cannot be asked)."""
+    if revision is not None:
+        return revision
+    folder = Path(ref.location)
+    if folder.is_dir():
+        if (folder / "adapter_config.json").is_file():
+            return None
+        files = sorted(f for f in folder.rglob("*") if f.is_file())
+        stats = [[f.relative_to(folder).as_posix(), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+        return "files:" + hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(ref.location, ref.gguf_file or "config.json", revision=ref.revision))
+    except Exception:  # noqa: BLE001 - offline without a cached copy, a gated repo...: compute as usual
+        return None
+    snapshot = path.parents[len(Path(ref.gguf_file or "config.json").parts) - 1]
+    return f"hub:{snapshot.name}" if snapshot.parent.name == "snapshots" else None
+
+
+def stored_rerun(store: DatasetStore, plan: Plan) -> Version | None:
+    """The stored version an identical earlier run wrote (the same `Plan.rerun_key`), if it is intact; a rerun
+    then answers at once instead of running the teacher again. None: build as usual (which also repairs a
+    damaged identical version, so damage is never reported as "unchanged")."""
+    key = plan.rerun_key
+    if key is None or plan.name not in store.names():
+        return None
+    try:
+        versions = store.versions(plan.name)
+    except CurateError:  # a damaged version of this name: leave it to the full path
+        return None
+    for v in reversed(versions):  # the latest such version, as an identical rebuild would find
+        if v.manifest.get("params", {}).get("rerun_key") != key:
+            continue
+        try:
+            for config in v.configs():
+                v.files(config)  # listed files present, data matching the manifest (re-hashed when changed)
+        except CurateError:
+            return None
+        return v
     return None
 
 
@@ -745,6 +826,9 @@ def merge_units(store: DatasetStore, plan: Plan, work: Path, *, teacher: dict[st
         "chunk_size": p.chunk_size,
         "completion_tokens": tokens,
         **({"sides": True} if plan.sided else {}),
+        # lets an identical rerun answer "unchanged" without the teacher (`stored_rerun`); only when every unit
+        # came from the teacher's files (not a model object a caller passed in, which they cannot vouch for)
+        "rerun_key": plan.rerun_key if teacher.get("from_files") else None,
     }
     parents = [{"name": plan.parent.name, "tag": plan.parent.tag, "content_hash": plan.parent.hash,
                 "config": p.config}]
@@ -823,6 +907,10 @@ def cache_teacher_logits(store: DatasetStore, params: LogitCacheConfig, *, shard
         raise CurateError(f"--shard must be in [0, {num_shards}), got {shard}")
     quant = params.weight_quantization(strict=True)  # a cache never silently holds a full-precision teacher's logits
     plan = plan_cache(store, params, tokenizer)
+    if model is None:  # the teacher is the files named by params, which the rerun key identifies
+        stored = stored_rerun(store, plan)
+        if stored is not None:
+            return BuildResult(stored, created=False, notes=list(plan.notes))
     work = store.work_dir(plan.name, plan.key)
     _write_plan_file(work, plan)
 
@@ -837,7 +925,7 @@ def cache_teacher_logits(store: DatasetStore, params: LogitCacheConfig, *, shard
 
     def get_model() -> Any:
         m = model if model is not None else load()
-        _record_teacher(work, m, plan.teacher_revision)
+        _record_teacher(work, m, plan.teacher_revision, from_files=model is None)
         return m
 
     report = None
@@ -857,12 +945,16 @@ def cache_teacher_logits(store: DatasetStore, params: LogitCacheConfig, *, shard
     return report
 
 
-def _record_teacher(work: Path, model: Any, revision: str | None) -> None:
+def _record_teacher(work: Path, model: Any, revision: str | None, *, from_files: bool) -> None:
     """What the teacher actually ran as (``auto`` dtype resolves per checkpoint; hub models know their commit),
-    kept beside the units so a later ``--merge`` process records it too."""
+    kept beside the units so a later ``--merge`` process records it too. ``from_files``: loaded from the
+    files params name (not passed in); stays False once any process of this work dir got a model object."""
+    path = work / "teacher.json"
+    earlier = json.loads(path.read_text()).get("from_files", False) if path.is_file() else True  # unknown: False
     info = {
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "revision": revision or getattr(getattr(model, "config", None), "_commit_hash", None),
+        "from_files": from_files and earlier,
     }
     tmp = work / f".teacher.json.tmp-{uuid.uuid4().hex}"
     tmp.write_text(json.dumps(info) + "\n")

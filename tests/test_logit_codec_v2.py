@@ -218,6 +218,9 @@ def test_variable_rows_round_trip_exactly_through_the_table() -> None:
     (["--top-p", "0.9", "--entry-cost", "0.01"], "--top-p and --entry-cost are two ways"),
     (["--entry-cost", "0"], "entry_cost must be > 0"),
     (["--proposal-temperature", "2"], "--proposal-temperature is for --select sample"),
+    (["--samples", "4"], "--samples is for --select sample"),
+    (["--preset", "small", "--samples", "4"], "--samples is for --select sample"),
+    (["--preset", "small", "--top-p", "0.9", "--entry-cost", "0.01"], "--top-p and --entry-cost are two ways"),
     (["--select", "sample", "--samples", "0"], "samples must be in [1, 4096]"),
     (["--preset", "tiny"], "--preset must be one of small, not 'tiny'"),
     (["--select", "sample", "--tail-samples", "4"], "--tail-samples adds draws to a top selection"),
@@ -242,6 +245,29 @@ def test_preset_is_the_lowest_layer(tmp_path: Path, dfar_store: Path, teacher) -
     p = store.get("dfar-lr-logits").manifest["params"]
     assert p["preset"] == "small" and p["k"] == 12  # the explicit flag wins
     assert all(p[key] == value for key, value in PRESETS["small"].items() if key != "k")
+    # an explicit way of choosing the entries replaces the preset's (its entry_cost), keeping the rest of it
+    out = CliRunner().invoke(app, [*base, "--top-p", "0.9", "--name", "top-p-logits"])
+    assert out.exit_code == 0, out.output
+    p = store.get("top-p-logits").manifest["params"]
+    assert (p["preset"], p["top_p"], p["entry_cost"], p["select"]) == ("small", 0.9, None, "top")
+    assert (p["k"], p["quantization"]) == (PRESETS["small"]["k"], PRESETS["small"]["quantization"])
+
+
+@pytest.mark.parametrize(("given", "chosen"), [
+    ({"k": 12}, {"entry_cost": 0.0052, "top_p": None, "select": "top", "k": 12}),
+    ({"top_p": 0.9}, {"entry_cost": None, "top_p": 0.9, "select": "top", "k": 128}),
+    ({"select": "sample", "samples": 8}, {"entry_cost": None, "select": "sample", "samples": 8, "k": 128}),
+    ({"entry_cost": 0.01}, {"entry_cost": 0.01, "top_p": None}),
+    ({"layout": 1}, {"entry_cost": None, "layout": 1, "k": 128}),
+])
+def test_explicit_selection_replaces_the_presets(given: dict[str, Any], chosen: dict[str, Any]) -> None:
+    """The CLI's layering (preset below the given options), without a model: what the config ends up as."""
+    from builders.teacher_logits import preset_values
+    from curate.configs import COMMAND_LINE, build_config
+
+    cfg = build_config(LogitCacheConfig, [(preset_values("small", given), "--preset small"), (given, COMMAND_LINE)])
+    assert {key: getattr(cfg, key) for key in chosen} == chosen
+    assert (cfg.preset, cfg.quantization) == ("small", "u8-delta-coarse")
 
 
 # ---- sampled rows ---------------------------------------------------------------------------------------

@@ -52,7 +52,9 @@ def cache_logits_cmd(
     given = dict(options or {})
     if given.get("limit") == 0:
         given["limit"] = None  # 0: all rows
-    preset = preset_values(given.get("preset"))  # a preset is the lowest layer: explicit options win
+    # a preset is the lowest layer: explicit options win (an explicit --top-p / --select sample replaces its
+    # entry selection rather than conflicting with it)
+    preset = preset_values(given.get("preset"), given)
     params = build_config(LogitCacheConfig, [(preset, f"--preset {given.get('preset')}"), (given, COMMAND_LINE)])
     dist = _distributed()
     if dist is not None and shard is None and not merge:
