@@ -223,6 +223,16 @@ def describe_views(store: DatasetStore) -> list[tuple[str, str, int | None]]:
                 for tag in tags:
                     for vn in view_names(name, tag, config, default):
                         out.append((vn, f"{v.ref} [{config}]", v.num_rows(config)))
+            # the row-subset views a builder declares (ethics: instruct_<subset>), as `views_for_manifest` makes them
+            for view, spec in ((v.manifest.get("params") or {}).get("views") or {}).items():
+                config = spec.get("config") if isinstance(spec, dict) else None
+                if config not in v.manifest["configs"]:
+                    continue
+                where = {str(c): val for c, val in (spec.get("where") or {}).items()}
+                shown = ", ".join(f"{c} = {val!r}" for c, val in where.items())
+                for tag in tags:
+                    for vn in view_names(name, tag, view, default):
+                        out.append((vn, f"{v.ref} [{config}: {shown}]", None))
     return out
 
 

@@ -164,3 +164,14 @@ def test_missing_subset_folder(tmp_path: Path, ethics_source: Path) -> None:
     assert code == 1 and "Traceback" not in out
     assert re.search(r"virtue: subset folder missing from the source", flat), out
     assert _files(tmp_path / "store") == []
+
+
+def test_subset_views_are_listed(built) -> None:
+    r, st = built
+    from curate.sql_views import describe_views
+
+    listed = {name: ref for name, ref, _ in describe_views(st)}  # what `curate query --list` shows
+    assert listed["ethics__instruct_virtue"] == f"{r.version.ref} [instruct: subset = 'virtue']"
+    for subset in ("commonsense", "deontology", "justice", "utilitarianism", "virtue"):
+        assert listed[f"ethics__instruct_{subset}"].startswith(f"{r.version.ref} [instruct")
+        query(f"SELECT count(*) FROM ethics__instruct_{subset}", st)  # every listed view answers

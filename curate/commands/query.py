@@ -37,7 +37,7 @@ def query_cmd(
         t = Table("view", "version [config]", "rows")
         for name, ref, rows in describe_views(st):
             shown = name if name.isidentifier() else f'"{name}"'
-            t.add_row(safe(shown), safe(ref), "?" if rows is None else f"{rows:,}")
+            t.add_row(safe(shown), safe(ref), "" if rows is None else f"{rows:,}")  # a subset view: not counted
         _print_table(t)
         return
     if not sql:
