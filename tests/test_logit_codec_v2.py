@@ -244,6 +244,7 @@ def test_preset_is_the_lowest_layer(tmp_path: Path, dfar_store: Path, teacher) -
     assert out.exit_code == 0, out.output
     p = store.get("dfar-lr-logits").manifest["params"]
     assert p["preset"] == "small" and p["k"] == 12  # the explicit flag wins
+    assert "(--preset small: entry cost 0.0052, k 1–12, u8-delta-coarse)" in out.output
     assert all(p[key] == value for key, value in PRESETS["small"].items() if key != "k")
     # an explicit way of choosing the entries replaces the preset's (its entry_cost), keeping the rest of it
     out = CliRunner().invoke(app, [*base, "--top-p", "0.9", "--name", "top-p-logits"])
@@ -251,6 +252,10 @@ def test_preset_is_the_lowest_layer(tmp_path: Path, dfar_store: Path, teacher) -
     p = store.get("top-p-logits").manifest["params"]
     assert (p["preset"], p["top_p"], p["entry_cost"], p["select"]) == ("small", 0.9, None, "top")
     assert (p["k"], p["quantization"]) == (PRESETS["small"]["k"], PRESETS["small"]["quantization"])
+    assert "(--preset small: top-p 0.9, k 1–128, u8-delta-coarse)" in out.output  # what was used, said
+    out = CliRunner().invoke(app, [*base, "--select", "sample", "--samples", "8", "--tail-samples", "0",
+                                   "--name", "sampled-logits"])
+    assert out.exit_code == 0 and "(--preset small: 8 draws, u8-delta-coarse)" in out.output, out.output
 
 
 @pytest.mark.parametrize(("given", "chosen"), [

@@ -81,13 +81,31 @@ def cache_logits_cmd(
     if result is None:
         return
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        console.print(f"[yellow]note:[/] {safe(note)}", highlight=False)
     style = "green" if result.created else "cyan"
-    console.print(f"[{style}]{result.summary()}[/]")
+    console.print(f"[{style}]{safe(result.summary())}[/]")
     p = result.version.manifest["params"]
     console.print(f"  {p['completion_tokens']:,} completion tokens, {p['bytes_per_token']} bytes/token "
-                  f"(k={p['k']}, {p['quantization']})")
-    console.print(f"  {result.version.path}")
+                  f"({selection_text(p)}, {p['quantization']})", highlight=False)
+    console.print(f"  {safe(result.version.path)}", highlight=False)
+
+
+def selection_text(p: dict[str, Any]) -> str:
+    """How a cache chose its entries, from its recorded params (a sampled cache has no k of its own)."""
+    if p.get("select") == "sample":
+        text = f"{p.get('samples')} draws" + (f" at proposal temperature {p['proposal_temperature']}"
+                                               if p.get("proposal_temperature", 1.0) != 1.0 else "")
+    elif p.get("select") == "at-ids":
+        text = f"at the ids of {p['at_ids']['name']}@{p['at_ids']['tag']}"
+    elif p.get("entry_cost") is not None:
+        text = f"entry cost {p['entry_cost']}, k {p.get('k_min', 1)}–{p['k']}"
+    elif p.get("top_p") is not None:
+        text = f"top-p {p['top_p']}, k {p.get('k_min', 1)}–{p['k']}"
+    else:
+        text = f"k={p['k']}"
+    if p.get("tail_samples"):
+        text += f" + {p['tail_samples']} tail draws"
+    return f"--preset {p['preset']}: {text}" if p.get("preset") else text
 
 
 def _merge_on_rank0(st: DatasetStore, params: LogitCacheConfig, result: object,
