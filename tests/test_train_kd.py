@@ -167,6 +167,9 @@ def test_cli_kd_and_bad_options(world: dict[str, Path], tmp_path: Path) -> None:
     typo = runner.invoke(app, ["train", "kd", "--model", str(tmp_path / "studnet"), "--store", str(world["store"]),
                                "--max-steps", "1", "--run-dir", str(tmp_path / "typo")])
     assert typo.exit_code == 1 and typo.output.strip().endswith(f"no such model file or folder: {tmp_path / 'studnet'}")
+    wrong = runner.invoke(app, ["train", "kd", "--store", str(world["store"]), "--cache", "dfar-lr-logits@v9"])
+    assert wrong.exit_code == 1 and "has no version 'v9' (versions: v1)" in wrong.output
+    assert "write a teacher-logit cache first" not in wrong.output  # the cache exists, the version does not
     bad = runner.invoke(app, ["train", "kd", "--store", str(world["store"]), "--alpha", "1.5"])
     assert bad.exit_code == 1 and "alpha must be in [0, 1]" in bad.output
     bad = runner.invoke(app, ["train", "kd", "--store", str(world["store"]), "--kd-target", "logits"])

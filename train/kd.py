@@ -122,6 +122,9 @@ def get_cache(store: DatasetStore, spec: str, recipe: str = "just cache-teacher-
     try:
         return store.get(spec)
     except CurateError as e:
+        name = spec.partition("@")[0]
+        if name in store.names():  # the dataset exists: the version asked for does not (the error lists them)
+            raise
         raise CurateError(f"{e}; write a teacher-logit cache first: curate cache-logits ({recipe})") from None
 
 
