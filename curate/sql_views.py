@@ -433,6 +433,11 @@ def query(sql: str, store: DatasetStore | str | Path | None = None, hub: str | N
             con, cat = _open(store if isinstance(store, DatasetStore) else None, hub, endpoint, token)
         _create_all(con, cat)
         return _run(con, sql)
+    except duckdb.CatalogException as e:  # an unknown view: say why there is none, or where the names are
+        if isinstance(store, DatasetStore) and not hub and not store.names():
+            raise CurateError(f"query failed: store {store.root} has no datasets yet (build one first, e.g. "
+                              "just build-dfar, or pass --store)") from None
+        raise CurateError(f"query failed: {_first_line(e)} (view names: curate query --list)") from None
     except duckdb.Error as e:
         raise CurateError(f"query failed: {_first_line(e)}") from None
     finally:

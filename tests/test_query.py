@@ -35,8 +35,15 @@ def test_version_views(built_dfar) -> None:
 
 def test_bad_sql_is_one_clear_error(built_dfar) -> None:
     _, st = built_dfar
-    with pytest.raises(CurateError, match="query failed: Catalog Error"):
+    with pytest.raises(CurateError, match=r"query failed: Catalog Error.*\(view names: curate query --list\)"):
         query("SELECT * FROM no_such_view", st)
+
+
+def test_a_store_without_datasets_says_so(tmp_path: Path) -> None:
+    """A mistyped --store (or a store not built yet) is named, not reported as a missing table."""
+    res = CliRunner().invoke(app, ["query", "SELECT * FROM dfar", "--store", str(tmp_path / "nowhere")])
+    assert res.exit_code == 1 and f"store {tmp_path / 'nowhere'} has no datasets yet" in " ".join(res.output.split())
+    assert not (tmp_path / "nowhere").exists()  # asking creates nothing
 
 
 def test_csv_format(built_dfar) -> None:
