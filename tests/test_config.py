@@ -112,6 +112,7 @@ def test_help_shows_each_default_once_declared(tmp_path: Path) -> None:
         assert flag in text, flag
     cache = " ".join(CliRunner().invoke(app, ["cache-logits", "--help"], env={"COLUMNS": "250"}).output.split())
     assert "--teacher" in cache and "[default: u8-delta]" in cache and "--revision" in cache
+    assert "[default: (' ')]" in cache  # --label-prefix: a single space, shown quoted rather than as blank
     for cmd in (["train", "sft"], ["train", "lr"], ["train", "kd"], ["cache-logits"], ["eval"]):
         assert "seeds" not in CliRunner().invoke(app, [*cmd, "--help"]).output, cmd  # no in-house jargon
 

@@ -55,7 +55,10 @@ def _param(f: Field, hint: Any) -> inspect.Parameter:
         default = None
     elif default is not None and not is_bool:
         default = str(default)
-    option = typer.Option(*flags, help=f.metadata.get("help"), show_default=default is not None,
+    # a default that is or holds only spaces would show as `[default:  ]`: quoted, it reads as what it is
+    quoted = isinstance(default, str) and (default == "" or default != default.strip())
+    option = typer.Option(*flags, help=f.metadata.get("help"),
+                          show_default=repr(default) if quoted else default is not None,
                           metavar=None if is_bool else _metavar(hint))
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                              annotation=Annotated[(bool if is_bool else str) | None, option])
