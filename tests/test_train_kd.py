@@ -148,6 +148,7 @@ def test_cli_kd_and_bad_options(world: dict[str, Path], tmp_path: Path) -> None:
                              "reverse_kl", "--lr", "5e-5", "--run-dir", str(tmp_path / "r")])
     assert ok.exit_code == 0, ok.output
     assert "note:" not in ok.output  # nothing to say about this run
+    assert "distilling from dfar-lr-logits@v1" in ok.output  # the cache the default name resolved to, said
     logged = json.loads((tmp_path / "r" / "metrics.json").read_text())["log_history"][0]["learning_rate"]
     assert 0 < logged < 1e-4 and f"'learning_rate': {float(f'{logged:.4g}')}" in ok.output  # not rounded to 0.0001
 

@@ -10,6 +10,7 @@ positions mean different tokens) and the cache's parent dataset version must be 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,8 @@ from train.losses import DistillationLoss, get_loss
 from train.run_folder import RunFolder, version_record
 from train.runner import Prepared, RunResult, step_token_scale, train_and_save
 from train.token_rows import completion_ce, logprobs_at, supervised_positions
+
+log = logging.getLogger(__name__)
 
 
 def ce_and_distillation(logprobs: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, targets: torch.Tensor,
@@ -205,6 +208,8 @@ def prepare_kd(cfg: KDConfig, tokenizer: Any | None = None, *, cache: Version | 
     all_ids = label_ids + [i for ids in by_subset.values() for i in ids]
     if all_ids and max(all_ids) >= len(tok):
         raise CurateError(f"{cache.ref} label token ids {all_ids} are outside the student's vocabulary")
+    # which cache is said up front: without --cache the latest version of the default name is taken
+    log.info("distilling from %s (teacher %s, split %s)", cache.ref, params.get("teacher"), cfg.train_split)
     examples = load_cache(cache, cfg.train_split)
     parent_config = parent_rec.get("config") or params.get("parent_config")
     notes = [tail_note] if tail_note else []
