@@ -54,7 +54,8 @@ def _records(run: Path) -> dict[str, bytes]:
     return out
 
 
-def test_cli_resume_of_a_finished_kd_run_changes_nothing(world: dict[str, Path], tmp_path: Path) -> None:
+def test_cli_resume_of_a_finished_kd_run_changes_nothing(world: dict[str, Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The new-user trial: the identical command with --resume says "already finished" and exits 0, and
     metrics.json, the card, run.json and the evaluation stay the first run's."""
     from curate.cli import app
@@ -69,6 +70,10 @@ def test_cli_resume_of_a_finished_kd_run_changes_nothing(world: dict[str, Path],
     before = _records(run)
     assert json.loads(before["metrics.json"])["train"]["train_loss"] > 0
     assert (run / "eval").is_dir() and before["checkpoints"] == b"checkpoint-2"
+    def no_weights(*_: object, **__: object) -> None:
+        raise AssertionError("a finished run needs no model to say so")
+
+    monkeypatch.setattr("train.modeling.load_causal_lm", no_weights)
     again = runner.invoke(app, [*args, "--resume"])
     assert again.exit_code == 0, again.output
     assert "already finished at step 2/2: nothing to resume" in again.output and "run finished" not in again.output

@@ -24,7 +24,7 @@ from train.data import ListDataset
 from train.kd_data import KDCollator, kd_features
 from train.losses import DistillationLoss, get_loss
 from train.run_folder import RunFolder, version_record
-from train.runner import Prepared, RunResult, step_token_scale, train_and_save
+from train.runner import Prepared, RunResult, finished_result, step_token_scale, train_and_save
 from train.token_rows import completion_ce, logprobs_at, supervised_positions
 
 log = logging.getLogger(__name__)
@@ -276,6 +276,8 @@ def run_kd(cfg: KDConfig, *, tokenizer: Any | None = None, console: Any = None) 
     """One KD run end to end: checks first (cache, parent, tokenizer), then train, save, evaluate."""
     cache = get_cache(DatasetStore(cfg.store), cfg.cache)
     run = RunFolder.prepare(cfg, f"{cache.name}-{cache.tag}")
+    if (done := finished_result(run, console)) is not None:  # before the model loads
+        return done
     # Every refusal (template, parent, tokenizer, labels) happens here, before a step.
     prep = prepare_kd(cfg, tokenizer, cache=cache)
     kwargs = {"kd_loss": get_loss(cfg.loss), "alpha": cfg.alpha, "temperature": cfg.temperature,

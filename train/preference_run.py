@@ -15,7 +15,7 @@ from train.data import ListDataset
 from train.losses.preference import PreferenceLoss
 from train.preference_distill import PairCollator, PairSide, pair_features, preference_parent
 from train.run_folder import RunFolder, version_record
-from train.runner import Prepared, RunResult, train_and_save
+from train.runner import Prepared, RunResult, finished_result, train_and_save
 
 
 def prepare_pairs(cfg: PreferenceDistillConfig, store: DatasetStore, source: Version,
@@ -118,6 +118,8 @@ def run_preference_distill(cfg: PreferenceDistillConfig, data_name: str, prepare
                            loss: PreferenceLoss, trainer_cls: type, *, console: Any = None) -> RunResult:
     """Run folder first (refusals before any step), then prepare, train, save and evaluate."""
     run = RunFolder.prepare(cfg, data_name)
+    if (done := finished_result(run, console)) is not None:  # before the model loads
+        return done
     prep = prepare()
     kwargs: dict[str, Any] = {"pref_loss": loss}
     teacher = prep.facts.get("teacher")

@@ -112,11 +112,9 @@ def train_and_save(cfg: TrainConfig, prep: Prepared, trainer_cls: type, run: Run
     from transformers import TrainerCallback
 
     say = console.print if console is not None else (lambda *a, **k: None)
-    if run.finished_at is not None:
-        # Trainer would run 0 steps and report a 0.0 loss, and the evaluation, metrics.json, the card and a new
-        # run.json segment would replace the real results: say so and hand back what the run recorded instead.
-        say(run.finished_message(), highlight=False)
-        return RunResult(run, run.read_json("metrics.json") or {}, already_finished=True)
+    done = finished_result(run, console)
+    if done is not None:
+        return done
 
     class Progress(TrainerCallback):
         """One line per logged step (Trainer's tqdm is off: it floods logs on CPU runs)."""
@@ -189,6 +187,18 @@ def train_and_save(cfg: TrainConfig, prep: Prepared, trainer_cls: type, run: Run
         plots.append(run.path / "eval" / "confusion_matrix.png")
     run.write_card(card_context(cfg, prep, metrics, run, plots))
     return RunResult(run, metrics)
+
+
+def finished_result(run: RunFolder, console: Any = None) -> RunResult | None:
+    """What a --resume of an already finished run returns: the recorded results, said in one line; None when
+    there is training left. Trainer would run 0 steps and report a 0.0 loss, and the evaluation, metrics.json,
+    the card and a new run.json segment would replace the real results. Trainers call it right after
+    `RunFolder.prepare`, before loading any model; `train_and_save` checks again."""
+    if run.finished_at is None:
+        return None
+    if console is not None:
+        console.print(run.finished_message(), highlight=False)
+    return RunResult(run, run.read_json("metrics.json") or {}, already_finished=True)
 
 
 def train_interruptibly(trainer: Any, run: RunFolder, method: str, resume: str | None) -> tuple[Any, float]:

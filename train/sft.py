@@ -12,7 +12,7 @@ from train.config import SFTConfig
 from train.data import CompletionCollator, ListDataset, mix_rows, pack, select_subsets, tokenize_rows
 from train.modeling import load_student
 from train.run_folder import RunFolder, version_record
-from train.runner import Prepared, RunResult, step_token_scale, train_and_save
+from train.runner import Prepared, RunResult, finished_result, step_token_scale, train_and_save
 from train.token_rows import completion_ce, logprobs_at, supervised_positions
 
 SFT_COLUMNS = ("prompt", "completion")
@@ -100,5 +100,7 @@ def run_sft(cfg: SFTConfig, *, tokenizer: Any | None = None, console: Any = None
     store = DatasetStore(cfg.store)
     version = store.get(cfg.dataset)
     run = RunFolder.prepare(cfg, f"{version.name}-{version.tag}-{cfg.dataset_config}")
+    if (done := finished_result(run, console)) is not None:  # before the model loads
+        return done
     prep = prepare_sft(cfg, tokenizer)
     return train_and_save(cfg, prep, SFTTrainer, run, console=console)
