@@ -152,6 +152,11 @@ def test_ctrl_c_names_the_dpo_command_that_resumes(world: dict[str, Any], tmp_pa
     segments = json.loads((run / "run.json").read_text())["segments"]
     assert [s["start_step"] for s in segments] == [0, 1]
     assert json.loads((run / "metrics.json").read_text())["train"]["global_step"] == 3
+    recorded = (run / "metrics.json").read_bytes()
+    again = CliRunner().invoke(app, resume[1:])  # nothing left to resume: said, and the results stay
+    assert again.exit_code == 0 and "already finished at step 3/3" in again.output, again.output
+    assert (run / "metrics.json").read_bytes() == recorded and len(json.loads((run / "run.json").read_text())[
+        "segments"]) == 2
 
 
 def test_bad_dpo_options_are_one_line(world: dict[str, Any], tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ from train.preference_eval import (
     write_preference_eval,
 )
 from train.run_folder import RunFolder, version_record
-from train.runner import Prepared, RunResult, card_context, train_interruptibly, training_arguments
+from train.runner import Prepared, RunResult, card_context, finished_result, train_interruptibly, training_arguments
 
 log = logging.getLogger(__name__)
 SHOWN = ("loss", "rewards/margins", "rewards/accuracies", "eval_loss", "eval_rewards/margins", "learning_rate")
@@ -133,6 +133,8 @@ def run_dpo(cfg: DPOTeacherConfig, *, tokenizer: Any | None = None, console: Any
     where = f"{version.ref} {cfg.dataset_config}"
     train_table = read_pairs(version, cfg.dataset_config, cfg.train_split, cfg.limit)
     run = RunFolder.prepare(cfg, f"{version.name}-{version.tag}-{cfg.dataset_config}")
+    if (done := finished_result(run, console)) is not None:  # a --resume with nothing left: before the model loads
+        return done
     template = _template(cfg)
     reference = reference_record(cfg.model)
     model, tok, facts = load_reference(cfg, tokenizer)

@@ -146,7 +146,7 @@ def dpo_cmd(config: ConfigOpt = None, store: StoreOpt = None, set_: SetOpt = Non
                      console=console)
     _report(result)
     pe = result.metrics.get("preference_eval")
-    if pe:
+    if pe and not result.already_finished:
         console.print(f"  held-out pairs (n={pe['n']}): accuracy {pe['accuracy_sum']:.3f} summed, "
                       f"{pe['accuracy_mean']:.3f} per token; reward margin {pe['margin']:.4f} (beta {pe['beta']})",
                       highlight=False)
@@ -154,7 +154,7 @@ def dpo_cmd(config: ConfigOpt = None, store: StoreOpt = None, set_: SetOpt = Non
 
 def _print_preference_eval(result: Any) -> None:
     pe = result.metrics.get("preference_eval")
-    if not pe:
+    if not pe or result.already_finished:
         return
     line = (f"  held-out pairs (n={pe['n']}): preference accuracy {pe['accuracy_sum']:.3f} summed, "
             f"{pe['accuracy_mean']:.3f} per token")
