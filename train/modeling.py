@@ -135,13 +135,11 @@ def load_run(run_dir: str | Path, *, device: str = "auto", dtype: str = "auto",
 
     run = Path(run_dir)
     info = json.loads((run / RUN_FILE).read_text())
+    tok = run_tokenizer(run)  # also refuses a run with neither merged/ nor adapter/, before any weights load
     if (run / "merged").is_dir():
-        ref = ModelRef(str((run / "merged").resolve()))
-        model = load_causal_lm(ref, dtype=dtype, device=device, quant=quant)
-        return model, load_tokenizer(ref), info
+        model = load_causal_lm(ModelRef(str((run / "merged").resolve())), dtype=dtype, device=device, quant=quant)
+        return model, tok, info
     adapter = run / "adapter"
-    if not adapter.is_dir():
-        raise CurateError(f"{run} has no adapter/ or merged/ folder: the run did not finish (resume it)")
     from peft import PeftModel
 
     model = load_causal_lm(ModelRef(info["model_location"], info.get("model_gguf")), dtype=dtype, device="cpu")
@@ -150,5 +148,4 @@ def load_run(run_dir: str | Path, *, device: str = "auto", dtype: str = "auto",
         keep_layers(model, info["config"]["student_layers"])
     model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     model.to(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    tok = load_tokenizer(ModelRef(str(adapter)))
     return model, tok, info
