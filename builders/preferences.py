@@ -373,14 +373,6 @@ def first_line(text: str) -> str:
     return next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
 
 
-def _model_files_key(location: str) -> list[Any]:
-    """What identifies local weights for the generation cache: each file's name, size and mtime."""
-    p = Path(location)
-    if not p.is_dir():
-        return [location]
-    return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in p.iterdir() if f.is_file())
-
-
 class _GenerationLog:
     """Local generations, appended per chunk to a JSONL in the store's work dir: a rerun resumes."""
 
@@ -432,7 +424,7 @@ def _local_model(params: PreferencesConfig, kind: str,
                  what: str) -> tuple[Callable[[], Any], Any, str, dict[str, Any]]:
     """(a loader of the model, tokenizer, template, facts for the manifest and the generation key) for model: /
     student:. The facts come from the files, not the weights, so a rebuild need not load them."""
-    from curate.models import load_causal_lm, load_tokenizer
+    from curate.models import load_causal_lm, load_tokenizer, model_files_key
     from train.modeling import RUN_FILE, check_model_spec, load_run, model_ref, run_tokenizer
 
     run = Path(what)
@@ -444,12 +436,12 @@ def _local_model(params: PreferencesConfig, kind: str,
         template = params.template or info.get("template", "plain")
         weights = run / "merged" if (run / "merged").is_dir() else run / "adapter"
         facts = {"run": str(run.resolve()), "run_sha256": hashlib.sha256((run / RUN_FILE).read_bytes()).hexdigest(),
-                 "weights": _model_files_key(str(weights))}
+                 "weights": model_files_key(str(weights))}
         return lambda: load_run(run, device=params.device)[0], tok, template, facts
     check_model_spec(what)
     ref = model_ref(what)
     tok = load_tokenizer(ref)
-    facts = {"model": ref.describe(), "weights": _model_files_key(ref.location), "revision": ref.revision}
+    facts = {"model": ref.describe(), "weights": model_files_key(ref.location), "revision": ref.revision}
     return lambda: load_causal_lm(ref, device=params.device), tok, params.template or "plain", facts
 
 

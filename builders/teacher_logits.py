@@ -60,6 +60,7 @@ from curate.models import (
     Template,
     load_causal_lm,
     load_tokenizer,
+    model_files_key,
     prompt_token_ids,
     tokenizer_fingerprint,
 )
@@ -506,9 +507,7 @@ def weights_identity(ref: ModelRef, revision: str | None) -> str | None:
     if folder.is_dir():
         if (folder / "adapter_config.json").is_file():
             return None
-        files = sorted(f for f in folder.rglob("*") if f.is_file())
-        stats = [[f.relative_to(folder).as_posix(), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-        return "files:" + hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+        return "files:" + hashlib.sha256(json.dumps(model_files_key(ref.location)).encode()).hexdigest()
     try:
         from huggingface_hub import hf_hub_download
 

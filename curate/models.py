@@ -144,6 +144,17 @@ def accepts_logits_to_keep(model: Any) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+def model_files_key(location: str) -> list[Any]:
+    """What identifies local weights without loading them: each file under a folder (path relative to it,
+    size, mtime), so a model retrained in place under the same name is told apart; any other location as
+    itself. Keys generation logs (`builders.preferences`) and identical teacher-cache reruns."""
+    p = Path(location)
+    if not p.is_dir():
+        return [location]
+    return sorted([f.relative_to(p).as_posix(), f.stat().st_size, f.stat().st_mtime_ns]
+                  for f in p.rglob("*") if f.is_file())
+
+
 def _missing_folder(ref: ModelRef) -> None:
     """A spec written as a path (absolute, ./, ../, ~) that does not exist: said as such, not as transformers'
     complaint that it is not a valid Hub repo id."""
