@@ -35,7 +35,15 @@ from train.preference_eval import (
     write_preference_eval,
 )
 from train.run_folder import RunFolder, version_record
-from train.runner import Prepared, RunResult, card_context, finished_result, train_interruptibly, training_arguments
+from train.runner import (
+    Prepared,
+    RunResult,
+    card_context,
+    finished_result,
+    step_lines,
+    train_interruptibly,
+    training_arguments,
+)
 
 log = logging.getLogger(__name__)
 SHOWN = ("loss", "rewards/margins", "rewards/accuracies", "eval_loss", "eval_rewards/margins", "learning_rate")
@@ -119,7 +127,6 @@ def run_dpo(cfg: DPOTeacherConfig, *, tokenizer: Any | None = None, console: Any
     """One DPO teacher run end to end: run folder, training (resumable), adapter + merged weights, preference
     evaluation on the held-out pairs, plots and the model card."""
     import torch
-    from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
     from curate.models import tokenizer_fingerprint
@@ -164,19 +171,11 @@ def run_dpo(cfg: DPOTeacherConfig, *, tokenizer: Any | None = None, console: Any
                               max_length=cfg.max_length, activation_checkpointing=cfg.gradient_checkpointing,
                               bf16=False)
 
-    class Progress(TrainerCallback):
-        """One line per logged step (Trainer's tqdm is off)."""
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
-            if state.is_world_process_zero and logs:
-                shown = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in logs.items() if k in SHOWN}
-                if shown:  # the final summary log holds only runtimes
-                    say(f"step {state.global_step}/{state.max_steps} {shown}", highlight=False)
-
     try:
         trainer = PairsDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=_as_dataset(train.pairs),
                                   eval_dataset=_as_dataset(eval_pairs) if has_eval else None, processing_class=tok,
-                                  peft_config=_lora_config(cfg) if cfg.use_lora else None, callbacks=[Progress()])
+                                  peft_config=_lora_config(cfg) if cfg.use_lora else None,
+                                  callbacks=[step_lines(say, SHOWN)])  # the final runtime-only log: no line
     except ValueError as e:  # TRL's refusals of option combinations (loss_type, label smoothing, ...)
         raise CurateError(f"DPOTrainer: {str(e).splitlines()[0]}") from None
     trainer.remove_callback(PrinterCallback)

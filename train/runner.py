@@ -4,6 +4,7 @@ adapter (and merged weights), post-training evaluation, plots and the model card
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,29 +110,18 @@ def train_and_save(cfg: TrainConfig, prep: Prepared, trainer_cls: type, run: Run
 
     ``extra_eval(model, tokenizer, run) -> (key, metrics, plots)`` adds a method's own evaluation of the trained
     (merged) model, e.g. preference accuracy for DCKD / ADPA."""
-    from transformers import TrainerCallback
-
     say = console.print if console is not None else (lambda *a, **k: None)
     done = finished_result(run, console)
     if done is not None:
         return done
-
-    class Progress(TrainerCallback):
-        """One line per logged step (Trainer's tqdm is off: it floods logs on CPU runs)."""
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
-            if state.is_world_process_zero and logs:
-                shown = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in logs.items()
-                         if k in SHOWN}  # 4 significant digits: a 5e-05 learning rate is not 0.0001
-                say(f"step {state.global_step}/{state.max_steps} {shown}", highlight=False)
-
     args = training_arguments(cfg, run, prep.eval_dataset is not None)
     trainer = trainer_cls(model=prep.model, args=args, train_dataset=prep.train_dataset,
                           eval_dataset=prep.eval_dataset, data_collator=prep.collator,
-                          processing_class=prep.tokenizer, callbacks=[Progress()], **(trainer_kwargs or {}))
+                          processing_class=prep.tokenizer, callbacks=[step_lines(say, SHOWN)],
+                          **(trainer_kwargs or {}))
     from transformers.trainer_callback import PrinterCallback
 
-    trainer.remove_callback(PrinterCallback)  # raw dict prints; `Progress` says the same in one line
+    trainer.remove_callback(PrinterCallback)  # raw dict prints; `step_lines` says the same in one line
     resume = str(run.resume_from) if cfg.resume and run.resume_from else None
     main = trainer.is_world_process_zero()
     if main:
@@ -187,6 +177,23 @@ def train_and_save(cfg: TrainConfig, prep: Prepared, trainer_cls: type, run: Run
         plots.append(run.path / "eval" / "confusion_matrix.png")
     run.write_card(card_context(cfg, prep, metrics, run, plots))
     return RunResult(run, metrics)
+
+
+def step_lines(say: Callable[..., None], keys: tuple[str, ...]) -> Any:
+    """A Trainer callback printing one line per logged step: the ``keys`` present, floats at 4 significant
+    digits (a 5e-05 learning rate stays 5e-05); a log with none of them prints nothing. Trainer's tqdm is off:
+    it floods logs on CPU runs."""
+    from transformers import TrainerCallback
+
+    class StepLines(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+            if not (state.is_world_process_zero and logs):
+                return
+            shown = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in logs.items() if k in keys}
+            if shown:
+                say(f"step {state.global_step}/{state.max_steps} {shown}", highlight=False)
+
+    return StepLines()
 
 
 def finished_result(run: RunFolder, console: Any = None) -> RunResult | None:
