@@ -87,7 +87,7 @@ class RunFolder:
     # so a refused start (a typo in the cache name, a tokenizer mismatch) loses nothing
     overwrite_pending: bool = False
     # (step, final step) when --resume finds the run already trained to its end with its results saved: there is
-    # nothing to continue, so `train_and_save` returns the recorded results instead of retraining / re-evaluating
+    # nothing to continue, so the trainer returns the recorded results (`runner.finished_result`), not retraining
     finished_at: tuple[int, int] | None = None
 
     @classmethod

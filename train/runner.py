@@ -111,9 +111,6 @@ def train_and_save(cfg: TrainConfig, prep: Prepared, trainer_cls: type, run: Run
     ``extra_eval(model, tokenizer, run) -> (key, metrics, plots)`` adds a method's own evaluation of the trained
     (merged) model, e.g. preference accuracy for DCKD / ADPA."""
     say = console.print if console is not None else (lambda *a, **k: None)
-    done = finished_result(run, console)
-    if done is not None:
-        return done
     args = training_arguments(cfg, run, prep.eval_dataset is not None)
     trainer = trainer_cls(model=prep.model, args=args, train_dataset=prep.train_dataset,
                           eval_dataset=prep.eval_dataset, data_collator=prep.collator,
@@ -199,8 +196,8 @@ def step_lines(say: Callable[..., None], keys: tuple[str, ...]) -> Any:
 def finished_result(run: RunFolder, console: Any = None) -> RunResult | None:
     """What a --resume of an already finished run returns: the recorded results, said in one line; None when
     there is training left. Trainer would run 0 steps and report a 0.0 loss, and the evaluation, metrics.json,
-    the card and a new run.json segment would replace the real results. Trainers call it right after
-    `RunFolder.prepare`, before loading any model; `train_and_save` checks again."""
+    the card and a new run.json segment would replace the real results. Every trainer calls it right after
+    `RunFolder.prepare`, before loading any model (so `train_and_save` never sees a finished run)."""
     if run.finished_at is None:
         return None
     if console is not None:
