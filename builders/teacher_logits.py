@@ -949,7 +949,8 @@ def _record_teacher(work: Path, model: Any, revision: str | None, *, from_files:
     kept beside the units so a later ``--merge`` process records it too. ``from_files``: loaded from the
     files params name (not passed in); stays False once any process of this work dir got a model object."""
     path = work / "teacher.json"
-    earlier = json.loads(path.read_text()).get("from_files", False) if path.is_file() else True  # unknown: False
+    # an earlier process's record: a model it was handed taints the work dir (a record without the field: too)
+    earlier = json.loads(path.read_text()).get("from_files", False) if path.is_file() else True
     info = {
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "revision": revision or getattr(getattr(model, "config", None), "_commit_hash", None),

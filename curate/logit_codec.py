@@ -66,10 +66,10 @@ says how often each was drawn; `CachedExample.sample_weights` = counts / N (x p 
 Tail draws (``--tail-samples m``, ``params.tail_samples``): a top selection leaves the shape of the tail out
 (a top-k cache is a biased estimate of the teacher). By the chain rule KL(p ‖ q) = KL over (kept ids + one
 bucket) + r · KL(p|tail ‖ q|tail), and m draws from p|tail estimate the second term without bias
-(`train.losses.base.tail_forward_kl`). Only the ids are stored (2.2-2.4 bytes a draw): the gradient needs
-nothing else, and the teacher's own part of the term, sum over the tail of p log p, is exact from the entropy
-column. The kept rows, residual and everything else are unchanged, so readers that ignore the tail see an
-ordinary top cache.
+(`train.losses.base.tail_forward_kl`). Only the ids are stored (2.2-2.5 bytes a draw): the gradient needs
+nothing else, and the teacher's own part of the term, sum over the tail of p log p, comes from the entropy
+column (exact for fp16 rows, within the codes' rounding for u8). The kept rows, residual and everything else
+are bit-identical to the same cache without draws, so readers that ignore the tail see an ordinary top cache.
 """
 
 from __future__ import annotations
