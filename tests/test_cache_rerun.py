@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import builders.teacher_logits as tl
@@ -24,7 +23,7 @@ from curate.cli import app
 from curate.models import ModelRef, load_causal_lm
 from curate.store import DatasetStore
 from tests.conftest import shared
-from tests.tiny import smollm2_tokenizer
+from tests.tiny import save_tiny, smollm2_tokenizer
 
 ROWS = 3  # per split of dfar lr; only the test split is cached
 
@@ -42,17 +41,8 @@ def dfar_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def teacher_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("rerun-teacher")
-    tok = smollm2_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-                         initializer_range=1.0, tie_word_embeddings=True, pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny(tmp_path_factory.mktemp("rerun-teacher"), smollm2_tokenizer(), hidden=16, heads=2,
+                     initializer_range=1.0)
 
 
 def _store(tmp_path: Path, dfar_store: Path) -> DatasetStore:

@@ -11,8 +11,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from curate.store import DatasetStore
-from tests.tiny import save_tiny, tiny_llama, write_tiny_dfar
+from tests.tiny import tiny_kd_store
 from train.config import KDConfig, load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
@@ -27,18 +26,7 @@ RECORDS = ("metrics.json", "README.md", "run.json", "config.yaml", "datasets.jso
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, tok: Any) -> dict[str, Path]:
     """A tiny DFAR version, a tiny student and a k=8 teacher-logit cache: what `curate train kd` needs."""
-    from builders.dfar import build_dfar
-    from builders.teacher_logits import LogitCacheConfig, cache_teacher_logits
-
-    root = tmp_path_factory.mktemp("resume-finished")
-    store = DatasetStore(root / "store")
-    build_dfar(store, write_tiny_dfar(root / "src", 16, 8))
-    student = save_tiny(root / "student", tok, hidden=32, seed=0)
-    teacher = tiny_llama(len(tok), hidden=32, seed=1, pad_token_id=tok.pad_token_id).eval()
-    params = LogitCacheConfig(dataset="dfar", config="lr", model=str(student), k=8, max_length=48,
-                              batch_size=8, chunk_size=16)
-    cache_teacher_logits(store, params, model=teacher, tokenizer=tok, progress=False)
-    return {"store": store.root, "student": student}
+    return tiny_kd_store(tmp_path_factory.mktemp("resume-finished"), tok, n_train=16, k=8, max_length=48)
 
 
 def _cfg(world: dict[str, Path], run_dir: Path, **kw: Any) -> KDConfig:

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from curate.errors import CurateError
 from curate.store import DatasetStore
-from tests.tiny import save_tiny, tiny_llama, write_tiny_dfar
+from tests.tiny import tiny_kd_store, tiny_llama, write_tiny_dfar
 from train.config import KDConfig, load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
@@ -24,21 +24,8 @@ QUICK = dict(max_steps=20, batch_size=4, learning_rate=1e-2, logging_steps=1, sa
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, tok) -> dict[str, Path]:
-    """A tiny DFAR version, a tiny student folder and a k=16 cache from a different tiny teacher."""
-    from builders.dfar import build_dfar
-    from builders.teacher_logits import LogitCacheConfig, cache_teacher_logits
-
-    root = tmp_path_factory.mktemp("kd")
-    store = DatasetStore(root / "store")
-    build_dfar(store, write_tiny_dfar(root / "src", 32, 8))
-    student = save_tiny(root / "student", tok, hidden=32, seed=0)
-    teacher = tiny_llama(len(tok), hidden=32, seed=1, pad_token_id=tok.pad_token_id).eval()
-    with torch.no_grad():  # a random model is near-uniform over 49k tokens; sharpen it into a real "opinion"
-        teacher.model.norm.weight.mul_(40.0)
-    params = LogitCacheConfig(dataset="dfar", config="lr", model=str(student), k=16, max_length=64,
-                              batch_size=8, chunk_size=16)
-    cache_teacher_logits(store, params, model=teacher, tokenizer=tok, progress=False)
-    return {"root": root, "store": store.root, "student": student}
+    """A tiny DFAR version, a tiny student folder and a k=16 cache from a different, sharpened tiny teacher."""
+    return tiny_kd_store(tmp_path_factory.mktemp("kd"), tok, n_train=32, k=16, max_length=64, sharpen=40.0)
 
 
 def _cfg(world: dict[str, Path], run_dir: Path, **kw) -> KDConfig:

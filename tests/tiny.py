@@ -33,14 +33,16 @@ def smollm2_tokenizer() -> Any:
 
 
 def tiny_llama(vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0,
-               pad_token_id: int | None = None) -> Any:
-    """A randomly initialised LlamaForCausalLM (float32) with the given vocabulary."""
+               pad_token_id: int | None = None, initializer_range: float = 0.02) -> Any:
+    """A randomly initialised LlamaForCausalLM (float32) with the given vocabulary (``initializer_range`` 1
+    spreads its logits, so top-k boundaries are not float-noise ties)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                      max_position_embeddings=1024, tie_word_embeddings=True, pad_token_id=pad_token_id)
+                      max_position_embeddings=1024, tie_word_embeddings=True, pad_token_id=pad_token_id,
+                      initializer_range=initializer_range)
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).float()
 
@@ -90,3 +92,26 @@ def write_tiny_dfar(folder: Path, n_train: int = 48, n_test: int = 16) -> Path:
             w.writerow(["Statement", "Label", "Reason"])
             w.writerows(part)
     return folder
+
+
+def tiny_kd_store(root: Path, tok: Any, *, n_train: int, k: int, max_length: int,
+                  sharpen: float = 1.0) -> dict[str, Path]:
+    """What `curate train kd` needs, tiny: a DFAR version (``n_train`` + 8 rows), a student folder and a k-entry
+    lr cache of it from another tiny model, whose final norm is scaled by ``sharpen`` (a random model is
+    near-uniform over 49k tokens)."""
+    import torch
+
+    from builders.dfar import build_dfar
+    from builders.teacher_logits import LogitCacheConfig, cache_teacher_logits
+    from curate.store import DatasetStore
+
+    store = DatasetStore(root / "store")
+    build_dfar(store, write_tiny_dfar(root / "src", n_train, 8))
+    student = save_tiny(root / "student", tok, hidden=32, seed=0)
+    teacher = tiny_llama(len(tok), hidden=32, seed=1, pad_token_id=tok.pad_token_id).eval()
+    with torch.no_grad():
+        teacher.model.norm.weight.mul_(sharpen)
+    params = LogitCacheConfig(dataset="dfar", config="lr", model=str(student), k=k, max_length=max_length,
+                              batch_size=8, chunk_size=16)
+    cache_teacher_logits(store, params, model=teacher, tokenizer=tok, progress=False)
+    return {"root": root, "store": store.root, "student": student}
