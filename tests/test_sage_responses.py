@@ -25,7 +25,8 @@ from .conftest import REPO, shared
 from .openai_server.fixture import OpenAIServer, openai_server  # noqa: F401
 
 N_QUESTIONS = 12
-FAST = {"timeout": 0.5, "backoff_base": 0.01, "backoff_max": 0.1, "batch_poll_interval": 0.05}
+# 12 retries: 30 % injected faults must not exhaust one request's retries by chance (7 in a row: 0.3^7 each)
+FAST = {"timeout": 0.5, "backoff_base": 0.01, "backoff_max": 0.1, "batch_poll_interval": 0.05, "max_retries": 12}
 
 
 @pytest.fixture(scope="module")
